@@ -1,0 +1,3 @@
+"""
+One module per OpenAI API family; each handler parses, delegates and renders.
+"""

@@ -1,0 +1,85 @@
+"""
+What a handler gets: the request, its parsed body, and the app's services.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from twisted.web.iweb import IRequest
+
+from oproxy.backends.base import Call
+from oproxy.config import APIKey, Config
+from oproxy.errors import InvalidRequest
+from oproxy.images import fetch_images
+from oproxy.routing import Route
+
+if TYPE_CHECKING:
+    from oproxy.app import ProxyApp
+
+
+@dataclass
+class Scope:
+    """
+    One request in flight.
+
+    :ivar config: the configuration snapshot the request started with; a
+        reload does not change it under the request's feet.
+    """
+
+    app: ProxyApp
+    request: IRequest
+    request_id: str
+    config: Config
+    key: APIKey | None
+    body: dict[str, Any]
+
+    def json(self, payload: Any, status: int = 200) -> bytes:
+        """Render a JSON answer."""
+        self.request.setResponseCode(status)
+        self.request.setHeader(b"content-type", b"application/json")
+        return orjson.dumps(payload)
+
+    def model(self) -> str:
+        """The body's ``model``: required, a non-empty string."""
+        model = self.body.get("model")
+        if model is None:
+            raise InvalidRequest(
+                "you must provide a model parameter",
+                param="model",
+                code="missing_required_parameter",
+            )
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidRequest(
+                "model must be a non-empty string", param="model", code="invalid_type"
+            )
+        return model
+
+    def stream(self) -> bool:
+        """The body's ``stream`` flag (default false)."""
+        stream = self.body.get("stream", False)
+        if stream is None:
+            return False
+        if not isinstance(stream, bool):
+            raise InvalidRequest("stream must be a boolean", param="stream", code="invalid_type")
+        return stream
+
+    def route(self, model: str) -> Route:
+        return self.app.router.route(model)
+
+    async def call(self, model: str, route: Route, image_urls: list[str] | None = None) -> Call:
+        """The routed call, with any remote images fetched."""
+        images = await fetch_images(
+            image_urls or [],
+            client=self.app.http_client,
+            clock=self.app.clock,
+            config=self.config.images,
+        )
+        return Call(
+            client_model=model,
+            upstream_model=route.upstream_model,
+            created=int(self.app.clock.seconds()),
+            images=images,
+        )

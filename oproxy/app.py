@@ -1,0 +1,212 @@
+"""
+The route table: one thin handler per API route.
+
+Every handler goes through :meth:`ProxyApp._serve`, which gives the
+response its request id, checks the caller's key, parses the JSON body and
+turns any exception into an OpenAI error object.  Handlers themselves only
+parse, delegate and render.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import treq
+from klein import Klein
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+
+from oproxy import __version__
+from oproxy.api import chat, completions, embeddings, models
+from oproxy.api.scope import Scope
+from oproxy.config import Config
+from oproxy.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    OProxyError,
+    RequestTooLarge,
+    ServerError,
+    render_error,
+)
+from oproxy.routing import Router
+from oproxy.security.auth import authenticate
+
+log = Logger()
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+Handler = Callable[[Scope], Awaitable[bytes | None]]
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(16)
+
+
+class ProxyApp:
+    """
+    The OpenAI API, served by Klein in front of a :class:`Router`.
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        *,
+        clock: IReactorTime,
+        http_client: treq.client.HTTPClient,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.clock = clock
+        self.http_client = http_client
+
+    def resource(self) -> IResource:
+        resource: IResource = self.app.resource()
+        return resource
+
+    async def _serve(
+        self, request: IRequest, handler: Handler, *, json_body: bool, auth: bool = True
+    ) -> bytes | None:
+        config = self.config
+        request_id = _request_id(request)
+        request.setHeader(b"x-request-id", request_id.encode("ascii"))
+        try:
+            key = (
+                authenticate(config.auth.keys, request.getHeader(b"authorization"))
+                if auth
+                else None
+            )
+            body = _read_json(request) if json_body else {}
+            scope = Scope(
+                app=self, request=request, request_id=request_id, config=config, key=key, body=body
+            )
+            return await handler(scope)
+        except OProxyError as e:
+            return _error_response(request, e)
+        except defer.CancelledError:
+            raise
+        except Exception:
+            log.failure("Unhandled error serving {method} {path} ({request_id})",
+                        method=request.method, path=request.path, request_id=request_id)
+            return _error_response(request, ServerError())
+
+    # -- OpenAI routes -----------------------------------------------------
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    def chat_completions(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return defer.Deferred.fromCoroutine(self._serve(request, chat.create, json_body=True))
+
+    @app.route("/v1/completions", methods=["POST"])
+    def completions(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, completions.create, json_body=True)
+        )
+
+    @app.route("/v1/embeddings", methods=["POST"])
+    def embeddings(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, embeddings.create, json_body=True)
+        )
+
+    @app.route("/v1/models", methods=["GET"])
+    def list_models(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return defer.Deferred.fromCoroutine(self._serve(request, models.list_all, json_body=False))
+
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    def retrieve_model(self, request: IRequest, model_id: str) -> defer.Deferred[bytes | None]:
+        async def handler(scope: Scope) -> bytes | None:
+            return await models.retrieve(scope, model_id)
+
+        return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False))
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        async def handler(scope: Scope) -> bytes | None:
+            return scope.json({"name": "oproxy", "version": __version__, "api": "/v1"})
+
+        return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False, auth=False))
+
+    # -- errors Klein raises before a handler runs -------------------------
+
+    @app.handle_errors(WerkzeugNotFound)
+    def not_found(self, request: IRequest, failure: Any) -> bytes:
+        request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
+        path = request.path.decode("latin-1", "replace")
+        return _error_response(request, NotFound(f"Unknown request URL: {path}."))
+
+    @app.handle_errors(WerkzeugMethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
+        method = request.method.decode("latin-1", "replace")
+        allowed = failure.value.valid_methods or []
+        if allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+        return _error_response(
+            request, MethodNotAllowed(f"Method {method} is not allowed on this route.")
+        )
+
+
+def _request_id(request: IRequest) -> str:
+    """
+    The client's ``X-Request-Id`` when it is sane, else a fresh one.
+
+    Remembered on the request so every part of one exchange uses the same id.
+    """
+    known = getattr(request, "oproxy_request_id", None)
+    if isinstance(known, str):
+        return known
+    sent = request.getHeader(b"x-request-id")
+    request_id = (
+        sent.decode("ascii")
+        if sent and _CLIENT_REQUEST_ID.match(sent.decode("latin-1"))
+        else new_request_id()
+    )
+    request.oproxy_request_id = request_id  # type: ignore[attr-defined]
+    return request_id
+
+
+def _read_json(request: IRequest) -> dict[str, Any]:
+    """
+    The request body as a JSON object, or a clear 400/413.
+    """
+    if getattr(request, "body_too_large", False):
+        limit = getattr(request, "max_body_bytes", 0)
+        raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    content = request.content
+    raw = content.read() if content is not None else b""
+    if not raw.strip():
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: the body is empty.",
+            code="invalid_json",
+        )
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request. ({e})", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            "The request body must be a JSON object.", code="invalid_json"
+        )
+    return body
+
+
+def _error_response(request: IRequest, error: OProxyError) -> bytes:
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in error.headers.items():
+        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+    return render_error(error)

@@ -1,0 +1,55 @@
+"""
+What every upstream adapter offers the API layer.
+
+The API layer speaks OpenAI on both sides of this line: an adapter takes an
+OpenAI request body and returns OpenAI response objects (or an iterator of
+stream chunks), whatever it has to say to its own server in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Call:
+    """
+    One request as routed: the names it needs and what the proxy fetched for it.
+
+    :ivar client_model: the model name as the client sent it, echoed back.
+    :ivar upstream_model: the name the backend knows the model by.
+    :ivar created: the response's ``created`` timestamp (unix seconds).
+    :ivar images: http(s) image URLs fetched by the proxy, as base64.
+    """
+
+    client_model: str
+    upstream_model: str
+    created: int
+    images: Mapping[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """An upstream model server, seen through the OpenAI API."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def chat_completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def chat_completion_stream(
+        self, call: Call, body: Mapping[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def completion_stream(
+        self, call: Call, body: Mapping[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def list_models(self) -> list[dict[str, Any]]: ...
+
+    async def retrieve_model(self, model_id: str) -> dict[str, Any]: ...

@@ -1,0 +1,282 @@
+"""
+The Ollama adapter: the OpenAI API on top of Ollama's native ``/api/*``.
+
+Translation is done by the pure functions in :mod:`oproxy.translate`; this
+module only sends, receives and maps Ollama's errors to ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from typing import Any
+
+from twisted.internet import defer
+
+from oproxy.backends.base import Call
+from oproxy.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    OProxyError,
+    UpstreamBusy,
+    UpstreamError,
+)
+from oproxy.streaming import merge
+from oproxy.translate import chat, completions, embeddings, models
+from oproxy.translate.common import new_completion_id, usage_from_ollama
+from oproxy.upstream import Upstream
+
+
+def ollama_error(status: int, body: Any, call_model: str, backend: str) -> OProxyError:
+    """
+    Turn an Ollama error answer into the error the client should see.
+
+    Ollama's messages are kept (they are what a user searches for); the
+    status is mapped to OpenAI's meaning of it.
+    """
+    message = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(message, str) or not message:
+        message = f"backend {backend!r} answered HTTP {status}"
+    if status == 404 and "not found" in message:
+        return ModelNotFound(call_model)
+    if status == 400:
+        return InvalidRequest(message)
+    if status in (429, 503):
+        return UpstreamBusy(message)
+    if status == 403 and not isinstance(body, dict):
+        return UpstreamError(
+            f"backend {backend!r} refused the request (403); if it is Ollama, "
+            "set the backend's host_header to a local name such as 127.0.0.1"
+        )
+    return UpstreamError(f"backend {backend!r} failed: {message}")
+
+
+class OllamaBackend:
+    """
+    An Ollama server, spoken to in its native API.
+    """
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+
+    @property
+    def name(self) -> str:
+        return self._upstream.name
+
+    async def _post(self, path: str, payload: Mapping[str, Any], call_model: str) -> Any:
+        status, body = await self._upstream.request_json("POST", path, payload)
+        if status != 200:
+            raise ollama_error(status, body, call_model, self.name)
+        if not isinstance(body, dict):
+            raise UpstreamError(f"backend {self.name!r} sent an answer that is not JSON")
+        return body
+
+    async def _stream(
+        self, path: str, payload: Mapping[str, Any], call_model: str
+    ) -> AsyncIterator[Any]:
+        status, lines = await self._upstream.stream_json_lines(path, payload)
+        if status != 200:
+            async with aclosing(lines):
+                body = None
+                async for body in lines:
+                    break
+            raise ollama_error(status, body, call_model, self.name)
+        return lines
+
+    async def chat_completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        native = chat.chat_request_to_ollama(
+            body, model=call.upstream_model, fetched_images=call.images
+        )
+        answer = await self._post("/api/chat", native, call.client_model)
+        return chat.ollama_chat_to_openai(
+            answer,
+            completion_id=new_completion_id("chatcmpl-"),
+            model=call.client_model,
+            created=call.created,
+        )
+
+    async def chat_completion_stream(
+        self, call: Call, body: Mapping[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        native = chat.chat_request_to_ollama(
+            body, model=call.upstream_model, fetched_images=call.images
+        )
+        lines = await self._stream("/api/chat", native, call.client_model)
+        translator = chat.ChatStreamTranslator(
+            new_completion_id("chatcmpl-"),
+            call.client_model,
+            call.created,
+            include_usage=_include_usage(body),
+        )
+        return _translated(lines, translator.feed, lambda: translator.done, self.name)
+
+    async def _one_completion(
+        self, call: Call, body: Mapping[str, Any], prompt: str, index: int
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        native = completions.completion_request_to_ollama(
+            body, model=call.upstream_model, prompt=prompt
+        )
+        answer = await self._post("/api/generate", native, call.client_model)
+        choice = completions.ollama_generate_to_choice(
+            answer,
+            index=index,
+            echo_prompt=prompt if body.get("echo") is True else None,
+            logprobs_requested=_wants_logprobs(body),
+        )
+        usage = usage_from_ollama(answer)
+        return choice, usage
+
+    async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        prompts = completions.completion_prompts(body)
+        results = await _gather(
+            [self._one_completion(call, body, prompt, i) for i, prompt in enumerate(prompts)]
+        )
+        usage = {
+            key: sum(u[key] for _, u in results)
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+        return completions.completion_response(
+            [choice for choice, _ in results],
+            completion_id=new_completion_id("cmpl-"),
+            model=call.client_model,
+            created=call.created,
+            usage=usage,
+        )
+
+    async def completion_stream(
+        self, call: Call, body: Mapping[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        prompts = completions.completion_prompts(body)
+        completion_id = new_completion_id("cmpl-")
+        translators = [
+            completions.CompletionStreamTranslator(
+                completion_id,
+                call.client_model,
+                call.created,
+                index=i,
+                echo_prompt=prompt if body.get("echo") is True else None,
+                logprobs_requested=_wants_logprobs(body),
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+        streams = await _gather(
+            [
+                self._stream(
+                    "/api/generate",
+                    completions.completion_request_to_ollama(
+                        body, model=call.upstream_model, prompt=prompt
+                    ),
+                    call.client_model,
+                )
+                for prompt in prompts
+            ]
+        )
+        merged = merge(
+            [
+                _translated(lines, t.feed, lambda t=t: t.done, self.name)  # type: ignore[misc]
+                for lines, t in zip(streams, translators, strict=True)
+            ]
+        )
+        return self._with_usage_chunk(merged, translators, completion_id, call, body)
+
+    async def _with_usage_chunk(
+        self,
+        chunks: AsyncIterator[dict[str, Any]],
+        translators: list[completions.CompletionStreamTranslator],
+        completion_id: str,
+        call: Call,
+        body: Mapping[str, Any],
+    ) -> AsyncIterator[dict[str, Any]]:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+        if _include_usage(body):
+            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            for translator in translators:
+                for key, value in (translator.usage or {}).items():
+                    usage[key] = usage.get(key, 0) + value
+            yield completions.completion_usage_chunk(
+                completion_id=completion_id, model=call.client_model, created=call.created, usage=usage
+            )
+
+    async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        inputs = embeddings.embedding_inputs(body)
+        encoding = embeddings.encoding_format(body)
+        native = embeddings.embeddings_request_to_ollama(
+            body, model=call.upstream_model, inputs=inputs
+        )
+        answer = await self._post("/api/embed", native, call.client_model)
+        return embeddings.ollama_embed_to_openai(
+            answer, model=call.client_model, encoding_format=encoding
+        )
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        status, body = await self._upstream.request_json("GET", "/api/tags")
+        if status != 200:
+            raise ollama_error(status, body, "", self.name)
+        listing = models.ollama_tags_to_models(body or {}, owned_by=self.name)
+        data: list[dict[str, Any]] = listing["data"]
+        return data
+
+    async def retrieve_model(self, model_id: str) -> dict[str, Any]:
+        show = await self._post("/api/show", {"model": model_id}, model_id)
+        return models.ollama_show_to_model(show, model_id=model_id, owned_by=self.name)
+
+
+def _include_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise InvalidRequest(
+            "stream_options.include_usage must be a boolean", param="stream_options.include_usage"
+        )
+    return include
+
+
+def _wants_logprobs(body: Mapping[str, Any]) -> bool:
+    value = body.get("logprobs")
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+async def _translated(
+    lines: AsyncIterator[Any],
+    feed: Any,
+    is_done: Any,
+    backend: str,
+) -> AsyncIterator[dict[str, Any]]:
+    """
+    Feed native NDJSON lines to a stream translator and yield its chunks.
+
+    A stream that ends without Ollama's ``done`` line was cut short: say so
+    rather than let the client believe the answer is complete.
+    """
+    async with aclosing(lines):
+        async for line in lines:
+            if not isinstance(line, dict):
+                continue
+            for chunk in feed(line):
+                yield chunk
+    if not is_done():
+        raise UpstreamError(f"backend {backend!r} ended the stream before it was complete")
+
+
+async def _gather(coroutines: list[Any]) -> list[Any]:
+    """
+    Run coroutines concurrently; on the first failure cancel the others.
+    """
+    deferreds = [defer.Deferred.fromCoroutine(c) for c in coroutines]
+    try:
+        return await defer.gatherResults(deferreds, consumeErrors=True)
+    except defer.FirstError as e:
+        for d in deferreds:
+            d.cancel()
+        e.subFailure.raiseException()
+        raise  # unreachable: raiseException always raises
+    except BaseException:
+        for d in deferreds:
+            d.cancel()
+        raise

@@ -1,0 +1,190 @@
+"""
+The exception hierarchy, and the one place that renders OpenAI error objects.
+
+Every layer raises a typed :class:`OProxyError`; only :func:`render_error`
+knows what the client sees.  Keeping the mapping here means a status, a
+``type`` or a ``code`` is decided once, and an unexpected exception can never
+leak a traceback or an HTML page to a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class OProxyError(Exception):
+    """
+    An error that the client is told about, in OpenAI's shape.
+
+    Subclasses fix the HTTP status, the error ``type`` and a default
+    ``code``; an instance carries the message and, for a bad field, the
+    ``param`` that names it (dotted path, as OpenAI does: ``messages.0.role``).
+    """
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def to_body(self) -> dict[str, Any]:
+        """
+        The OpenAI ``ErrorResponse`` object: all four keys, always present.
+        """
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, param={self.param!r}, "
+            f"code={self.code!r})"
+        )
+
+
+class InvalidRequest(OProxyError):
+    """The request is malformed or a field is missing or of the wrong type."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(OProxyError):
+    """No key, or a key that is not valid."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(OProxyError):
+    """A valid key that may not do this."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
+class NotFound(OProxyError):
+    """No such route or resource."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(OProxyError):
+    """No backend serves this model."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+    def __init__(self, model: str, *, detail: str | None = None) -> None:
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        if detail:
+            message = f"{message} ({detail})"
+        super().__init__(message, param="model")
+        self.model = model
+
+
+class MethodNotAllowed(OProxyError):
+    """A known route asked for with the wrong HTTP method."""
+
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class RequestTooLarge(OProxyError):
+    """The request body is over the configured cap."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimited(OProxyError):
+    """Too many requests or tokens; ``Retry-After`` says when to come back."""
+
+    status = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamError(OProxyError):
+    """The upstream answered with an error it did not explain as the client's fault."""
+
+    status = 502
+    error_type = "api_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailable(OProxyError):
+    """The upstream could not be reached at all (refused, reset, DNS)."""
+
+    status = 502
+    error_type = "api_error"
+    default_code = "upstream_unavailable"
+
+
+class UpstreamBusy(OProxyError):
+    """The upstream said it is overloaded; worth retrying later."""
+
+    status = 503
+    error_type = "api_error"
+    default_code = "upstream_busy"
+
+
+class UpstreamTimeout(OProxyError):
+    """The upstream did not connect, answer or continue within its timeout."""
+
+    status = 504
+    error_type = "api_error"
+    default_code = "upstream_timeout"
+
+
+class ServerError(OProxyError):
+    """Something unexpected; details are in the log under the request id."""
+
+    status = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str = "The server had an error while processing your request.") -> None:
+        super().__init__(message)
+
+
+def render_error(error: OProxyError) -> bytes:
+    """
+    Serialise ``error`` as the JSON body OpenAI clients expect.
+    """
+    return orjson.dumps(error.to_body())
+
+
+def render_stream_error(error: OProxyError) -> bytes:
+    """
+    Serialise ``error`` as one SSE event, for a failure after streaming began.
+
+    The official SDK raises ``APIError`` with this message, type and code when
+    it sees an event whose JSON has an ``error`` key.
+    """
+    return b"data: " + render_error(error) + b"\n\n"

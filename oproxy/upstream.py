@@ -1,0 +1,305 @@
+"""
+Talking HTTP to an upstream model server: pooled, unbuffered, cancellable.
+
+An :class:`Upstream` is one backend's pooled treq client with the three
+timeouts (connect, first byte, between chunks).  Bodies are read by
+:class:`BodyReader`, which hands over complete lines as they arrive, pauses
+the upstream socket when the reader falls behind, and closes the connection
+the moment the caller stops listening, so a model stops generating for a
+client that has gone away.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+import treq
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from oproxy.config import BackendConfig
+from oproxy.errors import OProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+#: Lines buffered from upstream before its socket is paused.
+HIGH_WATER_LINES = 256
+
+#: The most a non-streamed upstream answer may weigh (large embedding batches).
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+
+#: The most of an upstream *error* body worth reading.
+MAX_ERROR_BYTES = 64 * 1024
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body that is already in memory, written in one go.
+
+    treq's default wraps bytes in a ``FileBodyProducer``, which trickles them
+    out through a cooperator: a needless trip round the reactor per request.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class BodyReader(Protocol):
+    """
+    Receive a response body and hand it over line by line, or whole.
+
+    Only one :meth:`next_lines` may be outstanding.  An idle timer, reset by
+    every chunk, guards against an upstream that stops half-way.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float,
+        backend: str,
+        max_bytes: int,
+        *,
+        split_lines: bool = True,
+    ) -> None:
+        self._split_lines = split_lines
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._backend = backend
+        self._max_bytes = max_bytes
+        self._received = 0
+        self._partial = b""
+        self._lines: deque[bytes] = deque()
+        self._waiter: defer.Deferred[None] | None = None
+        self._failure: OProxyError | None = None
+        self._finished = False
+        self._paused = False
+        self._idle: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        self._received += len(data)
+        if self._received > self._max_bytes:
+            self._fail(UpstreamError(f"backend {self._backend!r} sent an oversized response"))
+            self.abort()
+            return
+        if not self._split_lines:
+            self._lines.append(data)
+        elif b"\n" not in data:
+            self._partial += data
+            return
+        else:
+            pieces = (self._partial + data).split(b"\n")
+            self._partial = pieces.pop()
+            self._lines.extend(line for line in pieces if line.strip())
+        if len(self._lines) >= HIGH_WATER_LINES and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        self._wake()
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._cancel_idle()
+        if reason.check(ResponseDone, http.PotentialDataLoss):
+            if self._partial.strip():
+                self._lines.append(self._partial)
+            self._partial = b""
+            self._finished = True
+        elif self._failure is None:
+            self._failure = UpstreamError(
+                f"backend {self._backend!r} closed the connection mid-response"
+            )
+        self._wake()
+
+    def _timed_out(self) -> None:
+        self._fail(
+            UpstreamTimeout(
+                f"backend {self._backend!r} sent nothing for {self._idle_timeout:g} seconds"
+            )
+        )
+        self.abort()
+
+    def _fail(self, failure: OProxyError) -> None:
+        if self._failure is None:
+            self._failure = failure
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def abort(self) -> None:
+        """
+        Close the upstream connection now; the model stops generating.
+        """
+        self._cancel_idle()
+        if self.transport is not None and not self._finished:
+            self.transport.stopProducing()
+
+    async def next_lines(self) -> list[bytes]:
+        """
+        The lines received since the last call; an empty list means the end.
+        """
+        while not self._lines:
+            if self._failure is not None:
+                raise self._failure
+            if self._finished:
+                return []
+            self._waiter = defer.Deferred(lambda _: self.abort())
+            await self._waiter
+        lines = list(self._lines)
+        self._lines.clear()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        return lines
+
+    async def read_all(self) -> bytes:
+        """
+        The whole body, for answers that are not streamed.
+        """
+        parts: list[bytes] = []
+        while batch := await self.next_lines():
+            parts.extend(batch)
+        return (b"\n" if self._split_lines else b"").join(parts)
+
+
+class Upstream:
+    """
+    One backend's HTTP client: a persistent connection pool and its timeouts.
+    """
+
+    def __init__(self, backend: BackendConfig, client: treq.client.HTTPClient, clock: IReactorTime):
+        self.backend = backend
+        self._client = client
+        self._clock = clock
+        self._headers = {"Content-Type": ["application/json"], "Accept": ["application/json"]}
+        if backend.host_header:
+            self._headers["Host"] = [backend.host_header]
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    async def _send(self, method: str, path: str, body: bytes | None) -> IResponse:
+        url = self.backend.url + path
+        request = self._client.request(
+            method,
+            url,
+            data=BytesProducer(body) if body is not None else None,
+            headers=Headers(self._headers),
+            unbuffered=True,
+        )
+        request.addTimeout(self.backend.timeouts.first_byte, self._clock)
+        try:
+            response: IResponse = await request
+        except defer.TimeoutError:
+            raise UpstreamTimeout(
+                f"backend {self.name!r} did not answer within "
+                f"{self.backend.timeouts.first_byte:g} seconds"
+            ) from None
+        except error.TimeoutError:
+            raise UpstreamTimeout(
+                f"backend {self.name!r} did not accept a connection within "
+                f"{self.backend.timeouts.connect:g} seconds"
+            ) from None
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            raise UpstreamUnavailable(
+                f"backend {self.name!r} at {self.backend.url} is unreachable: {_describe(e)}"
+            ) from None
+        return response
+
+    def _reader(self, response: IResponse, max_bytes: int) -> BodyReader:
+        reader = BodyReader(
+            self._clock, self.backend.timeouts.between_chunks, self.name, max_bytes
+        )
+        response.deliverBody(reader)
+        return reader
+
+    async def request_json(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        """
+        Send a JSON request; return the status and the decoded JSON answer.
+
+        Cancelling the caller aborts the connection, streaming or not.
+        """
+        body = orjson.dumps(payload) if payload is not None else None
+        response = await self._send(method, path, body)
+        limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
+        raw = await self._reader(response, limit).read_all()
+        return response.code, _decode(raw, self.name)
+
+    async def stream_json_lines(
+        self, path: str, payload: Mapping[str, Any]
+    ) -> tuple[int, AsyncIterator[Any]]:
+        """
+        Send a JSON request whose answer is NDJSON; iterate over decoded lines.
+
+        A non-200 status is returned with an iterator over its (single) body.
+        """
+        response = await self._send("POST", path, orjson.dumps(payload))
+        limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
+        return response.code, self._decoded_lines(self._reader(response, limit))
+
+    async def _decoded_lines(self, reader: BodyReader) -> AsyncIterator[Any]:
+        try:
+            while batch := await reader.next_lines():
+                for line in batch:
+                    yield _decode(line, self.name)
+        finally:
+            reader.abort()
+
+
+def _decode(raw: bytes, backend: str) -> Any:
+    if not raw.strip():
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[:200].decode("utf-8", "replace")
+        return {"error": text} if text else None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.DNSLookupError):
+        return "host name not found"
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(str(r.value) or type(r.value).__name__ for r in reasons)
+    return str(e) or type(e).__name__

@@ -1,0 +1,190 @@
+"""
+Tests for configuration loading, interpolation and validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from oproxy.config import (
+    DEFAULT_LISTEN,
+    ConfigError,
+    endpoint_is_loopback,
+    interpolate,
+    load_config,
+    normalise_ollama_url,
+    with_overrides,
+)
+
+MINIMAL = """
+listen: ["tcp:8000:interface=127.0.0.1"]
+backends:
+  - {name: local, type: ollama, url: "http://127.0.0.1:11434"}
+auth:
+  keys:
+    - {name: alice, key: "sk-alice"}
+"""
+
+
+def test_embedded_defaults() -> None:
+    config = load_config(None, {})
+    assert config.listen == (DEFAULT_LISTEN,)
+    assert [b.url for b in config.backends] == ["http://127.0.0.1:11434"]
+    assert config.max_body_bytes == 32 * 1024 * 1024
+    assert config.auth.keys == ()
+
+
+def test_ollama_host_environment_sets_default_backend() -> None:
+    config = load_config(None, {"OLLAMA_HOST": "0.0.0.0:9999"})
+    assert config.backends[0].url == "http://127.0.0.1:9999"
+
+
+def test_minimal_form_from_the_docs() -> None:
+    config = load_config(MINIMAL, {})
+    assert config.backends[0].name == "local"
+    (key,) = config.auth.keys
+    assert key.name == "alice"
+    assert key.sha256 == hashlib.sha256(b"sk-alice").digest()
+
+
+def test_plain_keys_are_not_kept() -> None:
+    config = load_config(MINIMAL, {})
+    assert "sk-alice" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${A}", {"A": "x"}, "x"),
+        ("${A:-d}", {}, "d"),
+        ("${A:-d}", {"A": ""}, "d"),
+        ("a${A}b${B:-c}", {"A": "1"}, "a1bc"),
+        ("$$HOME", {}, "$HOME"),
+        ("no refs", {}, "no refs"),
+    ],
+)
+def test_interpolate(text: str, env: dict[str, str], expected: str) -> None:
+    assert interpolate(text, env) == expected
+
+
+def test_unset_variable_without_default_names_key() -> None:
+    text = "auth:\n  keys:\n    - {name: a, key: '${SECRET}'}\n"
+    with pytest.raises(ConfigError) as raised:
+        load_config(text, {})
+    assert raised.value.key == "auth.keys[0].key"
+    assert "SECRET" in str(raised.value)
+
+
+def test_interpolation_in_keys() -> None:
+    text = "auth:\n  keys:\n    - {name: a, key: '${SECRET}'}\n"
+    config = load_config(text, {"SECRET": "sk-s"})
+    assert config.auth.keys[0].sha256 == hashlib.sha256(b"sk-s").digest()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("listen: 5", "listen", "list"),
+        ("backends: []", "backends", "at least one"),
+        ("backends: [{name: x}]", "backends[0].url", "required"),
+        ("backends: [{url: 'ftp://x'}]", "backends[0].url", "http"),
+        ("backends: [{url: 'http://x', type: magic}]", "backends[0].type", "one of"),
+        ("backends: [{url: 'http://x', colour: red}]", "backends[0].colour", "not a known"),
+        ("limits: {max_body_bytes: -1}", "limits.max_body_bytes", "positive"),
+        ("limits: {max_body_bytes: lots}", "limits.max_body_bytes", "size"),
+        ("timeouts: {connect: 0}", "timeouts.connect", "positive"),
+        ("timeouts: {connect: yes}", "timeouts.connect", "positive"),
+        ("auth: {keys: [{name: a}]}", "auth.keys[0]", "exactly one"),
+        ("auth: {keys: [{name: a, key_sha256: abc}]}", "auth.keys[0].key_sha256", "64"),
+        ("auth: {anonymous: 1}", "auth.anonymous", "true or false"),
+        ("lisen: []", "lisen", "not a known"),
+        ("- a\n- b", "", "mapping"),
+    ],
+)
+def test_bad_settings_name_their_key(text: str, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(text, {})
+    assert raised.value.key == key
+    assert words in str(raised.value)
+
+
+def test_bad_yaml_names_line() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("listen: [\n  'a'\n  b: c", {})
+    assert "line" in str(raised.value)
+
+
+def test_sizes_accept_units() -> None:
+    config = load_config("limits: {max_body_bytes: 2MiB}", {})
+    assert config.max_body_bytes == 2 * 1024 * 1024
+
+
+def test_key_sha256_form() -> None:
+    digest = hashlib.sha256(b"sk-x").hexdigest()
+    config = load_config(f"auth: {{keys: [{{name: a, key_sha256: '{digest}'}}]}}", {})
+    assert config.auth.keys[0].sha256.hex() == digest
+
+
+def test_duplicate_backend_names() -> None:
+    text = "backends: [{name: a, url: 'http://x'}, {name: a, url: 'http://y'}]"
+    with pytest.raises(ConfigError, match="used twice"):
+        load_config(text, {})
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("tcp:8000:interface=127.0.0.1", True),
+        ("tcp:8000:interface=\\:\\:1", True),
+        ("tcp:8000:interface=localhost", True),
+        ("tcp:8000", False),
+        ("tcp:8000:interface=0.0.0.0", False),
+        ("ssl:8443:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1", True),
+        ("tls:/etc/certs:port=8443", False),
+        ("unix:/run/oproxy.sock", True),
+        ("systemd:domain=INET:index=0", False),
+    ],
+)
+def test_endpoint_is_loopback(endpoint: str, loopback: bool) -> None:
+    assert endpoint_is_loopback(endpoint) is loopback
+
+
+def test_exposed_without_keys_refused() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("listen: ['tcp:8000']", {})
+    assert raised.value.key == "auth"
+    assert "anonymous" in str(raised.value)
+
+
+def test_exposed_with_keys_or_anonymous_allowed() -> None:
+    load_config("listen: ['tcp:8000']\nauth: {anonymous: true}", {})
+    load_config("listen: ['tcp:8000']\nauth: {keys: [{name: a, key: k}]}", {})
+
+
+def test_command_line_overrides() -> None:
+    config = with_overrides(
+        load_config(MINIMAL, {}), listen=["tcp:9000:interface=127.0.0.1"], backend_url="otherhost"
+    )
+    assert config.listen == ("tcp:9000:interface=127.0.0.1",)
+    assert config.backends[0].url == "http://otherhost:11434"
+
+
+def test_command_line_listen_exposure_checked() -> None:
+    with pytest.raises(ConfigError):
+        with_overrides(load_config(None, {}), listen=["tcp:9000"])
+
+
+@pytest.mark.parametrize(
+    ("given", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:11434"),
+        ("0.0.0.0", "http://127.0.0.1:11434"),
+        ("http://gpu:11434/", "http://gpu:11434"),
+        ("https://ollama.example.com", "https://ollama.example.com:443"),
+        ("[::1]:11434", "http://[::1]:11434"),
+    ],
+)
+def test_normalise_ollama_url(given: str, url: str) -> None:
+    assert normalise_ollama_url(given) == url

@@ -1,0 +1,22 @@
+"""
+Register ``twistd oproxy`` and ``twistd oproxy-fake-ollama``.
+
+This module is imported by every ``twistd`` invocation that scans plugins, so
+it imports nothing heavy: the service makers name their modules by string.
+"""
+
+from twisted.application.service import ServiceMaker
+
+oproxy = ServiceMaker(
+    "oproxy",
+    "oproxy.tap",
+    "An OpenAI-compatible gateway in front of Ollama and other model servers.",
+    "oproxy",
+)
+
+oproxyFakeOllama = ServiceMaker(
+    "oproxy fake Ollama",
+    "oproxy.testing.fake_ollama_tap",
+    "A faithful fake Ollama server, for testing clients and oproxy itself.",
+    "oproxy-fake-ollama",
+)
