@@ -77,13 +77,20 @@ class Options(usage.Options):
         return super().__str__()
 
 
-def build_app(config: Config, reactor: Any) -> ProxyApp:
+def connection_pool(reactor: Any) -> HTTPConnectionPool:
     """
-    Wire the app: one persistent pool, one upstream client per backend.
+    The one set of persistent upstream connections the whole process shares.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
     pool.retryAutomatically = False
+    return pool
+
+
+def build_app(config: Config, reactor: Any, pool: HTTPConnectionPool) -> ProxyApp:
+    """
+    Wire the app: one upstream client per backend over the shared pool.
+    """
     clock: IReactorTime = reactor
     backends = []
     for backend_config in config.backends:
@@ -103,7 +110,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         reactor = global_reactor
     config = options.config
     assert config is not None
-    app = build_app(config, reactor)
+    app = build_app(config, reactor, connection_pool(reactor))
     site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
     site.displayTracebacks = False
     top = service.MultiService()

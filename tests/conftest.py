@@ -1,0 +1,94 @@
+"""
+Shared fixtures: a fake Ollama and the proxy, both on real loopback sockets
+inside the test process, driven by the real reactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from oproxy.app import ProxyApp
+from oproxy.config import BackendConfig, Config, ImagesConfig, Timeouts
+from oproxy.site import ProxySite
+from oproxy.tap import build_app, connection_pool
+from oproxy.testing.fake_ollama import FakeOllama
+
+
+@dataclass
+class Running:
+    """A server listening on loopback."""
+
+    url: str
+    port: Any
+
+
+def listen(site: Site) -> Running:
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    return Running(url=f"http://127.0.0.1:{port.getHost().port}", port=port)
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[tuple[FakeOllama, str]]:
+    fake = FakeOllama(reactor)
+    running = listen(Site(fake.resource()))
+    yield fake, running.url
+    pytest_twisted.blockon(running.port.stopListening())
+
+
+@dataclass
+class Proxy:
+    """The proxy under test, its fake Ollama, and a client for both."""
+
+    url: str
+    app: ProxyApp
+    fake: FakeOllama
+    fake_url: str
+    client: treq.client.HTTPClient
+
+    def v1(self, path: str) -> str:
+        return f"{self.url}/v1/{path.lstrip('/')}"
+
+
+def proxy_config(fake_url: str, **changes: Any) -> Config:
+    config = Config(
+        backends=(BackendConfig(name="local", type="ollama", url=fake_url, timeouts=Timeouts()),),
+        images=ImagesConfig(allow_private_networks=True),
+    )
+    return replace(config, **changes)
+
+
+@pytest.fixture
+def proxy_factory(fake_ollama: tuple[FakeOllama, str]) -> Iterator[Any]:
+    """Start proxies with a config derived from the defaults; stop them afterwards."""
+    fake, fake_url = fake_ollama
+    cleanups: list[Any] = []
+    client_pool = HTTPConnectionPool(reactor, persistent=False)
+    client = treq.client.HTTPClient(Agent(reactor, pool=client_pool))
+
+    def start(**changes: Any) -> Proxy:
+        config = proxy_config(fake_url, **changes)
+        pool = connection_pool(reactor)
+        app = build_app(config, reactor, pool)
+        running = listen(ProxySite(app.resource(), lambda: app.config.max_body_bytes))
+        cleanups.append(running.port.stopListening)
+        cleanups.append(pool.closeCachedConnections)
+        return Proxy(url=running.url, app=app, fake=fake, fake_url=fake_url, client=client)
+
+    yield start
+    for cleanup in reversed(cleanups):
+        pytest_twisted.blockon(cleanup())
+
+
+@pytest.fixture
+def proxy(proxy_factory: Any) -> Proxy:
+    started: Proxy = proxy_factory()
+    return started
