@@ -98,8 +98,12 @@ class ProxyApp:
         except defer.CancelledError:
             raise
         except Exception:
-            log.failure("Unhandled error serving {method} {path} ({request_id})",
-                        method=request.method, path=request.path, request_id=request_id)
+            log.failure(
+                "Unhandled error serving {method} {path} ({request_id})",
+                method=request.method,
+                path=request.path,
+                request_id=request_id,
+            )
             return _error_response(request, ServerError())
 
     # -- OpenAI routes -----------------------------------------------------
@@ -116,9 +120,7 @@ class ProxyApp:
 
     @app.route("/v1/embeddings", methods=["POST"])
     def embeddings(self, request: IRequest) -> defer.Deferred[bytes | None]:
-        return defer.Deferred.fromCoroutine(
-            self._serve(request, embeddings.create, json_body=True)
-        )
+        return defer.Deferred.fromCoroutine(self._serve(request, embeddings.create, json_body=True))
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request: IRequest) -> defer.Deferred[bytes | None]:
@@ -136,7 +138,9 @@ class ProxyApp:
         async def handler(scope: Scope) -> bytes | None:
             return scope.json({"name": "oproxy", "version": __version__, "api": "/v1"})
 
-        return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False, auth=False))
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, handler, json_body=False, auth=False)
+        )
 
     # -- errors Klein raises before a handler runs -------------------------
 
@@ -198,9 +202,7 @@ def _read_json(request: IRequest) -> dict[str, Any]:
             f"We could not parse the JSON body of your request. ({e})", code="invalid_json"
         ) from None
     if not isinstance(body, dict):
-        raise InvalidRequest(
-            "The request body must be a JSON object.", code="invalid_json"
-        )
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return body
 
 

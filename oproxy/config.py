@@ -385,7 +385,9 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         BackendConfig(
             name="local",
             type="ollama",
-            url=normalise_ollama_url(environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_URL, "OLLAMA_HOST"),
+            url=normalise_ollama_url(
+                environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_URL, "OLLAMA_HOST"
+            ),
             timeouts=timeouts,
         ),
     )
@@ -394,9 +396,7 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
     limits.done()
     config = Config(
         listen=root.get("listen", (DEFAULT_LISTEN,), _listen),
-        backends=root.get(
-            "backends", default_backends, lambda v, k: _backends(v, k, timeouts)
-        ),
+        backends=root.get("backends", default_backends, lambda v, k: _backends(v, k, timeouts)),
         auth=_auth(root.section("auth")),
         max_body_bytes=max_body,
         timeouts=timeouts,

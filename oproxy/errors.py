@@ -55,10 +55,7 @@ class OProxyError(Exception):
         }
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.message!r}, param={self.param!r}, "
-            f"code={self.code!r})"
-        )
+        return f"{type(self).__name__}({self.message!r}, param={self.param!r}, code={self.code!r})"
 
 
 class InvalidRequest(OProxyError):
@@ -169,7 +166,9 @@ class ServerError(OProxyError):
     status = 500
     error_type = "server_error"
 
-    def __init__(self, message: str = "The server had an error while processing your request.") -> None:
+    def __init__(
+        self, message: str = "The server had an error while processing your request."
+    ) -> None:
         super().__init__(message)
 
 

@@ -94,7 +94,11 @@ async def fetch_image(
 
 
 async def fetch_images(
-    urls: Sequence[str], *, client: treq.client.HTTPClient, clock: IReactorTime, config: ImagesConfig
+    urls: Sequence[str],
+    *,
+    client: treq.client.HTTPClient,
+    clock: IReactorTime,
+    config: ImagesConfig,
 ) -> dict[str, str]:
     """
     Fetch every URL concurrently; any failure fails the request.

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 import orjson
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from oproxy.errors import OProxyError, ServerError, UpstreamError, render_stream_error
 

@@ -58,9 +58,7 @@ class Options(usage.Options):
                 with open(self["config"], encoding="utf-8") as f:
                     text = f.read()
             config = load_config(text, os.environ)
-            self.config = with_overrides(
-                config, listen=self["listen"], backend_url=self["backend"]
-            )
+            self.config = with_overrides(config, listen=self["listen"], backend_url=self["backend"])
         except OSError as e:
             self._failed = True
             raise usage.UsageError(f"cannot read config file: {e}") from None

@@ -243,9 +243,7 @@ class Upstream:
         return response
 
     def _reader(self, response: IResponse, max_bytes: int) -> BodyReader:
-        reader = BodyReader(
-            self._clock, self.backend.timeouts.between_chunks, self.name, max_bytes
-        )
+        reader = BodyReader(self._clock, self.backend.timeouts.between_chunks, self.name, max_bytes)
         response.deliverBody(reader)
         return reader
 

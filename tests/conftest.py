@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from oproxy.testing.fake_ollama import FakeOllama
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -20,7 +21,6 @@ from oproxy.app import ProxyApp
 from oproxy.config import BackendConfig, Config, ImagesConfig, Timeouts
 from oproxy.site import ProxySite
 from oproxy.tap import build_app, connection_pool
-from oproxy.testing.fake_ollama import FakeOllama
 
 
 @dataclass
@@ -58,9 +58,12 @@ class Proxy:
         return f"{self.url}/v1/{path.lstrip('/')}"
 
 
-def proxy_config(fake_url: str, **changes: Any) -> Config:
+def proxy_config(fake_url: str, timeouts: Timeouts | None = None, **changes: Any) -> Config:
+    backend = BackendConfig(
+        name="local", type="ollama", url=fake_url, timeouts=timeouts or Timeouts()
+    )
     config = Config(
-        backends=(BackendConfig(name="local", type="ollama", url=fake_url, timeouts=Timeouts()),),
+        backends=(backend,),
         images=ImagesConfig(allow_private_networks=True),
     )
     return replace(config, **changes)
@@ -74,8 +77,8 @@ def proxy_factory(fake_ollama: tuple[FakeOllama, str]) -> Iterator[Any]:
     client_pool = HTTPConnectionPool(reactor, persistent=False)
     client = treq.client.HTTPClient(Agent(reactor, pool=client_pool))
 
-    def start(**changes: Any) -> Proxy:
-        config = proxy_config(fake_url, **changes)
+    def start(timeouts: Timeouts | None = None, **changes: Any) -> Proxy:
+        config = proxy_config(fake_url, timeouts, **changes)
         pool = connection_pool(reactor)
         app = build_app(config, reactor, pool)
         running = listen(ProxySite(app.resource(), lambda: app.config.max_body_bytes))

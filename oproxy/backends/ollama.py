@@ -77,9 +77,7 @@ class OllamaBackend:
         status, lines = await self._upstream.stream_json_lines(path, payload)
         if status != 200:
             async with aclosing(lines):
-                body = None
-                async for body in lines:
-                    break
+                body = await anext(lines, None)
             raise ollama_error(status, body, call_model, self.name)
         return lines
 
@@ -196,7 +194,10 @@ class OllamaBackend:
                 for key, value in (translator.usage or {}).items():
                     usage[key] = usage.get(key, 0) + value
             yield completions.completion_usage_chunk(
-                completion_id=completion_id, model=call.client_model, created=call.created, usage=usage
+                completion_id=completion_id,
+                model=call.client_model,
+                created=call.created,
+                usage=usage,
             )
 
     async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""
+The daemon as a process: HTTPS on ``ssl:`` and ``tls:`` endpoints, and
+start-up refusal of a bad configuration.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import subprocess
+from pathlib import Path
+
+import openai
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.e2e.conftest import TWISTD, Daemon, free_port, start_twistd
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path = directory / "key.pem"
+    cert_path = directory / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def chat_over_https(port: int, cert: Path) -> str:
+    with openai.OpenAI(
+        base_url=f"https://localhost:{port}/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(verify=str(cert)),
+    ) as client:
+        reply = client.chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "secure?"}]
+        )
+    return reply.choices[0].message.content or ""
+
+
+def test_https_with_ssl_endpoint(workdir: Path, fake_ollama_process: Daemon) -> None:
+    key, cert = make_certificate(workdir)
+    port = free_port()
+    daemon = start_twistd(
+        [
+            "oproxy",
+            "--backend",
+            fake_ollama_process.url,
+            "--listen",
+            f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
+        ],
+        port,
+        workdir,
+        "oproxy-ssl",
+    )
+    try:
+        assert chat_over_https(port, cert)
+    finally:
+        daemon.stop()
+
+
+def test_https_with_tls_certificate_directory(workdir: Path, fake_ollama_process: Daemon) -> None:
+    certs = workdir / "certs"
+    certs.mkdir()
+    key, cert = make_certificate(workdir)
+    (certs / "localhost.pem").write_bytes(key.read_bytes() + cert.read_bytes())
+    port = free_port()
+    daemon = start_twistd(
+        [
+            "oproxy",
+            "--backend",
+            fake_ollama_process.url,
+            "--listen",
+            f"tls:{certs}:port={port}:interface=127.0.0.1",
+        ],
+        port,
+        workdir,
+        "oproxy-tls",
+    )
+    try:
+        assert chat_over_https(port, cert)
+    finally:
+        daemon.stop()
+
+
+def run_twistd(*args: str, workdir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_bad_config_exits_nonzero_naming_the_key(workdir: Path) -> None:
+    bad = workdir / "bad.yaml"
+    bad.write_text("backends:\n  - {name: x, url: 'http://127.0.0.1:1', colour: red}\n")
+    result = run_twistd("oproxy", "--config", str(bad), workdir=workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "backends[0].colour" in output
+    assert "Traceback" not in output
+
+
+def test_exposed_without_keys_refuses_to_start(workdir: Path) -> None:
+    result = run_twistd("oproxy", "--listen", f"tcp:{free_port()}", workdir=workdir)
+    assert result.returncode != 0
+    assert "anonymous" in result.stdout + result.stderr
