@@ -339,10 +339,8 @@ def _api_key(value: Any, key: str) -> APIKey:
 
 
 def _auth(section: _Section) -> AuthConfig:
-    keys = tuple(
-        _api_key(item, f"{section.path('keys')}[{i}]")
-        for i, item in enumerate(section.get("keys", [], _list))
-    )
+    listed: list[Any] = section.get("keys", [], _list)
+    keys = tuple(_api_key(item, f"{section.path('keys')}[{i}]") for i, item in enumerate(listed))
     names = [k.name for k in keys]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

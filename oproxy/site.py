@@ -28,7 +28,7 @@ class BoundedRequest(server.Request):
         if length is not None and length > self.max_body_bytes:
             self.body_too_large = True
             length = 0
-        super().gotLength(length)
+        super().gotLength(length)  # type: ignore[no-untyped-call]
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
@@ -38,7 +38,7 @@ class BoundedRequest(server.Request):
             self.body_too_large = True
             self.content = io.BytesIO()
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
 
 
 class ProxySite(server.Site):
@@ -47,11 +47,11 @@ class ProxySite(server.Site):
     """
 
     def __init__(self, resource: IResource, max_body_bytes: Callable[[], int], **kw: Any) -> None:
-        super().__init__(resource, **kw)
+        super().__init__(resource, **kw)  # type: ignore[no-untyped-call]
         self._max_body_bytes = max_body_bytes
         self.requestFactory = self._make_request  # type: ignore[assignment]
 
     def _make_request(self, channel: http.HTTPChannel, *args: Any, **kw: Any) -> BoundedRequest:
-        request = BoundedRequest(channel, *args, **kw)
+        request = BoundedRequest(channel, *args, **kw)  # type: ignore[no-untyped-call]
         request.max_body_bytes = self._max_body_bytes()
         return request

@@ -10,13 +10,13 @@ by the end of the stream, never a silent truncation.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
@@ -72,7 +72,7 @@ def sse_event(chunk: Any) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-async def relay_sse(request: IRequest, chunks: AsyncIterator[Any]) -> None:
+async def relay_sse(request: IRequest, chunks: AsyncGenerator[Any, None]) -> None:
     """
     Write ``chunks`` to ``request`` as an OpenAI event stream ending in ``[DONE]``.
     """
@@ -83,7 +83,8 @@ async def relay_sse(request: IRequest, chunks: AsyncIterator[Any]) -> None:
         for name, value in SSE_HEADERS.items():
             request.setHeader(name, value)
         pacer = ClientPacer()
-        request.registerProducer(pacer, True)
+        consumer = cast(IConsumer, request)
+        consumer.registerProducer(pacer, True)
         try:
             request.write(sse_event(first))
             try:
@@ -102,10 +103,10 @@ async def relay_sse(request: IRequest, chunks: AsyncIterator[Any]) -> None:
                 return
             request.write(DONE)
         finally:
-            request.unregisterProducer()
+            consumer.unregisterProducer()
 
 
-async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+async def merge(iterators: list[AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
     """
     Interleave several async iterators, yielding items as they come.
 
@@ -119,7 +120,7 @@ async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[T]:
         return
     queue: defer.DeferredQueue[tuple[str, Any]] = defer.DeferredQueue()
 
-    async def pump(iterator: AsyncIterator[T]) -> None:
+    async def pump(iterator: AsyncGenerator[T, None]) -> None:
         async with aclosing(iterator):
             async for item in iterator:
                 queue.put(("item", item))

@@ -12,13 +12,13 @@ client that has gone away.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, cast
 
 import orjson
 import treq
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -120,7 +120,7 @@ class BodyReader(Protocol):
             self._lines.extend(line for line in pieces if line.strip())
         if len(self._lines) >= HIGH_WATER_LINES and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._producer().pauseProducing()
         self._wake()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
@@ -135,6 +135,10 @@ class BodyReader(Protocol):
                 f"backend {self._backend!r} closed the connection mid-response"
             )
         self._wake()
+
+    def _producer(self) -> IPushProducer:
+        # The HTTP client hands body protocols a producer proxy for its socket.
+        return cast(IPushProducer, self.transport)
 
     def _timed_out(self) -> None:
         self._fail(
@@ -165,7 +169,7 @@ class BodyReader(Protocol):
         """
         self._cancel_idle()
         if self.transport is not None and not self._finished:
-            self.transport.stopProducing()
+            self._producer().stopProducing()
 
     async def next_lines(self) -> list[bytes]:
         """
@@ -182,7 +186,7 @@ class BodyReader(Protocol):
         self._lines.clear()
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            self._producer().resumeProducing()
         return lines
 
     async def read_all(self) -> bytes:
@@ -263,7 +267,7 @@ class Upstream:
 
     async def stream_json_lines(
         self, path: str, payload: Mapping[str, Any]
-    ) -> tuple[int, AsyncIterator[Any]]:
+    ) -> tuple[int, AsyncGenerator[Any, None]]:
         """
         Send a JSON request whose answer is NDJSON; iterate over decoded lines.
 
@@ -273,7 +277,7 @@ class Upstream:
         limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
         return response.code, self._decoded_lines(self._reader(response, limit))
 
-    async def _decoded_lines(self, reader: BodyReader) -> AsyncIterator[Any]:
+    async def _decoded_lines(self, reader: BodyReader) -> AsyncGenerator[Any, None]:
         try:
             while batch := await reader.next_lines():
                 for line in batch:

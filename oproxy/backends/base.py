@@ -8,7 +8,7 @@ stream chunks), whatever it has to say to its own server in between.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,13 +40,13 @@ class Backend(Protocol):
 
     async def chat_completion_stream(
         self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]: ...
+    ) -> AsyncGenerator[dict[str, Any], None]: ...
 
     async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
 
     async def completion_stream(
         self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]: ...
+    ) -> AsyncGenerator[dict[str, Any], None]: ...
 
     async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
 

@@ -7,7 +7,7 @@ module only sends, receives and maps Ollama's errors to ours.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -23,7 +23,12 @@ from oproxy.errors import (
 )
 from oproxy.streaming import merge
 from oproxy.translate import chat, completions, embeddings, models
-from oproxy.translate.common import new_completion_id, usage_from_ollama
+from oproxy.translate.common import (
+    combined_usage,
+    new_completion_id,
+    usage_from_ollama,
+    wants_usage_chunk,
+)
 from oproxy.upstream import Upstream
 
 
@@ -73,7 +78,7 @@ class OllamaBackend:
 
     async def _stream(
         self, path: str, payload: Mapping[str, Any], call_model: str
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         status, lines = await self._upstream.stream_json_lines(path, payload)
         if status != 200:
             async with aclosing(lines):
@@ -95,7 +100,7 @@ class OllamaBackend:
 
     async def chat_completion_stream(
         self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         native = chat.chat_request_to_ollama(
             body, model=call.upstream_model, fetched_images=call.images
         )
@@ -104,7 +109,7 @@ class OllamaBackend:
             new_completion_id("chatcmpl-"),
             call.client_model,
             call.created,
-            include_usage=_include_usage(body),
+            include_usage=wants_usage_chunk(body),
         )
         return _translated(lines, translator.feed, lambda: translator.done, self.name)
 
@@ -118,8 +123,8 @@ class OllamaBackend:
         choice = completions.ollama_generate_to_choice(
             answer,
             index=index,
-            echo_prompt=prompt if body.get("echo") is True else None,
-            logprobs_requested=_wants_logprobs(body),
+            echo_prompt=prompt if completions.echo_requested(body) else None,
+            logprobs_requested=completions.requested_logprobs(body) is not None,
         )
         usage = usage_from_ollama(answer)
         return choice, usage
@@ -129,10 +134,7 @@ class OllamaBackend:
         results = await _gather(
             [self._one_completion(call, body, prompt, i) for i, prompt in enumerate(prompts)]
         )
-        usage = {
-            key: sum(u[key] for _, u in results)
-            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
-        }
+        usage = combined_usage(u for _, u in results)
         return completions.completion_response(
             [choice for choice, _ in results],
             completion_id=new_completion_id("cmpl-"),
@@ -143,7 +145,7 @@ class OllamaBackend:
 
     async def completion_stream(
         self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         prompts = completions.completion_prompts(body)
         completion_id = new_completion_id("cmpl-")
         translators = [
@@ -152,8 +154,8 @@ class OllamaBackend:
                 call.client_model,
                 call.created,
                 index=i,
-                echo_prompt=prompt if body.get("echo") is True else None,
-                logprobs_requested=_wants_logprobs(body),
+                echo_prompt=prompt if completions.echo_requested(body) else None,
+                logprobs_requested=completions.requested_logprobs(body) is not None,
             )
             for i, prompt in enumerate(prompts)
         ]
@@ -179,20 +181,17 @@ class OllamaBackend:
 
     async def _with_usage_chunk(
         self,
-        chunks: AsyncIterator[dict[str, Any]],
+        chunks: AsyncGenerator[dict[str, Any], None],
         translators: list[completions.CompletionStreamTranslator],
         completion_id: str,
         call: Call,
         body: Mapping[str, Any],
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
-        if _include_usage(body):
-            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-            for translator in translators:
-                for key, value in (translator.usage or {}).items():
-                    usage[key] = usage.get(key, 0) + value
+        if wants_usage_chunk(body):
+            usage = combined_usage(t.usage for t in translators if t.usage is not None)
             yield completions.completion_usage_chunk(
                 completion_id=completion_id,
                 model=call.client_model,
@@ -224,31 +223,12 @@ class OllamaBackend:
         return models.ollama_show_to_model(show, model_id=model_id, owned_by=self.name)
 
 
-def _include_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise InvalidRequest("stream_options must be an object", param="stream_options")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise InvalidRequest(
-            "stream_options.include_usage must be a boolean", param="stream_options.include_usage"
-        )
-    return include
-
-
-def _wants_logprobs(body: Mapping[str, Any]) -> bool:
-    value = body.get("logprobs")
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 async def _translated(
-    lines: AsyncIterator[Any],
+    lines: AsyncGenerator[Any, None],
     feed: Any,
     is_done: Any,
     backend: str,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """
     Feed native NDJSON lines to a stream translator and yield its chunks.
 

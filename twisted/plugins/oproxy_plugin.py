@@ -7,14 +7,14 @@ it imports nothing heavy: the service makers name their modules by string.
 
 from twisted.application.service import ServiceMaker
 
-oproxy = ServiceMaker(
+oproxy = ServiceMaker(  # type: ignore[no-untyped-call]
     "oproxy",
     "oproxy.tap",
     "An OpenAI-compatible gateway in front of Ollama and other model servers.",
     "oproxy",
 )
 
-oproxyFakeOllama = ServiceMaker(
+oproxyFakeOllama = ServiceMaker(  # type: ignore[no-untyped-call]
     "oproxy fake Ollama",
     "oproxy.testing.fake_ollama_tap",
     "A faithful fake Ollama server, for testing clients and oproxy itself.",

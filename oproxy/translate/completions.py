@@ -1,0 +1,366 @@
+"""
+``/v1/completions`` (legacy) ⇄ Ollama ``/api/generate``.
+
+A prompt list fans out into one native call per prompt; the HTTP layer makes
+those calls, builds one choice per prompt with
+:func:`ollama_generate_to_choice` (or one :class:`CompletionStreamTranslator`
+per prompt) and wraps them with :func:`completion_response`.
+
+Better than Ollama's /v1: prompt lists work, ``echo`` works, requested
+``logprobs`` are returned, and stream chunks carry no zero ``usage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from oproxy.errors import InvalidRequest
+from oproxy.translate.common import (
+    SYSTEM_FINGERPRINT,
+    invalid_value,
+    missing_parameter,
+    native_extras,
+    native_format,
+    native_think,
+    optional_boolean,
+    optional_integer,
+    optional_string,
+    raise_for_upstream_error,
+    require_object_body,
+    require_single_choice,
+    sampling_options,
+    unsupported_value,
+    usage_from_ollama,
+    wants_stream,
+    wants_usage_chunk,
+    wrong_type,
+)
+
+_MAX_LOGPROBS = 20
+"""Ollama's ``top_logprobs`` limit (OpenAI's is 5; more does no harm)."""
+
+
+# ==========================================================================
+# Request
+
+
+def _token_prompts_refused() -> InvalidRequest:
+    return unsupported_value(
+        "prompt",
+        "Token prompts (arrays of integers) are not supported by this server: "
+        "send the prompt as a string or a list of strings.",
+    )
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    )
+
+
+def completion_prompts(body: Mapping[str, Any]) -> list[str]:
+    """
+    The prompts of a completions request: one string, or a non-empty list.
+
+    Ollama has no endpoint that takes tokens, so token arrays are refused
+    with a message that says so, rather than Ollama's Go decode error.
+    """
+    body = require_object_body(body)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise missing_parameter("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list):
+        raise wrong_type("prompt", "a string or an array of strings", prompt)
+    if not prompt:
+        raise invalid_value(
+            "prompt",
+            "Invalid 'prompt': empty array. Expected an array with minimum length 1.",
+        )
+    if _is_token_list(prompt):
+        raise _token_prompts_refused()
+    for index, item in enumerate(prompt):
+        if _is_token_list(item):
+            raise _token_prompts_refused()
+        if not isinstance(item, str):
+            raise wrong_type(f"prompt.{index}", "a string", item)
+    return list(prompt)
+
+
+def echo_requested(body: Mapping[str, Any]) -> bool:
+    """Whether the prompt is to be echoed before the completion."""
+    return optional_boolean(body, "echo", "echo") is True
+
+
+def requested_logprobs(body: Mapping[str, Any]) -> int | None:
+    """
+    ``logprobs``: how many alternatives per token, or None for no logprobs.
+
+    In this API ``logprobs`` is an integer, and only a positive one asks for
+    log probabilities (``0`` and ``null`` do not), so ``True`` is refused
+    rather than read as 1.
+    """
+    count = optional_integer(body, "logprobs", "logprobs", minimum=0, maximum=_MAX_LOGPROBS)
+    return count if count else None
+
+
+def completion_request_to_ollama(
+    body: Mapping[str, Any], *, model: str, prompt: str
+) -> dict[str, Any]:
+    """
+    The native ``/api/generate`` body for one prompt of a completions request.
+
+    ``raw`` is sent as false so the model's template still applies, as with
+    Ollama's /v1.  ``suffix`` enables fill-in-the-middle on models that
+    support it.
+
+    :raises InvalidRequest: naming the first bad field.
+    """
+    body = require_object_body(body)
+    require_single_choice(body, "n")
+    require_single_choice(body, "best_of")
+    echo_requested(body)
+    wants_usage_chunk(body)
+    native: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "stream": wants_stream(body),
+        "raw": False,
+    }
+    suffix = optional_string(body, "suffix", "suffix")
+    if suffix:
+        native["suffix"] = suffix
+    options, top_level = native_extras(body)
+    options.update(sampling_options(body))
+    if options:
+        native["options"] = options
+    format_ = native_format(body)
+    if format_ is not None:
+        native["format"] = format_
+    think = native_think(body)
+    if think is not None:
+        native["think"] = think
+    logprobs = requested_logprobs(body)
+    if logprobs is not None:
+        native["logprobs"] = True
+        native["top_logprobs"] = logprobs
+    native.update(top_level)
+    return native
+
+
+# ==========================================================================
+# Response
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _number(value: object) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return None if value != value else value  # NaN is not a log probability
+
+
+def _alternatives(entry: Mapping[str, Any]) -> dict[str, float | int]:
+    """A token's alternatives as OpenAI's legacy ``{token: logprob}`` map."""
+    alternatives: dict[str, float | int] = {}
+    top = entry.get("top_logprobs")
+    for item in top if isinstance(top, list) else ():
+        if not isinstance(item, Mapping):
+            continue
+        token, logprob = item.get("token"), _number(item.get("logprob"))
+        if isinstance(token, str) and logprob is not None:
+            alternatives[token] = logprob
+    return alternatives
+
+
+def completion_logprobs(native_logprobs: object, *, offset: int) -> dict[str, Any]:
+    """
+    Native logprobs as the legacy ``{tokens, token_logprobs, top_logprobs,
+    text_offset}`` object; offsets count characters from ``offset`` (the
+    length of the text before these tokens, including an echoed prompt).
+    """
+    result: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    for entry in native_logprobs if isinstance(native_logprobs, list) else ():
+        if not isinstance(entry, Mapping):
+            continue
+        token, logprob = entry.get("token"), _number(entry.get("logprob"))
+        if not isinstance(token, str) or logprob is None:
+            continue
+        result["tokens"].append(token)
+        result["token_logprobs"].append(logprob)
+        result["top_logprobs"].append(_alternatives(entry))
+        result["text_offset"].append(offset)
+        offset += len(token)
+    return result
+
+
+def completion_finish_reason(done_reason: object) -> str:
+    """``length`` when the token limit cut the text, else ``stop``."""
+    return "length" if done_reason == "length" else "stop"
+
+
+def ollama_generate_to_choice(
+    native: Mapping[str, Any],
+    *,
+    index: int,
+    echo_prompt: str | None,
+    logprobs_requested: bool,
+) -> dict[str, Any]:
+    """
+    One completions choice from a non-streamed native generate response.
+
+    :param echo_prompt: the prompt to put before the text (``echo``), or None.
+    :raises UpstreamError: if ``native`` is an ``{"error": ...}`` object.
+    """
+    raise_for_upstream_error(native)
+    prefix = echo_prompt or ""
+    return {
+        "text": prefix + _text(native.get("response")),
+        "index": index,
+        "logprobs": (
+            completion_logprobs(native.get("logprobs"), offset=len(prefix))
+            if logprobs_requested
+            else None
+        ),
+        "finish_reason": completion_finish_reason(native.get("done_reason")),
+    }
+
+
+def completion_response(
+    choices: list[dict[str, Any]],
+    *,
+    completion_id: str,
+    model: str,
+    created: int,
+    usage: Mapping[str, int],
+) -> dict[str, Any]:
+    """A ``text_completion`` object around the choices of every prompt."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": dict(usage),
+    }
+
+
+def completion_usage_chunk(
+    *, completion_id: str, model: str, created: int, usage: Mapping[str, int]
+) -> dict[str, Any]:
+    """The last chunk of a stream with ``include_usage``: no choices, the usage."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [],
+        "usage": dict(usage),
+    }
+
+
+class CompletionStreamTranslator:
+    """
+    Native ``/api/generate`` NDJSON lines in, ``text_completion`` chunks out,
+    for the prompt at ``index``.
+
+    Chunks say ``finish_reason: null`` until the done line.  With ``echo``
+    the prompt is sent first, as its own chunk.  Chunks carry no ``usage``
+    key (Ollama's /v1 sends zero counts on each, which clients may add up);
+    with ``include_usage`` the usage comes last, from
+    :func:`completion_usage_chunk`, once every prompt is done.
+    """
+
+    def __init__(
+        self,
+        completion_id: str,
+        model: str,
+        created: int,
+        *,
+        index: int,
+        echo_prompt: str | None,
+        logprobs_requested: bool,
+    ) -> None:
+        self._envelope: dict[str, Any] = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        self._index = index
+        self._pending_echo = echo_prompt or ""
+        self._logprobs_requested = logprobs_requested
+        self._offset = 0
+        self._text_parts: list[str] = []
+        self._done = False
+        self._usage: dict[str, int] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the native ``done: true`` line has been translated."""
+        return self._done
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        """The usage from the done line, or None before it."""
+        return self._usage
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far (with the echoed prompt)."""
+        return "".join(self._text_parts)
+
+    def feed(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """
+        The chunks to send for one native line (possibly none).
+
+        :raises UpstreamError: for an ``{"error": ...}`` line.
+        """
+        raise_for_upstream_error(native_line)
+        if self._done:
+            return []
+        chunks = []
+        if self._pending_echo:
+            chunks.append(self._chunk(self._pending_echo, None, None))
+            self._pending_echo = ""
+        text = _text(native_line.get("response"))
+        logprobs = self._logprobs(native_line.get("logprobs"))
+        finished = native_line.get("done") is True
+        if finished:
+            self._done = True
+            self._usage = usage_from_ollama(native_line)
+            reason = completion_finish_reason(native_line.get("done_reason"))
+            chunks.append(self._chunk(text, logprobs, reason))
+        elif text or (logprobs and logprobs["tokens"]):
+            chunks.append(self._chunk(text, logprobs, None))
+        return chunks
+
+    def _logprobs(self, native_logprobs: object) -> dict[str, Any] | None:
+        if not self._logprobs_requested:
+            return None
+        return completion_logprobs(native_logprobs, offset=self._offset)
+
+    def _chunk(
+        self, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None
+    ) -> dict[str, Any]:
+        self._text_parts.append(text)
+        self._offset += len(text)
+        choice = {
+            "text": text,
+            "index": self._index,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
+        return {**self._envelope, "choices": [choice]}
