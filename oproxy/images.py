@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 
 from oproxy.config import ImagesConfig
 from oproxy.errors import InvalidRequest
-from oproxy.upstream import BodyReader
+from oproxy.upstream import BodyReader, DeadlineExceeded, within
 
 
 def _check_address(url: str, config: ImagesConfig) -> None:
@@ -54,9 +54,8 @@ async def fetch_image(
     """
     _check_address(url, config)
     request = client.get(url, headers=Headers({"Accept": ["image/*"]}), unbuffered=True)
-    request.addTimeout(config.timeout, clock)
     try:
-        response = await request
+        response = await within(request, config.timeout, clock)
         if response.code != 200:
             raise InvalidRequest(
                 f"could not fetch image URL {url!r}: HTTP {response.code}", param="messages"
@@ -74,14 +73,14 @@ async def fetch_image(
             )
         reader = BodyReader(clock, config.timeout, url, config.max_bytes, split_lines=False)
         response.deliverBody(reader)
-        reading = defer.Deferred.fromCoroutine(reader.read_all())
-        reading.addTimeout(config.timeout, clock)
-        data = await reading
+        data = await within(
+            defer.Deferred.fromCoroutine(reader.read_all()), config.timeout, clock
+        )
     except InvalidRequest:
         raise
     except defer.CancelledError:
         raise
-    except defer.TimeoutError:
+    except DeadlineExceeded:
         raise InvalidRequest(
             f"timed out fetching image URL {url!r} after {config.timeout:g} seconds",
             param="messages",

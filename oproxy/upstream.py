@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 import treq
@@ -29,6 +29,8 @@ from zope.interface import implementer
 
 from oproxy.config import BackendConfig
 from oproxy.errors import OProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+T = TypeVar("T")
 
 #: Lines buffered from upstream before its socket is paused.
 HIGH_WATER_LINES = 256
@@ -65,6 +67,37 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class DeadlineExceeded(Exception):
+    """A :func:`within` deadline passed before the awaited result came."""
+
+
+async def within(waiting: defer.Deferred[T], seconds: float, clock: IReactorTime) -> T:
+    """
+    Await ``waiting``, cancelling it after ``seconds``.
+
+    Unlike ``Deferred.addTimeout``, this recognises its own expiry whatever
+    failure the cancellation produced: Twisted's HTTP client reports a
+    cancelled request as ``ResponseNeverReceived``, not ``CancelledError``.
+    """
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        waiting.cancel()
+
+    timer = clock.callLater(seconds, expire)
+    try:
+        return await waiting
+    except BaseException:
+        if expired:
+            raise DeadlineExceeded() from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 class BodyReader(Protocol):
@@ -225,10 +258,11 @@ class Upstream:
             headers=Headers(self._headers),
             unbuffered=True,
         )
-        request.addTimeout(self.backend.timeouts.first_byte, self._clock)
         try:
-            response: IResponse = await request
-        except defer.TimeoutError:
+            response: IResponse = await within(
+                request, self.backend.timeouts.first_byte, self._clock
+            )
+        except DeadlineExceeded:
             raise UpstreamTimeout(
                 f"backend {self.name!r} did not answer within "
                 f"{self.backend.timeouts.first_byte:g} seconds"

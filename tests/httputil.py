@@ -5,9 +5,13 @@ Small helpers for talking to the proxy in tests.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import treq
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.web.iweb import IResponse
 
 
@@ -39,5 +43,34 @@ def sse_events(raw: bytes) -> list[Any]:
 
 
 def header(response: IResponse, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name)
+    values = response.headers.getRawHeaders(name.encode("latin-1"))
     return values[0].decode("latin-1") if values else None
+
+
+class RawClient(Protocol):
+    """
+    A bare TCP client that sends one request and can hang up mid-answer,
+    which is what a user closing a tab or killing a script looks like.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+async def raw_post(url: str, path: str, body: Any) -> RawClient:
+    parts = urlsplit(url)
+    endpoint = TCP4ClientEndpoint(reactor, parts.hostname, parts.port)
+    client = RawClient()
+    await connectProtocol(endpoint, client)
+    payload = orjson.dumps(body)
+    client.transport.write(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: test\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(payload)).encode()
+        + b"\r\n\r\n"
+        + payload
+    )
+    return client

@@ -19,7 +19,7 @@ from twisted.web.static import Data
 
 from oproxy.config import APIKey, AuthConfig, BackendConfig, ImagesConfig, Timeouts, hash_key
 from tests.conftest import Proxy, listen
-from tests.httputil import header, post_json, sse_events
+from tests.httputil import header, post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -188,23 +188,30 @@ async def test_queue_full_is_503(proxy: Proxy) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_aborts_generation(proxy: Proxy, stream: bool) -> None:
-    body = orjson.dumps({"model": "slow", "messages": HELLO, "stream": stream})
-    request = proxy.client.post(
-        proxy.v1("chat/completions"), data=body, headers={"Content-Type": "application/json"}
-    )
+    body = {"model": "slow", "messages": HELLO, "stream": stream}
+    client = await raw_post(proxy.url, "/v1/chat/completions", body)
     if stream:
-        response = await request
-        assert response.code == 200
-        received: list[bytes] = []
-        reading = treq.collect(response, received.append)
-        await wait_until(lambda: len(received) >= 2)
-        reading.cancel()
+        await wait_until(lambda: client.received.count(b"data: ") >= 2)
     else:
         await wait_until(lambda: proxy.fake.stats.in_flight == 1)
-        request.cancel()
+    client.transport.loseConnection()
     await wait_until(lambda: proxy.fake.stats.aborted == 1)
     assert proxy.fake.stats.completed == 0
     assert proxy.fake.stats.in_flight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stall_between_chunks_is_reported_in_the_stream(proxy_factory: Any) -> None:
+    proxy = proxy_factory(timeouts=Timeouts(connect=5, first_byte=5, between_chunks=0.01))
+    response, raw = await post_json(
+        proxy.client,
+        proxy.v1("chat/completions"),
+        {"model": "slow", "messages": HELLO, "stream": True},
+    )
+    assert response.code == 200
+    events = sse_events(raw)
+    assert events[-1]["error"]["code"] == "upstream_timeout"
+    await wait_until(lambda: proxy.fake.stats.aborted == 1)
 
 
 @pytest_twisted.ensureDeferred
