@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def chat_over_https(port: int, cert: Path) -> str:
         base_url=f"https://localhost:{port}/v1",
         api_key="unused",
         max_retries=0,
-        http_client=openai.DefaultHttpxClient(verify=str(cert)),
+        http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=cert)),
     ) as client:
         reply = client.chat.completions.create(
             model="llama3.2", messages=[{"role": "user", "content": "secure?"}]
