@@ -73,9 +73,7 @@ async def fetch_image(
             )
         reader = BodyReader(clock, config.timeout, url, config.max_bytes, split_lines=False)
         response.deliverBody(reader)
-        data = await within(
-            defer.Deferred.fromCoroutine(reader.read_all()), config.timeout, clock
-        )
+        data = await within(defer.Deferred.fromCoroutine(reader.read_all()), config.timeout, clock)
     except InvalidRequest:
         raise
     except defer.CancelledError:

@@ -251,12 +251,15 @@ class Upstream:
 
     async def _send(self, method: str, path: str, body: bytes | None) -> IResponse:
         url = self.backend.url + path
-        request = self._client.request(
-            method,
-            url,
-            data=BytesProducer(body) if body is not None else None,
-            headers=Headers(self._headers),
-            unbuffered=True,
+        request = cast(
+            "defer.Deferred[IResponse]",
+            self._client.request(
+                method,
+                url,
+                data=BytesProducer(body) if body is not None else None,
+                headers=Headers(self._headers),
+                unbuffered=True,
+            ),
         )
         try:
             response: IResponse = await within(

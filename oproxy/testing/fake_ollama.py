@@ -1,0 +1,624 @@
+"""
+A faithful fake of Ollama's native REST API, for testing clients and
+proxies without a GPU.
+
+The fake reproduces the wire behaviour of the Go server as documented in
+``ollama-native-api.md``: field names and order, NDJSON framing, Go's JSON
+and error messages, status codes, omitted zero metrics, nanosecond
+timestamps, the ``Host`` check.  Its "models" answer deterministically (see
+:mod:`oproxy.testing.fake_generation`), and a few of them misbehave on
+purpose (``slow``, ``stall``, ``broken``, ``crash``) so that timeouts,
+cancellation and error paths can be tested.
+
+Time comes only from the injected clock: pass a
+:class:`twisted.internet.task.Clock` to drive streams token by token.
+
+Besides Ollama's routes the fake serves two of its own, which the real
+server does not have: ``GET /_fake/stats`` (the :class:`GenerationStats`
+counters as JSON) and ``POST /_fake/reset`` (zero the counters, restore the
+initial catalogue, unload everything, drop pending failures), for
+end-to-end tests that run the fake in another process.
+
+Run it standalone with ``python -m oproxy.testing.fake_ollama --port N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, cast
+
+from klein import Klein
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from oproxy.testing.fake_generation import (
+    GenerationInput,
+    Options,
+    Plan,
+    build_plan,
+    count_words,
+    embed_vector,
+    raw_embedding,
+)
+from oproxy.testing.fake_gojson import (
+    GoJSONError,
+    GoType,
+    decode_go_struct,
+    first_present,
+    parse_go_json,
+    plain,
+)
+from oproxy.testing.fake_models import (
+    DEFAULT_MODELS,
+    Catalogue,
+    FakeModel,
+    LoadedModels,
+    ModelName,
+    pull_progress,
+    registry_has,
+    registry_model,
+)
+from oproxy.testing.fake_requests import (
+    CHAT_REQUEST,
+    COPY_REQUEST,
+    DELETE_REQUEST,
+    EMBED_REQUEST,
+    EMBEDDING_REQUEST,
+    GENERATE_REQUEST,
+    PULL_REQUEST,
+    SHOW_REQUEST,
+    RequestError,
+    check_format,
+    check_top_logprobs,
+    embed_inputs,
+    host_allowed,
+    request_options,
+    require_capabilities,
+    thinking_enabled,
+    version_tuple,
+)
+from oproxy.testing.fake_stream import (
+    TEXT_TYPE,
+    ChatShape,
+    GenerateShape,
+    Generation,
+    GenerationStats,
+    Ticker,
+    created_at,
+    error_response,
+    json_response,
+    ndjson_line,
+    respond,
+    start_ndjson,
+    write,
+)
+from oproxy.testing.fake_wire import go_quote, rfc3339_nano, seconds_to_ns
+
+__all__ = ["FakeModel", "FakeOllama", "GenerationStats", "main"]
+
+
+class _FakeRoot(Resource):
+    """
+    The fake's root resource: drops Twisted's ``Server`` header (Go sends
+    none), applies the optional ``Host`` check, then routes with Klein.
+    """
+
+    isLeaf = True
+
+    def __init__(self, fake: FakeOllama) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._fake = fake
+        self._routes = fake.app.resource()
+
+    def render(self, request: IRequest) -> bytes | int:
+        req = cast(Request, request)
+        req.responseHeaders.removeHeader(b"server")
+        if self._fake.host_check and not host_allowed(req.getHeader(b"host")):
+            return respond(req, 403, None, b"")
+        return cast(int, self._routes.render(request))  # always NOT_DONE_YET
+
+
+_Handler = Callable[[Request], "bytes | Deferred[bytes | None]"]
+
+
+class FakeOllama:
+    """
+    An in-process fake Ollama server.
+
+    :param clock: where all time comes from (the reactor, or a
+        :class:`~twisted.internet.task.Clock` in unit tests).
+    :param models: the initial catalogue (default :data:`DEFAULT_MODELS`).
+    :param token_delay: seconds between streamed tokens; 0 writes every line
+        at once (still one ``write`` per line).
+    :param host_check: reject requests whose ``Host`` Ollama would refuse
+        (403, empty body).
+    :param version: what ``/api/version`` reports.
+
+    :ivar app: the Klein route table.
+    :ivar stats: counters and the request log, see :class:`GenerationStats`.
+    :ivar models: the installed models, a mutable :class:`Catalogue`.
+    :ivar loaded: the models ``/api/ps`` lists.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        models: Sequence[FakeModel] | None = None,
+        token_delay: float = 0.0,
+        host_check: bool = False,
+        version: str = "0.12.6",
+    ) -> None:
+        self.clock = clock
+        self.token_delay = token_delay
+        self.host_check = host_check
+        self.version = version
+        self.stats = GenerationStats()
+        self._initial = tuple(DEFAULT_MODELS if models is None else models)
+        self.models = Catalogue(self._initial)
+        self.loaded = LoadedModels()
+        self._failures: deque[tuple[int, str]] = deque()
+        self._running: set[Generation] = set()
+        self.app = Klein()
+        self._add_routes()
+
+    # ------------------------------------------------------------------
+    # Public helpers
+
+    def resource(self) -> IResource:
+        """
+        The resource to serve, e.g. ``Site(fake.resource())``.
+        """
+        return _FakeRoot(self)
+
+    def fail_next(self, status: int, message: str) -> None:
+        """
+        Make the next inference request (chat, generate, embed, embeddings)
+        that passes validation fail with ``status`` and ``{"error":
+        message}`` before any byte, as the scheduler does (e.g. ``503
+        server busy, please try again.  maximum pending requests
+        exceeded``).  Calls queue up, one failure per request.
+        """
+        self._failures.append((status, message))
+
+    def reset(self) -> None:
+        """
+        Back to the initial state: counters and request log zeroed, initial
+        catalogue restored, nothing loaded, no pending failures.  Running
+        generations carry on and are still counted when they end.
+        """
+        self.stats.reset(in_flight=len(self._running))
+        self.models.replace_all(self._initial)
+        self.loaded.clear()
+        self._failures.clear()
+
+    def pending_timers(self) -> int:
+        """
+        How many running streams have a tick scheduled (0 once every
+        generation has ended or been aborted).
+        """
+        return sum(1 for run in self._running if run.ticker.pending)
+
+    # ------------------------------------------------------------------
+    # Routing
+
+    def _add_routes(self) -> None:
+        routes: list[tuple[str, list[str], _Handler]] = [
+            ("/", ["GET", "HEAD"], self._root),
+            ("/api/version", ["GET", "HEAD"], self._version),
+            ("/api/tags", ["GET", "HEAD"], self._tags),
+            ("/api/ps", ["GET"], self._ps),
+            ("/api/chat", ["POST"], self._chat),
+            ("/api/generate", ["POST"], self._generate),
+            ("/api/embed", ["POST"], self._embed),
+            ("/api/embeddings", ["POST"], self._embeddings),
+            ("/api/show", ["POST"], self._show),
+            ("/api/pull", ["POST"], self._pull),
+            ("/api/delete", ["DELETE"], self._delete),
+            ("/api/copy", ["POST"], self._copy),
+            ("/_fake/stats", ["GET"], self._fake_stats),
+            ("/_fake/reset", ["POST"], self._fake_reset),
+        ]
+        for path, methods, handler in routes:
+            self.app.route(path, methods=methods, endpoint=path)(self._guarded(handler))
+        self.app.handle_errors(NotFound)(self._not_found)
+        self.app.handle_errors(MethodNotAllowed)(self._not_allowed)
+
+    @staticmethod
+    def _guarded(handler: _Handler) -> _Handler:
+        def endpoint(request: Request) -> bytes | Deferred[bytes | None]:
+            try:
+                return handler(request)
+            except RequestError as fail:
+                return error_response(request, fail.status, fail.message)
+
+        return endpoint
+
+    @staticmethod
+    def _not_found(request: IRequest, failure: Failure) -> bytes:
+        return respond(cast(Request, request), 404, b"text/plain", b"404 page not found")
+
+    @staticmethod
+    def _not_allowed(request: IRequest, failure: Failure | None = None) -> bytes:
+        return respond(cast(Request, request), 405, b"text/plain", b"405 method not allowed")
+
+    def _read(self, request: Request, path: str, go_type: GoType) -> dict[str, Any]:
+        body = request.content.read() if request.content is not None else b""
+        try:
+            raw = parse_go_json(body)
+            if isinstance(raw, dict):
+                self.stats.requests.append((path, plain(raw)))
+            return decode_go_struct(raw, go_type)
+        except GoJSONError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    def _now_ns(self) -> int:
+        return seconds_to_ns(self.clock.seconds())
+
+    # ------------------------------------------------------------------
+    # Plain routes
+
+    def _root(self, request: Request) -> bytes:
+        return respond(request, 200, TEXT_TYPE, b"Ollama is running")
+
+    def _version(self, request: Request) -> bytes:
+        return json_response(request, 200, {"version": self.version})
+
+    def _tags(self, request: Request) -> bytes:
+        models = [m.tag_entry() for m in self.models.newest_first()]
+        return json_response(request, 200, {"models": models})
+
+    def _ps(self, request: Request) -> bytes:
+        if request.method == b"HEAD":
+            return self._not_allowed(request)
+        models = [entry.ps_entry() for entry in self.loaded.live(self._now_ns())]
+        return json_response(request, 200, {"models": models})
+
+    def _fake_stats(self, request: Request) -> bytes:
+        return json_response(request, 200, self.stats.counters())
+
+    def _fake_reset(self, request: Request) -> bytes:
+        self.reset()
+        return json_response(request, 200, {})
+
+    # ------------------------------------------------------------------
+    # Shared inference steps
+
+    def _find(self, name: str, not_found: str, status: int = 404) -> FakeModel:
+        model = self.models.find(name)
+        if model is None:
+            raise RequestError(status, not_found)
+        return model
+
+    def _schedule(self, model: FakeModel, keep_alive: float | None, options: Options) -> None:
+        """
+        What Ollama's scheduler does before a runner answers: injected
+        failures, a crashing runner, then the model counts as loaded.
+        """
+        if self._failures:
+            status, message = self._failures.popleft()
+            raise RequestError(status, message)
+        if model.load_error is not None:
+            raise RequestError(500, model.load_error)
+        self.loaded.touch(model, self._now_ns(), keep_alive, options.num_ctx)
+
+    # ------------------------------------------------------------------
+    # Chat and generate
+
+    def _chat(self, request: Request) -> bytes | Deferred[bytes | None]:
+        req = self._read(request, "/api/chat", CHAT_REQUEST)
+        check_top_logprobs(req)
+        name: str = req.get("model", "")
+        if not name.strip():
+            raise RequestError(400, "model is required")
+        if not ModelName.parse(name).is_valid():
+            raise RequestError(400, "invalid model name")
+        model = self._find(name, f"model '{name}' not found")
+        messages = [m or {} for m in req.get("messages", [])]
+        keep_alive = req.get("keep_alive")
+        shape = ChatShape(name)
+        if not messages and keep_alive == 0:
+            self.loaded.unload(model)
+            return json_response(request, 200, shape.load("unload", created_at(self.clock)))
+        think = thinking_enabled(req, model, name)
+        tools = [t or {} for t in req.get("tools", [])]
+        require_capabilities(model, name, "chat", ["tools"] if tools else [])
+        options = request_options(req)
+        self._schedule(model, keep_alive, options)
+        if not messages:
+            return json_response(request, 200, shape.load("load", created_at(self.clock)))
+        check_format(req.get("format"))
+        plan = build_plan(self._chat_input(req, model, messages, tools, think, options))
+        return self._run(request, req, model, plan, shape)
+
+    @staticmethod
+    def _chat_input(
+        req: dict[str, Any],
+        model: FakeModel,
+        messages: list[dict[str, Any]],
+        tools: list[Any],
+        think: bool,
+        options: Options,
+    ) -> GenerationInput:
+        users = [m for m in messages if m.get("role", "").lower() == "user"]
+        said = users[-1].get("content", "") if users else ""
+        last = messages[-1]
+        is_tool = last.get("role", "").lower() == "tool"
+        images = [image for m in messages for image in m.get("images") or () if image is not None]
+        return GenerationInput(
+            model=model,
+            said=said,
+            prompt_tokens=count_words(*(m.get("content", "") for m in messages)),
+            options=options,
+            images=tuple(images),
+            tool_result=last.get("content", "") if is_tool else None,
+            tools=tuple(tools),
+            think=think,
+            format=req.get("format"),
+            logprobs=req.get("logprobs", False),
+            top_logprobs=req.get("top_logprobs", 0),
+            seed_text=f"{len(messages)}:{said}",
+        )
+
+    def _generate(self, request: Request) -> bytes | Deferred[bytes | None]:
+        req = self._read(request, "/api/generate", GENERATE_REQUEST)
+        check_top_logprobs(req)
+        name: str = req.get("model", "")
+        model = self._find(name, f"model '{name}' not found")
+        prompt: str = req.get("prompt", "")
+        keep_alive = req.get("keep_alive")
+        context = [c or 0 for c in req.get("context", [])]
+        shape = GenerateShape(name, prompt, context, raw=req.get("raw", False))
+        if not prompt and keep_alive == 0:
+            self.loaded.unload(model)
+            return json_response(request, 200, shape.load("unload", created_at(self.clock)))
+        if req.get("raw") and (req.get("template") or req.get("system") or context):
+            raise RequestError(400, "raw mode does not support template, system, or context")
+        think = thinking_enabled(req, model, name)
+        suffix: str = req.get("suffix", "")
+        require_capabilities(model, name, "generate", ["insert"] if suffix else [])
+        options = request_options(req)
+        self._schedule(model, keep_alive, options)
+        if not prompt:
+            return json_response(request, 200, shape.load("load", created_at(self.clock)))
+        check_format(req.get("format"))
+        inp = GenerationInput(
+            model=model,
+            said=prompt,
+            prompt_tokens=count_words(req.get("system", ""), prompt, suffix),
+            options=options,
+            images=tuple(i for i in req.get("images", []) if i is not None),
+            suffix=suffix,
+            think=think,
+            format=req.get("format"),
+            logprobs=req.get("logprobs", False),
+            top_logprobs=req.get("top_logprobs", 0),
+            seed_text=prompt,
+        )
+        return self._run(request, req, model, build_plan(inp), shape)
+
+    def _run(
+        self,
+        request: Request,
+        req: dict[str, Any],
+        model: FakeModel,
+        plan: Plan,
+        shape: ChatShape | GenerateShape,
+    ) -> Deferred[bytes | None]:
+        """
+        Start a generation: stream it, or pace it and answer once.
+        """
+        keep_alive: float | None = req.get("keep_alive")
+
+        def ended(generation: Generation) -> None:
+            self._running.discard(generation)
+            self.loaded.refresh(model, self._now_ns(), keep_alive)
+
+        generation = Generation(
+            self.clock,
+            request,
+            plan,
+            shape,
+            stream=req.get("stream", True),
+            delay=max(self.token_delay, model.min_token_delay),
+            stats=self.stats,
+            on_end=ended,
+        )
+        self._running.add(generation)
+        return generation.start()
+
+    # ------------------------------------------------------------------
+    # Embeddings
+
+    def _embed(self, request: Request) -> bytes:
+        req = self._read(request, "/api/embed", EMBED_REQUEST)
+        inputs = embed_inputs(req.get("input"))
+        name: str = req.get("model", "")
+        if not ModelName.parse(name).is_valid():
+            raise RequestError(404, f"model '{name}' not found")
+        model = self._find(name, f"model {go_quote(name)} not found, try pulling it first")
+        options = request_options(req)
+        self._schedule(model, req.get("keep_alive"), options)
+        if not inputs:
+            return json_response(request, 200, {"model": name, "embeddings": []})
+        context = min(options.num_ctx or model.context_length, model.context_length)
+        counts = [count_words(text) for text in inputs]
+        if req.get("truncate", True) is False and max(counts) > context:
+            raise RequestError(400, "the input length exceeds the context length")
+        dims = model.embedding_length
+        cut = req.get("dimensions", 0)
+        vectors = [embed_vector(text, dims, cut) for text in inputs]
+        total = sum(min(count, context) for count in counts)
+        body = {
+            "model": name,
+            "embeddings": vectors,
+            "total_duration": 2_000_000 + 1_000_000 * total,
+            "load_duration": 1_000_000,
+            "prompt_eval_count": total,
+        }
+        return json_response(request, 200, body)
+
+    def _embeddings(self, request: Request) -> bytes:
+        req = self._read(request, "/api/embeddings", EMBEDDING_REQUEST)
+        name: str = req.get("model", "")
+        if not ModelName.parse(name).is_valid():
+            raise RequestError(400, "model is required")
+        model = self._find(name, f"model {go_quote(name)} not found, try pulling it first")
+        self._schedule(model, req.get("keep_alive"), request_options(req))
+        prompt: str = req.get("prompt", "")
+        vector = raw_embedding(prompt, model.embedding_length) if prompt else []
+        return json_response(request, 200, {"embedding": vector})
+
+    # ------------------------------------------------------------------
+    # Model management
+
+    def _show(self, request: Request) -> bytes:
+        req = self._read(request, "/api/show", SHOW_REQUEST)
+        name: str = first_present(req, "model", "name")
+        if not name:
+            raise RequestError(400, "model is required")
+        parsed = ModelName.parse(name)
+        if not parsed.is_valid():
+            raise RequestError(400, "invalid model name")
+        shown = parsed.display if version_tuple(self.version) >= (0, 30) else name
+        model = self._find(name, f"model '{shown}' not found")
+        body: dict[str, Any] = {"modelfile": model.modelfile()}
+        if model.parameters:
+            body["parameters"] = model.parameters_text()
+        if model.template:
+            body["template"] = model.template
+        body["details"] = model.details()
+        body["model_info"] = model.model_info()
+        body["capabilities"] = list(model.capabilities)
+        body["modified_at"] = model.modified_at
+        return json_response(request, 200, body)
+
+    def _pull(self, request: Request) -> bytes | Deferred[bytes | None]:
+        req = self._read(request, "/api/pull", PULL_REQUEST)
+        name: str = first_present(req, "model", "name")
+        parsed = ModelName.parse(name)
+        if not parsed.is_valid():
+            raise RequestError(400, "invalid model name")
+        stream = req.get("stream", True)
+        if not registry_has(parsed):
+            return self._pull_missing(request, stream)
+        present = self.models.find(name) is not None
+        model = registry_model(parsed, (*self._initial, *DEFAULT_MODELS), self._modified_now())
+        lines = pull_progress(model, already_present=present)
+
+        def finish() -> bytes | None:
+            self.models.add(model)
+            if stream:
+                write(request, ndjson_line({"status": "success"}))
+                return None
+            return json_response(request, 200, {"status": "success"})
+
+        def step(line: dict[str, Any]) -> Callable[[], None]:
+            return lambda: write(request, ndjson_line(line)) if stream else None
+
+        if stream:
+            start_ndjson(request)
+        ticker = Ticker(self.clock, self.token_delay, [step(x) for x in lines], finish, _nothing)
+        return ticker.start(request)
+
+    @staticmethod
+    def _pull_missing(request: Request, stream: bool) -> bytes:
+        error = "pull model manifest: file does not exist"
+        if not stream:
+            return error_response(request, 500, error)
+        start_ndjson(request)
+        write(request, ndjson_line({"status": "pulling manifest"}))
+        write(request, ndjson_line({"error": error}))
+        return b""
+
+    def _modified_now(self) -> str:
+        return rfc3339_nano(self._now_ns())
+
+    def _delete(self, request: Request) -> bytes:
+        req = self._read(request, "/api/delete", DELETE_REQUEST)
+        name: str = first_present(req, "model", "name")
+        if not name:
+            raise RequestError(400, "model is required")
+        if not ModelName.parse(name).is_valid():
+            raise RequestError(400, f"name {go_quote(name)} is invalid")
+        model = self._find(name, f"model '{name}' not found")
+        self.models.remove(model)
+        return respond(request, 200, None, b"")
+
+    def _copy(self, request: Request) -> bytes:
+        req = self._read(request, "/api/copy", COPY_REQUEST)
+        source: str = req.get("source", "")
+        destination: str = req.get("destination", "")
+        if not ModelName.parse(source).is_valid():
+            raise RequestError(400, f"source {go_quote(source)} is invalid")
+        target = ModelName.parse(destination)
+        if not target.is_valid():
+            raise RequestError(400, f"destination {go_quote(destination)} is invalid")
+        model = self._find(source, f"model {go_quote(source)} not found")
+        copied = replace(model, name=target.display, modified_at=self._modified_now())
+        self.models.add(copied)
+        return respond(request, 200, None, b"")
+
+
+def _nothing() -> None:
+    """
+    No-op abort hook for streams that are not generations.
+    """
+
+
+# --------------------------------------------------------------------------
+# Standalone server
+
+
+def _listening(port: IListeningPort, interface: str) -> None:
+    address = cast(IPv4Address, port.getHost())
+    sys.stdout.write(f"fake ollama listening on http://{interface}:{address.port}\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """
+    Serve the fake on ``127.0.0.1:PORT`` with the real reactor, printing
+    one ``listening on`` line (with the actual port, useful with
+    ``--port 0``) and nothing else.
+    """
+    parser = argparse.ArgumentParser(prog="python -m oproxy.testing.fake_ollama")
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--interface", default="127.0.0.1")
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--host-check", action="store_true")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+
+    fake = FakeOllama(
+        cast(IReactorTime, reactor), token_delay=args.token_delay, host_check=args.host_check
+    )
+    site = Site(fake.resource())  # type: ignore[no-untyped-call]
+    endpoint = TCP4ServerEndpoint(reactor, args.port, interface=args.interface)
+    listening = endpoint.listen(site)
+    listening.addCallback(_listening, args.interface)
+    listening.addErrback(_cannot_listen)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def _cannot_listen(failure: Failure) -> None:
+    sys.stderr.write(f"fake ollama cannot listen: {failure.getErrorMessage()}\n")
+    from twisted.internet import reactor
+
+    reactor.stop()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()
