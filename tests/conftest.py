@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from oproxy.testing.fake_ollama import FakeOllama
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -21,6 +20,7 @@ from oproxy.app import ProxyApp
 from oproxy.config import BackendConfig, Config, ImagesConfig, Timeouts
 from oproxy.site import ProxySite
 from oproxy.tap import build_app, connection_pool
+from oproxy.testing.fake_ollama import FakeOllama
 
 
 @dataclass
