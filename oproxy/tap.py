@@ -15,7 +15,7 @@ import treq
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from oproxy import __version__
 from oproxy.app import ProxyApp
@@ -75,6 +75,15 @@ class Options(usage.Options):
         return super().__str__()
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory, without a log line for every upstream
+    connection opened and closed.
+    """
+
+    noisy = False
+
+
 def connection_pool(reactor: Any) -> HTTPConnectionPool:
     """
     The one set of persistent upstream connections the whole process shares.
@@ -82,6 +91,7 @@ def connection_pool(reactor: Any) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
     pool.retryAutomatically = False
+    pool._factory = _QuietClientFactory  # type: ignore[attr-defined]
     return pool
 
 
@@ -111,6 +121,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     app = build_app(config, reactor, connection_pool(reactor))
     site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
     site.displayTracebacks = False
+    site.noisy = False
     top = service.MultiService()
     for endpoint in config.listen:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
