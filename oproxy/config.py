@@ -97,6 +97,26 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """
+    The response cache, for requests whose answer is deterministic by nature.
+
+    :ivar backend: ``memory`` (an LRU per process, bounded in bytes) or
+        ``redis`` (shared by every worker and host).
+    :ivar ttl: seconds an answer stays fresh.
+    :ivar share_across_keys: whether one caller may be served an answer first
+        produced for another; off, so tenants never see each other's replays.
+    """
+
+    enabled: bool = True
+    backend: str = "memory"
+    max_bytes: int = 64 * MIB
+    ttl: float = 3600.0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    share_across_keys: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration: one immutable snapshot."""
 
@@ -108,6 +128,11 @@ class Config:
     max_body_bytes: int = 32 * MIB
     timeouts: Timeouts = field(default_factory=Timeouts)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    #: Worker processes; ``None`` means one per CPU (``workers: auto``).
+    workers: int | None = 1
+    #: Seconds a stopping process lets in-flight requests and streams finish.
+    drain_timeout: float = 30.0
 
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -364,6 +389,38 @@ def _images(section: _Section) -> ImagesConfig:
     return images
 
 
+def _cache(section: _Section) -> CacheConfig:
+    default = CacheConfig()
+    backend = section.get("backend", default.backend, _string)
+    if backend not in ("memory", "redis"):
+        raise ConfigError(section.path("backend"), "must be memory or redis")
+    cache = CacheConfig(
+        enabled=section.get("enabled", default.enabled, _boolean),
+        backend=backend,
+        max_bytes=section.get("max_bytes", default.max_bytes, _byte_size),
+        ttl=section.get("ttl", default.ttl, _positive_number),
+        redis_url=section.get("redis_url", default.redis_url, _redis_url),
+        share_across_keys=section.get("share_across_keys", default.share_across_keys, _boolean),
+    )
+    section.done()
+    return cache
+
+
+def _redis_url(value: Any, key: str) -> str:
+    text = _string(value, key)
+    if urlsplit(text).scheme not in ("redis", "unix"):
+        raise ConfigError(key, f"must be a redis:// or unix:// URL, not {text!r}")
+    return text
+
+
+def _workers(value: Any, key: str) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"must be a positive number of processes or auto, not {value!r}")
+    return value
+
+
 def _listen(value: Any, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -399,6 +456,9 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         max_body_bytes=max_body,
         timeouts=timeouts,
         images=_images(root.section("images")),
+        cache=_cache(root.section("cache")),
+        workers=root.get("workers", 1, _workers),
+        drain_timeout=root.get("drain_timeout", Config.drain_timeout, _positive_number),
     )
     root.done()
     return check_exposure(config)

@@ -188,3 +188,31 @@ def test_command_line_listen_exposure_checked() -> None:
 )
 def test_normalise_ollama_url(given: str, url: str) -> None:
     assert normalise_ollama_url(given) == url
+
+
+def test_workers_and_cache_settings() -> None:
+    config = load_config(
+        "workers: auto\ndrain_timeout: 5\ncache: {backend: redis, redis_url: 'redis://h:1/2', ttl: 60}",
+        {},
+    )
+    assert config.workers is None
+    assert config.drain_timeout == 5
+    assert config.cache.backend == "redis"
+    assert config.cache.redis_url == "redis://h:1/2"
+    assert load_config(None, {}).workers == 1
+    assert load_config(None, {}).cache.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("workers: 0", "workers"),
+        ("workers: many", "workers"),
+        ("cache: {backend: disk}", "cache.backend"),
+        ("cache: {redis_url: 'http://x'}", "cache.redis_url"),
+    ],
+)
+def test_bad_workers_and_cache(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(text, {})
+    assert raised.value.key == key
