@@ -71,6 +71,12 @@ class ProxyApp:
         self.router = router
         self.clock = clock
         self.http_client = http_client
+        #: Set while the process stops: answers close their connection.
+        self.draining = False
+
+    def swap(self, config: Config, router: Router) -> None:
+        """Make a new configuration live; requests in flight keep theirs."""
+        self.config, self.router = config, router
 
     def resource(self) -> IResource:
         resource: IResource = self.app.resource()
@@ -79,9 +85,13 @@ class ProxyApp:
     async def _serve(
         self, request: IRequest, handler: Handler, *, json_body: bool, auth: bool = True
     ) -> bytes | None:
-        config = self.config
+        config, router = self.config, self.router
         request_id = _request_id(request)
         request.setHeader(b"x-request-id", request_id.encode("ascii"))
+        if self.draining:
+            # Twisted closes the connection after the response when the
+            # request asked for it; a stopping process wants exactly that.
+            request.requestHeaders.setRawHeaders(b"connection", [b"close"])
         try:
             key = (
                 authenticate(config.auth.keys, request.getHeader(b"authorization"))
@@ -90,7 +100,13 @@ class ProxyApp:
             )
             body = _read_json(request) if json_body else {}
             scope = Scope(
-                app=self, request=request, request_id=request_id, config=config, key=key, body=body
+                app=self,
+                request=request,
+                request_id=request_id,
+                config=config,
+                router=router,
+                key=key,
+                body=body,
             )
             return await handler(scope)
         except OProxyError as e:

@@ -457,7 +457,7 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         timeouts=timeouts,
         images=_images(root.section("images")),
         cache=_cache(root.section("cache")),
-        workers=root.get("workers", 1, _workers),
+        workers=root.get("workers", Config.workers, _workers),
         drain_timeout=root.get("drain_timeout", Config.drain_timeout, _positive_number),
     )
     root.done()

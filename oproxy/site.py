@@ -13,6 +13,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
@@ -43,15 +44,70 @@ class BoundedRequest(server.Request):
 
 class ProxySite(server.Site):
     """
-    A Site whose requests are bounded by the current configuration's limit.
+    A Site whose requests are bounded by the current configuration's limit,
+    and which knows how many requests are in flight, so that a stopping
+    process can let them finish.
     """
 
     def __init__(self, resource: IResource, max_body_bytes: Callable[[], int], **kw: Any) -> None:
         super().__init__(resource, **kw)  # type: ignore[no-untyped-call]
         self._max_body_bytes = max_body_bytes
         self.requestFactory = self._make_request  # type: ignore[assignment]
+        self.in_flight = 0
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._connections: dict[Any, defer.Deferred[None]] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        if channel is None:
+            return None
+        closed: defer.Deferred[None] = defer.Deferred()
+        self._connections[channel] = closed
+        lost = channel.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            try:
+                lost(reason)
+            finally:
+                self._connections.pop(channel, None)
+                closed.callback(None)
+
+        channel.connectionLost = connectionLost
+        return channel
+
+    def close_connections(self) -> defer.Deferred[Any]:
+        """
+        Close every client connection once its buffered output is written.
+
+        A finished response may still sit in the socket's write buffer; a
+        reactor that stops without this would cut its tail off.
+        """
+        closing = list(self._connections.values())
+        for channel in list(self._connections):
+            # Twisted wraps each HTTP channel in a protocol-negotiating proxy.
+            transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+            if transport is not None:
+                transport.loseConnection()
+        return defer.gatherResults(closing)
 
     def _make_request(self, channel: http.HTTPChannel, *args: Any, **kw: Any) -> BoundedRequest:
         request = BoundedRequest(channel, *args, **kw)  # type: ignore[no-untyped-call]
         request.max_body_bytes = self._max_body_bytes()
+        self.in_flight += 1
+        request.notifyFinish().addBoth(self._request_done)
         return request
+
+    def _request_done(self, _: object) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires when no request is in flight (at once if none is)."""
+        if self.in_flight == 0:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter

@@ -1,19 +1,24 @@
 """
-``twistd oproxy``: the command line and the one composition root.
+``twistd oproxy``: the command line and the composition root.
 
-Only this module touches the global reactor, reads files and builds
-connection pools; everything below receives what it needs.
+Only this module (and its twin for worker processes, :mod:`oproxy.worker`)
+touches the global reactor, reads files and builds connection pools;
+everything below receives what it needs.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import treq
-from twisted.application import service, strports
-from twisted.internet.interfaces import IReactorTime
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -21,9 +26,32 @@ from oproxy import __version__
 from oproxy.app import ProxyApp
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.config import Config, ConfigError, load_config, with_overrides
+from oproxy.listeners import bind
+from oproxy.reload import Reloader
 from oproxy.routing import Router
+from oproxy.serving import ServingService, SignalService
 from oproxy.site import ProxySite
 from oproxy.upstream import Upstream
+from oproxy.workers import WorkerPool, WorkerSpec
+
+#: Listening sockets handed to workers start at this descriptor number.
+FIRST_INHERITED_FD = 3
+
+
+def load_configuration(
+    path: str | None, listen: Sequence[str] = (), backend_url: str | None = None
+) -> Config:
+    """
+    Read and validate the file (or the embedded defaults) plus overrides.
+
+    :raises ConfigError: the configuration is not valid.
+    :raises OSError: the file cannot be read.
+    """
+    text = None
+    if path:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    return with_overrides(load_config(text, os.environ), listen=listen, backend_url=backend_url)
 
 
 class Options(usage.Options):
@@ -53,12 +81,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            text = None
-            if self["config"]:
-                with open(self["config"], encoding="utf-8") as f:
-                    text = f.read()
-            config = load_config(text, os.environ)
-            self.config = with_overrides(config, listen=self["listen"], backend_url=self["backend"])
+            self.config = load_configuration(self["config"], self["listen"], self["backend"])
         except OSError as e:
             self._failed = True
             raise usage.UsageError(f"cannot read config file: {e}") from None
@@ -95,20 +118,71 @@ def connection_pool(reactor: Any) -> HTTPConnectionPool:
     return pool
 
 
-def build_app(config: Config, reactor: Any, pool: HTTPConnectionPool) -> ProxyApp:
-    """
-    Wire the app: one upstream client per backend over the shared pool.
-    """
+def build_router(config: Config, reactor: Any, pool: HTTPConnectionPool) -> Router:
+    """One upstream client per backend, over the shared pool."""
     clock: IReactorTime = reactor
     backends = []
     for backend_config in config.backends:
         agent = Agent(reactor, pool=pool, connectTimeout=backend_config.timeouts.connect)
         upstream = Upstream(backend_config, treq.client.HTTPClient(agent), clock)
         backends.append(OllamaBackend(upstream))
+    return Router(backends)
+
+
+def build_app(config: Config, reactor: Any, pool: HTTPConnectionPool) -> ProxyApp:
+    """Wire the app over the shared pool."""
     images_client = treq.client.HTTPClient(
         Agent(reactor, pool=pool, connectTimeout=config.images.timeout)
     )
-    return ProxyApp(config, Router(backends), clock=clock, http_client=images_client)
+    return ProxyApp(
+        config, build_router(config, reactor, pool), clock=reactor, http_client=images_client
+    )
+
+
+def build_site(app: ProxyApp) -> ProxySite:
+    site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
+
+
+def serve_here(
+    reactor: Any,
+    options_config: tuple[str | None, Sequence[str], str | None],
+    config: Config,
+    listen: Any,
+) -> service.MultiService:
+    """
+    The serving side, for a single process or a worker: the app, its site on
+    the listeners ``listen(site)`` returns, graceful drain, and ``SIGHUP``
+    reloads.
+    """
+    pool = connection_pool(reactor)
+    app = build_app(config, reactor, pool)
+    site = build_site(app)
+    path, overrides, backend_url = options_config
+    reloader = Reloader(
+        app,
+        lambda: load_configuration(path, overrides, backend_url),
+        lambda new: build_router(new, reactor, pool),
+    )
+    top = service.MultiService()
+    top.addService(
+        ServingService(reactor, app, site, listen(site), lambda: app.config.drain_timeout)
+    )
+    top.addService(SignalService(reactor, signal.SIGHUP, reloader.reload))
+    return top
+
+
+def _listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
+    results: list[Any] = []
+    endpoints.serverFromString(reactor, description).listen(factory).addBoth(results.append)
+    if not results or not IListeningPort.providedBy(results[0]):
+        if results:
+            results[0].raiseException()
+        raise CannotListenError(None, description, "did not bind")
+    port: IListeningPort = results[0]
+    return port
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
@@ -118,11 +192,35 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         reactor = global_reactor
     config = options.config
     assert config is not None
-    app = build_app(config, reactor, connection_pool(reactor))
-    site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
-    site.displayTracebacks = False
-    site.noisy = False
+    origin = (options["config"], tuple(options["listen"]), options["backend"])
+    workers = config.workers or os.cpu_count() or 1
+    try:
+        if workers == 1:
+            return serve_here(
+                reactor,
+                origin,
+                config,
+                lambda site: [_listen_now(reactor, d, site) for d in config.listen],
+            )
+        listeners = [bind(reactor, description, workers) for description in config.listen]
+    except CannotListenError as e:
+        raise SystemExit(f"oproxy: cannot listen on {e.port}: {e.socketError}") from None
+    except OSError as e:
+        raise SystemExit(f"oproxy: cannot listen: {e}") from None
+    spec = WorkerSpec(
+        config_path=origin[0],
+        listen=origin[1],
+        backend_url=origin[2],
+        listeners=tuple((FIRST_INHERITED_FD + i, d) for i, d in enumerate(config.listen)),
+    )
     top = service.MultiService()
-    for endpoint in config.listen:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+    pool = WorkerPool(
+        reactor,
+        workers,
+        spec,
+        listeners,
+        lambda: config.drain_timeout,
+    )
+    top.addService(pool)
+    top.addService(SignalService(reactor, signal.SIGHUP, pool.reload))
     return top

@@ -192,7 +192,8 @@ def test_normalise_ollama_url(given: str, url: str) -> None:
 
 def test_workers_and_cache_settings() -> None:
     config = load_config(
-        "workers: auto\ndrain_timeout: 5\ncache: {backend: redis, redis_url: 'redis://h:1/2', ttl: 60}",
+        "workers: auto\ndrain_timeout: 5\n"
+        "cache: {backend: redis, redis_url: 'redis://h:1/2', ttl: 60}",
         {},
     )
     assert config.workers is None

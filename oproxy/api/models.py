@@ -12,7 +12,7 @@ from oproxy.api.scope import Scope
 async def list_all(scope: Scope) -> bytes | None:
     data = []
     seen = set()
-    for backend in scope.app.router.backends:
+    for backend in scope.router.backends:
         for model in await backend.list_models():
             if model["id"] not in seen:
                 seen.add(model["id"])

@@ -14,7 +14,7 @@ from oproxy.backends.base import Call
 from oproxy.config import APIKey, Config
 from oproxy.errors import InvalidRequest
 from oproxy.images import fetch_images
-from oproxy.routing import Route
+from oproxy.routing import Route, Router
 
 if TYPE_CHECKING:
     from oproxy.app import ProxyApp
@@ -33,6 +33,7 @@ class Scope:
     request: IRequest
     request_id: str
     config: Config
+    router: Router
     key: APIKey | None
     body: dict[str, Any]
 
@@ -67,7 +68,7 @@ class Scope:
         return stream
 
     def route(self, model: str) -> Route:
-        return self.app.router.route(model)
+        return self.router.route(model)
 
     async def call(self, model: str, route: Route, image_urls: list[str] | None = None) -> Call:
         """The routed call, with any remote images fetched."""

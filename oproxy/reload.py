@@ -1,0 +1,52 @@
+"""
+Reloading the configuration without a restart.
+
+A new file is validated in full before anything changes; then the app's
+snapshot and router are swapped together.  A request in flight keeps the
+snapshot it started with.  A bad file is reported and ignored: the running
+configuration stays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+from oproxy.app import ProxyApp
+from oproxy.config import Config, ConfigError
+from oproxy.routing import Router
+
+log = Logger()
+
+
+class Reloader:
+    """Swap in a freshly loaded configuration when asked to."""
+
+    def __init__(
+        self,
+        app: ProxyApp,
+        load: Callable[[], Config],
+        build_router: Callable[[Config], Router],
+    ) -> None:
+        self._app = app
+        self._load = load
+        self._build_router = build_router
+
+    def reload(self) -> bool:
+        """
+        Load, validate and swap; return whether the new configuration is live.
+        """
+        try:
+            config = self._load()
+        except (ConfigError, OSError) as e:
+            log.error(
+                "Configuration not reloaded, keeping the running one: {reason}", reason=str(e)
+            )
+            return False
+        old = self._app.config
+        if config.listen != old.listen or config.workers != old.workers:
+            log.warn("listen and workers changes take effect at the next restart")
+        self._app.swap(config, self._build_router(config))
+        log.info("Configuration reloaded")
+        return True

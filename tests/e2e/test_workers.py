@@ -1,0 +1,257 @@
+"""
+Worker processes, signals and graceful stop, with real ``twistd`` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Daemon, free_port, start_twistd
+
+# twistd exits by re-raising the signal that stopped it, as init systems expect.
+STOPPED_CLEANLY = (0, -signal.SIGTERM)
+
+CHAT = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def wait_for(condition: object, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.05)
+
+
+def chat(url: str, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=CHAT,
+        headers={"Content-Type": "application/json", "Connection": "close", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def accepts_connections(port: int) -> bool:
+    """Whether a request on a new connection gets any answer."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), 1) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return bool(s.recv(1))
+    except OSError:
+        return False
+
+
+def write_config(path: Path, port: int, fake: Daemon, extra: str = "") -> None:
+    path.write_text(
+        f"""
+listen: ["tcp:{port}:interface=127.0.0.1"]
+backends: [{{name: local, url: "{fake.url}"}}]
+workers: 2
+drain_timeout: 20
+{extra}
+"""
+    )
+
+
+@pytest.fixture
+def slow_fake(workdir: Path) -> Iterator[Daemon]:
+    port = free_port()
+    daemon = start_twistd(
+        [
+            "oproxy-fake-ollama",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--token-delay",
+            "0.15",
+        ],
+        port,
+        workdir,
+        f"fake-slow-{port}",
+    )
+    yield daemon
+    daemon.stop()
+
+
+def start_pool(workdir: Path, fake: Daemon) -> tuple[Daemon, Path]:
+    port = free_port()
+    config = workdir / f"workers-{port}.yaml"
+    write_config(config, port, fake)
+    daemon = start_twistd(["oproxy", "--config", str(config)], port, workdir, f"workers-{port}")
+    wait_for(lambda: daemon.log.read_text().count(" serving (pid ") == 2)
+    return daemon, config
+
+
+@pytest.fixture
+def pool(workdir: Path, fake_ollama_process: Daemon) -> Iterator[tuple[Daemon, Path]]:
+    """Two workers in front of the quick fake."""
+    daemon, config = start_pool(workdir, fake_ollama_process)
+    yield daemon, config
+    daemon.stop()
+
+
+@pytest.fixture
+def slow_pool(workdir: Path, slow_fake: Daemon) -> Iterator[tuple[Daemon, Path]]:
+    """Two workers in front of a fake that takes a second or two per answer."""
+    daemon, config = start_pool(workdir, slow_fake)
+    yield daemon, config
+    daemon.stop()
+
+
+def test_requests_spread_over_workers(slow_pool: tuple[Daemon, Path]) -> None:
+    daemon, _ = slow_pool
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(chat(daemon.url))) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 16
+    log = daemon.log.read_text()
+    served = {
+        index
+        for index in (0, 1)
+        if f"worker {index}: " in log
+        and "POST /v1/chat" in log
+        and any(
+            line.count(f"worker {index}: ") and "POST /v1/chat/completions" in line
+            for line in log.splitlines()
+        )
+    }
+    assert served == {0, 1}
+
+
+def test_killed_worker_loses_no_queued_connection_and_comes_back(
+    pool: tuple[Daemon, Path],
+) -> None:
+    daemon, _ = pool
+    before = children(daemon.process.pid)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    results = [chat(daemon.url) for _ in range(20)]
+    assert results == [200] * 20
+    wait_for(lambda: len(children(daemon.process.pid) - {victim}) == 2)
+    assert victim not in children(daemon.process.pid)
+    assert [chat(daemon.url) for _ in range(4)] == [200] * 4
+
+
+def stream_in_background(url: str) -> tuple[threading.Thread, list[bytes], threading.Event]:
+    received: list[bytes] = []
+    started = threading.Event()
+    body = json.dumps(
+        {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "tell"}]}
+    ).encode()
+
+    def run() -> None:
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            while chunk := response.read1(65536):
+                received.append(chunk)
+                started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, received, started
+
+
+def test_graceful_stop_lets_a_stream_finish(slow_pool: tuple[Daemon, Path]) -> None:
+    daemon, _ = slow_pool
+    thread, received, started = stream_in_background(daemon.url)
+    assert started.wait(10)
+    daemon.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert not accepts_connections(daemon.port)
+    thread.join(30)
+    body = b"".join(received)
+    assert body.endswith(b"data: [DONE]\n\n"), body[-200:]
+    assert daemon.process.wait(30) in STOPPED_CLEANLY
+
+
+def test_sighup_reloads_every_worker(
+    pool: tuple[Daemon, Path], fake_ollama_process: Daemon
+) -> None:
+    daemon, config = pool
+    assert chat(daemon.url) == 200
+    write_config(config, daemon.port, fake_ollama_process, "auth: {keys: [{name: a, key: sk-new}]}")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.log.read_text().count("Configuration reloaded") == 2)
+    assert [chat(daemon.url) for _ in range(6)] == [401] * 6
+    assert chat(daemon.url, {"Authorization": "Bearer sk-new"}) == 200
+    config.write_text("workers: [broken")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.log.read_text().count("keeping the running one") == 2)
+    assert chat(daemon.url, {"Authorization": "Bearer sk-new"}) == 200
+
+
+def test_single_process_sighup_and_graceful_stop(workdir: Path, slow_fake: Daemon) -> None:
+    port = free_port()
+    config = workdir / "single.yaml"
+    write_config(config, port, slow_fake)
+    config.write_text(config.read_text().replace("workers: 2", "workers: 1"))
+    daemon = start_twistd(["oproxy", "--config", str(config)], port, workdir, "single")
+    try:
+        assert not children(daemon.process.pid)
+        config.write_text(config.read_text() + "auth: {keys: [{name: a, key: sk-x}]}\n")
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Configuration reloaded" in daemon.log.read_text())
+        assert chat(daemon.url) == 401
+        thread, received, started = stream_in_background_with_key(daemon.url, "sk-x")
+        assert started.wait(10)
+        daemon.process.send_signal(signal.SIGTERM)
+        thread.join(30)
+        assert b"".join(received).endswith(b"data: [DONE]\n\n")
+        assert daemon.process.wait(30) in STOPPED_CLEANLY
+    finally:
+        daemon.stop()
+
+
+def stream_in_background_with_key(
+    url: str, key: str
+) -> tuple[threading.Thread, list[bytes], threading.Event]:
+    received: list[bytes] = []
+    started = threading.Event()
+    body = json.dumps(
+        {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "tell"}]}
+    ).encode()
+
+    def run() -> None:
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            while chunk := response.read1(65536):
+                received.append(chunk)
+                started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, received, started
