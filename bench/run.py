@@ -53,11 +53,14 @@ import resource
 import shutil
 import signal
 import socket
+import socketserver
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from email.utils import formatdate
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -426,6 +429,7 @@ class Upstream:
     stream_port: int
     process: subprocess.Popen[bytes]
     stream_lines: int
+    paced_port: int | None = None
 
 
 def start_nginx(procs: Processes, workdir: Path, stream_lines: int, workers: int) -> Upstream:
@@ -466,6 +470,99 @@ def start_nginx(procs: Processes, workdir: Path, stream_lines: int, workers: int
     for port in (plain_port, stream_port):
         wait_for_port(port, process, log_path, 15)
     return Upstream(plain_port, stream_port, process, stream_lines)
+
+
+# --------------------------------------------------------------------------
+# A paced upstream, for time to first byte.
+# --------------------------------------------------------------------------
+
+
+def serve_paced(port: int, stream_file: Path, pace_ms: float, lifetime: float) -> None:
+    """
+    Serve ``POST /api/chat`` with the canned stream, as Ollama frames it
+    (chunked NDJSON), but paced like a model: the first line alone, then
+    ``pace_ms`` later all the others.
+
+    nginx sends the whole canned stream in one burst, so behind it the
+    proxy's first byte waits for the whole burst to be translated; a model
+    emits its first token well before the next.  This server, run as its own
+    process (``run.py --paced-upstream PORT``), measures the first-token
+    case.  It stops after ``lifetime`` seconds or when its parent exits.
+    """
+    lines = stream_file.read_bytes().splitlines(keepends=True)
+    first, rest = lines[0], b"".join(lines[1:])
+    pace = pace_ms / 1000
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n" % len(data) + data + b"\r\n"
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            sock: socket.socket = self.request
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buffer = b""
+            for _ in range(10_000_000):
+                while b"\r\n\r\n" not in buffer:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                length = int(match.group(1)) if match else 0
+                while len(buffer) < length:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                buffer = buffer[length:]
+                date = formatdate(usegmt=True).encode()
+                if not head.startswith(b"POST /api/chat "):
+                    body = b"404 page not found"
+                    sock.sendall(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nDate: " + date
+                        + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                    )
+                    continue
+                sock.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nDate: " + date
+                    + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(first)
+                )
+                time.sleep(pace)
+                sock.sendall(chunk(rest) + b"0\r\n\r\n")
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    parent = os.getppid()
+    with Server((LOOPBACK, port), Handler) as server:
+
+        def watchdog() -> None:
+            deadline = time.monotonic() + lifetime
+            while time.monotonic() < deadline and os.getppid() == parent:
+                time.sleep(0.5)
+            server.shutdown()
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        server.serve_forever(poll_interval=0.5)
+
+
+def start_paced(procs: Processes, workdir: Path, pace_ms: float, lifetime: float) -> tuple[int, subprocess.Popen[bytes]]:
+    port = free_port()
+    log_path = workdir / "paced.out"
+    process = procs.start(
+        [
+            sys.executable, str(Path(__file__).resolve()),
+            "--paced-upstream", str(port),
+            "--paced-file", str(workdir / "nginx" / "stream" / "api" / "chat"),
+            "--pace-ms", str(pace_ms),
+            "--paced-lifetime", str(lifetime),
+        ],
+        log_path=log_path,
+    )
+    wait_for_port(port, process, log_path, 15)
+    return port, process
 
 
 # --------------------------------------------------------------------------
@@ -973,6 +1070,7 @@ class Cell:
     low: dict[str, Any] | None = None
     chunks_per_answer: int | None = None
     ttfb: dict[str, Any] | None = None
+    ttfb_paced: dict[str, Any] | None = None
     cache_hit: bool | None = None
     note: str = ""
     error: str = ""
@@ -989,6 +1087,7 @@ class Settings:
     low_rps: float
     ttfb_requests: int
     stream_lines: int
+    pace_ms: float
     mem_checkpoint: int
     mem_requests: int
     targets: tuple[str, ...]
@@ -1120,6 +1219,44 @@ def measure_target(
         finally:
             if proxy is not None:
                 procs.stop(proxy.process)
+    cell = results.cell("stream", target)
+    if upstream.paced_port and target != "cache" and cell is not None and not cell.error:
+        measure_paced_ttfb(procs, workdir, upstream, settings, cell)
+
+
+def measure_paced_ttfb(
+    procs: Processes, workdir: Path, upstream: Upstream, settings: Settings, cell: Cell
+) -> None:
+    """Time to first byte behind the paced upstream (the first line comes alone)."""
+    target = cell.target
+    assert upstream.paced_port is not None
+    path, body = request_for("stream", target)
+    proxy: Proxy | None = None
+    try:
+        if target == "direct":
+            port = upstream.paced_port
+        else:
+            proxy = start_proxy(
+                procs, workdir, f"{target}-paced", upstream.paced_port,
+                workers=2 if target == "w2" else 1, cache=False,
+            )
+            port = proxy.port
+            wait_until_serving(port, "stream", target)
+        check_answer("stream", target, probe(port, path, body))
+        cell.ttfb_paced = measure_ttfb(
+            port, path, body, settings.ttfb_requests, warmup=min(20, settings.ttfb_requests)
+        )
+        cell.ttfb_paced["pace_ms"] = settings.pace_ms
+        log(
+            f"{SCENARIO_TITLES['stream']} / {TARGET_TITLES[target]}: TTFB median behind the paced "
+            f"upstream {cell.ttfb_paced['ttfb_median_ms']:.3f} ms"
+        )
+    except BenchError as e:
+        log(f"error (paced TTFB, {TARGET_TITLES[target]}): {e}")
+        cell.note = "paced TTFB failed"
+    finally:
+        if proxy is not None:
+            procs.stop(proxy.process)
 
 
 def wait_for_quiet(limit: float, threshold_pct: float = 10.0) -> None:
@@ -1332,14 +1469,18 @@ def judge(results: Results) -> None:
         "2 workers vs 1, non-streaming chat throughput", scale, f">= {TARGET_SCALING_2W:g}x",
         scale is not None and scale >= TARGET_SCALING_2W, "x", (("chat", "w2"),),
     )
-    d = _get(results.cell("stream", "direct"), "ttfb", "ttfb_median_ms")
-    p = _get(results.cell("stream", "w1"), "ttfb", "ttfb_median_ms")
-    added = p - d if d is not None and p is not None else None
-    add(
-        "streaming: added time to first byte (median), 1 worker", added,
-        f"<= {TARGET_TTFB_ADDED_MS:g} ms", added is not None and added <= TARGET_TTFB_ADDED_MS,
-        "ms", (("stream", "w1"),),
-    )
+    for part, how in (
+        ("ttfb_paced", "paced upstream, first line alone"),
+        ("ttfb", "nginx, whole answer in one burst"),
+    ):
+        d = _get(results.cell("stream", "direct"), part, "ttfb_median_ms")
+        p = _get(results.cell("stream", "w1"), part, "ttfb_median_ms")
+        added = p - d if d is not None and p is not None else None
+        add(
+            f"streaming: added time to first byte (median), 1 worker, {how}", added,
+            f"<= {TARGET_TTFB_ADDED_MS:g} ms", added is not None and added <= TARGET_TTFB_ADDED_MS,
+            "ms", (("stream", "w1"),),
+        )
     for target, workers in (("w1", 1), ("w2", 2)):
         cell = results.cell("stream", target)
         rps = _get(cell, "high", "rps")
@@ -1483,30 +1624,38 @@ def render(results: Results) -> str:
         out.extend(lines)
         out.append("")
 
-    lines = []
-    for scenario in ("stream", "chat"):
-        direct = _get(results.cell(scenario, "direct"), "ttfb", "ttfb_median_ms")
+    rows = []
+    for scenario, part, how in (
+        ("stream", "ttfb_paced", f"chat streaming, paced upstream ({s['pace_ms']:g} ms after line 1)"),
+        ("stream", "ttfb", "chat streaming, nginx (one burst)"),
+        ("chat", "ttfb", "chat non-streaming, nginx"),
+    ):
+        direct = _get(results.cell(scenario, "direct"), part, "ttfb_median_ms")
         for target in s["targets"]:
             cell = results.cell(scenario, target)
-            value = _get(cell, "ttfb", "ttfb_median_ms")
-            if value is None or cell is None or cell.ttfb is None:
+            value = _get(cell, part, "ttfb_median_ms")
+            if value is None or cell is None:
                 continue
-            extra = (
-                f" ({value - direct:+.3f} ms vs direct)"
-                if direct is not None and target != "direct"
-                else ""
+            data = getattr(cell, part)
+            rows.append(
+                [
+                    how, TARGET_TITLES[target], f"{value:.3f}",
+                    fmt(value - direct, 3, True) if direct is not None and target != "direct" else "-",
+                    f"{data['ttfb_p90_ms']:.3f}", f"{data['total_median_ms']:.3f}",
+                ]
             )
-            lines.append(
-                f"* {SCENARIO_TITLES[scenario]}, {TARGET_TITLES[target]}: {value:.3f} ms{extra}; "
-                f"whole answer {cell.ttfb['total_median_ms']:.3f} ms"
-            )
-    if lines:
+    if rows:
         out.append(
-            f"Time to first byte (median of {s['ttfb_requests']} sequential requests "
-            f"on one keep-alive connection)"
+            f"Time to first byte: median (and p90) of {s['ttfb_requests']} sequential requests "
+            f"on one keep-alive connection, raw socket client; ms"
         )
         out.append("")
-        out.extend(lines)
+        out.append(
+            rst_table(
+                ["answer", "target", "first byte", "vs direct", "p90", "whole answer"],
+                rows, right={2, 3, 4, 5},
+            )
+        )
         out.append("")
 
     memory = results.memory
@@ -1572,6 +1721,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--moderate-rps", type=float, default=200.0, help="offered load at moderate load, requests/s in total (default 200)")
     parser.add_argument("--ttfb-requests", type=int, help="sequential requests for time to first byte (default 200)")
     parser.add_argument("--stream-lines", type=int, default=300, help="NDJSON lines in the streamed answer (default 300)")
+    parser.add_argument("--pace-ms", type=float, default=5.0, help="for the paced time-to-first-byte test, the pause between the first streamed line and the rest (default 5)")
+    parser.add_argument("--paced-upstream", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--paced-file", help=argparse.SUPPRESS)
+    parser.add_argument("--paced-lifetime", type=float, default=6 * 3600, help=argparse.SUPPRESS)
     parser.add_argument("--mem-requests", type=int, help="requests for the memory run (default 100,000; 20,000 with --quick)")
     parser.add_argument("--mem-checkpoint", type=int, help="first RSS reading after this many requests (default 10,000; 2,000 with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory run")
@@ -1626,6 +1779,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.paced_upstream:
+        serve_paced(args.paced_upstream, Path(args.paced_file), args.pace_ms, args.paced_lifetime)
+        return 0
     settings = Settings(
         duration=args.duration,
         warmup=args.warmup,
@@ -1636,6 +1792,7 @@ def main(argv: list[str] | None = None) -> int:
         low_rps=args.moderate_rps,
         ttfb_requests=args.ttfb_requests,
         stream_lines=args.stream_lines,
+        pace_ms=args.pace_ms,
         mem_checkpoint=args.mem_checkpoint,
         mem_requests=args.mem_requests,
         targets=args.targets,
@@ -1667,6 +1824,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"working directory {workdir}")
         upstream = start_nginx(procs, workdir, settings.stream_lines, settings.nginx_workers)
         log(f"nginx: non-streamed answers on :{upstream.plain_port}, stream on :{upstream.stream_port}")
+        if "stream" in settings.scenarios and settings.ttfb_requests > 0:
+            upstream.paced_port, _ = start_paced(procs, workdir, settings.pace_ms, 6 * 3600)
+            log(f"paced stream upstream on :{upstream.paced_port}")
         for target in settings.targets:
             measure_target(procs, workdir, upstream, settings, results, target)
         if settings.memory:

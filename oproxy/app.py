@@ -28,6 +28,7 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from oproxy import __version__
 from oproxy.api import chat, completions, embeddings, models
 from oproxy.api.scope import Scope
+from oproxy.cache import ResponseCache
 from oproxy.config import Config
 from oproxy.errors import (
     InvalidRequest,
@@ -66,17 +67,19 @@ class ProxyApp:
         *,
         clock: IReactorTime,
         http_client: treq.client.HTTPClient,
+        cache: ResponseCache,
     ) -> None:
         self.config = config
         self.router = router
+        self.cache = cache
         self.clock = clock
         self.http_client = http_client
         #: Set while the process stops: answers close their connection.
         self.draining = False
 
-    def swap(self, config: Config, router: Router) -> None:
+    def swap(self, config: Config, router: Router, cache: ResponseCache) -> None:
         """Make a new configuration live; requests in flight keep theirs."""
-        self.config, self.router = config, router
+        self.config, self.router, self.cache = config, router, cache
 
     def resource(self) -> IResource:
         resource: IResource = self.app.resource()

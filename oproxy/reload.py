@@ -14,6 +14,7 @@ from collections.abc import Callable
 from twisted.logger import Logger
 
 from oproxy.app import ProxyApp
+from oproxy.cache import ResponseCache
 from oproxy.config import Config, ConfigError
 from oproxy.routing import Router
 
@@ -28,10 +29,12 @@ class Reloader:
         app: ProxyApp,
         load: Callable[[], Config],
         build_router: Callable[[Config], Router],
+        build_cache: Callable[[Config], ResponseCache],
     ) -> None:
         self._app = app
         self._load = load
         self._build_router = build_router
+        self._build_cache = build_cache
 
     def reload(self) -> bool:
         """
@@ -47,6 +50,7 @@ class Reloader:
         old = self._app.config
         if config.listen != old.listen or config.workers != old.workers:
             log.warn("listen and workers changes take effect at the next restart")
-        self._app.swap(config, self._build_router(config))
+        cache = self._app.cache if config.cache == old.cache else self._build_cache(config)
+        self._app.swap(config, self._build_router(config), cache)
         log.info("Configuration reloaded")
         return True

@@ -25,6 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from oproxy import __version__
 from oproxy.app import ProxyApp
 from oproxy.backends.ollama import OllamaBackend
+from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
 from oproxy.listeners import bind
 from oproxy.reload import Reloader
@@ -129,13 +130,25 @@ def build_router(config: Config, reactor: Any, pool: HTTPConnectionPool) -> Rout
     return Router(backends)
 
 
+def build_response_cache(config: Config, reactor: Any) -> ResponseCache:
+    """The response cache; a Redis client is closed when the reactor stops."""
+    cache, redis = build_cache(config.cache, reactor)
+    if redis is not None:
+        reactor.addSystemEventTrigger("before", "shutdown", redis.close)
+    return cache
+
+
 def build_app(config: Config, reactor: Any, pool: HTTPConnectionPool) -> ProxyApp:
     """Wire the app over the shared pool."""
     images_client = treq.client.HTTPClient(
         Agent(reactor, pool=pool, connectTimeout=config.images.timeout)
     )
     return ProxyApp(
-        config, build_router(config, reactor, pool), clock=reactor, http_client=images_client
+        config,
+        build_router(config, reactor, pool),
+        clock=reactor,
+        http_client=images_client,
+        cache=build_response_cache(config, reactor),
     )
 
 
@@ -165,6 +178,7 @@ def serve_here(
         app,
         lambda: load_configuration(path, overrides, backend_url),
         lambda new: build_router(new, reactor, pool),
+        lambda new: build_response_cache(new, reactor),
     )
     top = service.MultiService()
     top.addService(

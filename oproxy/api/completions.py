@@ -4,17 +4,28 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from oproxy.api.caching import answer
 from oproxy.api.scope import Scope
-from oproxy.streaming import relay_sse
 
 
 async def create(scope: Scope) -> bytes | None:
     model = scope.model()
-    stream = scope.stream()
     route = scope.route(model)
-    call = await scope.call(model, route)
-    if not stream:
-        return scope.json(await route.backend.completion(call, scope.body))
-    chunks = await route.backend.completion_stream(call, scope.body)
-    await relay_sse(scope.request, chunks)
-    return None
+
+    async def produce() -> dict[str, Any]:
+        return await route.backend.completion(await scope.call(model, route), scope.body)
+
+    async def produce_stream() -> AsyncGenerator[dict[str, Any], None]:
+        return await route.backend.completion_stream(await scope.call(model, route), scope.body)
+
+    return await answer(
+        scope,
+        "completions",
+        route,
+        stream=scope.stream(),
+        produce=produce,
+        produce_stream=produce_stream,
+    )

@@ -1,0 +1,59 @@
+"""
+Answering through the response cache.
+
+The lookup happens after authentication and before anything is fetched or
+sent upstream, so a hit costs no image download and no model time.  Only
+successful, complete answers are stored; a stream is recorded as it is
+relayed and stored once it has ended normally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+from oproxy.api.scope import Scope
+from oproxy.cache import cache_policy, replay
+from oproxy.routing import Route
+from oproxy.streaming import relay_sse
+
+
+async def answer(
+    scope: Scope,
+    route_name: str,
+    route: Route,
+    *,
+    stream: bool,
+    produce: Callable[[], Awaitable[dict[str, Any]]],
+    produce_stream: Callable[[], Awaitable[AsyncGenerator[dict[str, Any], None]]],
+) -> bytes | None:
+    """
+    Serve from the cache when allowed and present; otherwise produce, relay, store.
+    """
+    request = scope.request
+    cache = scope.app.cache
+    policy = cache_policy(
+        route_name,
+        scope.body,
+        model=route.upstream_model,
+        backend=route.backend.name,
+        key_name=scope.key.name if scope.key else None,
+        cache_control=b", ".join(request.requestHeaders.getRawHeaders(b"cache-control", []))
+        or None,
+        config=scope.config.cache,
+    )
+    hit = await cache.lookup(policy)
+    for name, value in cache.headers(policy, hit).items():
+        request.setHeader(name, value)
+    if hit is not None:
+        if stream:
+            await relay_sse(request, replay(hit))
+            return None
+        return scope.json(hit.body)
+    if not stream:
+        body = await produce()
+        await cache.store(policy, body, stream=False)
+        return scope.json(body)
+    chunks = await produce_stream()
+    await relay_sse(request, cache.recording(policy, chunks))
+    return None
