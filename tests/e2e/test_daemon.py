@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import shutil
 import ssl
 import subprocess
 from pathlib import Path
 
 import openai
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -138,3 +140,53 @@ def test_exposed_without_keys_refuses_to_start(workdir: Path) -> None:
     result = run_twistd("oproxy", "--listen", f"tcp:{free_port()}", workdir=workdir)
     assert result.returncode != 0
     assert "anonymous" in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is missing"
+)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_socket_activation(
+    workdir: Path, fake_ollama_process: Daemon, workers: int
+) -> None:
+    port = free_port()
+    config = workdir / f"activated-{workers}.yaml"
+    config.write_text(
+        f"""
+listen: ["systemd:domain=INET:index=0"]
+backends: [{{name: local, url: "{fake_ollama_process.url}"}}]
+auth: {{anonymous: true}}
+workers: {workers}
+"""
+    )
+    log = workdir / f"activated-{workers}.log"
+    process = subprocess.Popen(
+        [
+            "systemd-socket-activate",
+            "-l",
+            f"127.0.0.1:{port}",
+            "--fdname=http",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={log}",
+            "oproxy",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # The socket exists before the daemon: the first request starts it.
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30
+        ) as client:
+            for _ in range(3):
+                reply = client.chat.completions.create(
+                    model="llama3.2", messages=[{"role": "user", "content": "activated?"}]
+                )
+                assert reply.choices[0].message.content
+    finally:
+        process.terminate()
+        process.wait(30)
