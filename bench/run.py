@@ -42,6 +42,7 @@ load run is bounded in time, every loop in count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import http.client
 import json
@@ -60,8 +61,8 @@ import sys
 import tempfile
 import threading
 import time
-from email.utils import formatdate
 from dataclasses import asdict, dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,10 @@ EMBED_MODEL = "all-minilm"
 EMBED_DIMS = 384
 QUESTION = "Why is the sky blue?"
 EMBED_TEXT = "The quick brown fox jumps over the lazy dog"
+ANSWER = (
+    "The sky looks blue because molecules in the air scatter short blue wavelengths "
+    "of sunlight much more strongly than long red ones, an effect called Rayleigh scattering."
+)
 
 # The performance targets the run is judged against.
 TARGET_ADDED_P50_MS = 1.0
@@ -137,7 +142,8 @@ def _children_map() -> dict[int, list[int]]:
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants, found through the ppid in /proc/*/stat."""
     children = _children_map()
-    tree, todo = [], [pid]
+    tree: list[int] = []
+    todo = [pid]
     while todo and len(tree) < 10000:
         current = todo.pop()
         if current in tree:
@@ -222,8 +228,14 @@ class CpuMeter:
         self1 = resource.getrusage(resource.RUSAGE_SELF)
         server = (cpu_ticks(self.server) - self.server0) / CLOCK_TICKS
         rusage = (
-            children1.ru_utime + children1.ru_stime - self.children0.ru_utime - self.children0.ru_stime
-            + self1.ru_utime + self1.ru_stime - self.self0.ru_utime - self.self0.ru_stime
+            children1.ru_utime
+            + children1.ru_stime
+            - self.children0.ru_utime
+            - self.children0.ru_stime
+            + self1.ru_utime
+            + self1.ru_stime
+            - self.self0.ru_utime
+            - self.self0.ru_stime
         )
         ours = server + (cpu_ticks(self.other) - self.other0) / CLOCK_TICKS + rusage
         busy = (machine1[1] - self.machine0[1]) / CLOCK_TICKS
@@ -265,15 +277,11 @@ class Processes:
         tree = process_tree(process.pid) if process.poll() is None else []
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if process.poll() is None:
-                try:
+                with contextlib.suppress(OSError):
                     os.killpg(process.pid, sig)
-                except OSError:
-                    pass
             for pid in tree:
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, sig)
-                except OSError:
-                    pass
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
                 if process.poll() is not None and not any(is_alive(p) for p in tree[1:]):
@@ -296,12 +304,14 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise BenchError(
-                f"{process.args[0]} exited with {process.returncode} before listening:\n"
+                f"{process.args!r} exited with {process.returncode} before listening:\n"
                 + tail(log_path)
             )
         try:
@@ -335,11 +345,7 @@ def canned_answers(stream_lines: int) -> dict[str, bytes]:
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
-    words = (
-        "The sky looks blue because molecules in the air scatter short blue "
-        "wavelengths of sunlight much more strongly than long red ones, an effect "
-        "called Rayleigh scattering."
-    ).split()
+    words = ANSWER.split()
     metrics = {
         "total_duration": 4883583458,
         "load_duration": 1334875,
@@ -409,8 +415,20 @@ def canned_answers(stream_lines: int) -> dict[str, bytes]:
                 },
             }
             for name, size, digest, family, params in (
-                (CHAT_MODEL, 2019393189, "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72", "llama", "3.2B"),
-                (EMBED_MODEL, 45960996, "1b226e2802dbb772b5fc32a58f103ca1804ef7501331012de126ab22f67475ef", "bert", "23M"),
+                (
+                    CHAT_MODEL,
+                    2019393189,
+                    "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
+                    "llama",
+                    "3.2B",
+                ),
+                (
+                    EMBED_MODEL,
+                    45960996,
+                    "1b226e2802dbb772b5fc32a58f103ca1804ef7501331012de126ab22f67475ef",
+                    "bert",
+                    "23M",
+                ),
             )
         ]
     }
@@ -520,13 +538,17 @@ def serve_paced(port: int, stream_file: Path, pace_ms: float, lifetime: float) -
                 if not head.startswith(b"POST /api/chat "):
                     body = b"404 page not found"
                     sock.sendall(
-                        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nDate: " + date
-                        + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nDate: "
+                        + date
+                        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                        + body
                     )
                     continue
                 sock.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nDate: " + date
-                    + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(first)
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nDate: "
+                    + date
+                    + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + chunk(first)
                 )
                 time.sleep(pace)
                 sock.sendall(chunk(rest) + b"0\r\n\r\n")
@@ -548,16 +570,23 @@ def serve_paced(port: int, stream_file: Path, pace_ms: float, lifetime: float) -
         server.serve_forever(poll_interval=0.5)
 
 
-def start_paced(procs: Processes, workdir: Path, pace_ms: float, lifetime: float) -> tuple[int, subprocess.Popen[bytes]]:
+def start_paced(
+    procs: Processes, workdir: Path, pace_ms: float, lifetime: float
+) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
     log_path = workdir / "paced.out"
     process = procs.start(
         [
-            sys.executable, str(Path(__file__).resolve()),
-            "--paced-upstream", str(port),
-            "--paced-file", str(workdir / "nginx" / "stream" / "api" / "chat"),
-            "--pace-ms", str(pace_ms),
-            "--paced-lifetime", str(lifetime),
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--paced-upstream",
+            str(port),
+            "--paced-file",
+            str(workdir / "nginx" / "stream" / "api" / "chat"),
+            "--pace-ms",
+            str(pace_ms),
+            "--paced-lifetime",
+            str(lifetime),
         ],
         log_path=log_path,
     )
@@ -1025,7 +1054,9 @@ class RawClient:
         return status, first - started, last - started
 
 
-def measure_ttfb(port: int, path: str, body: dict[str, Any], count: int, warmup: int) -> dict[str, Any]:
+def measure_ttfb(
+    port: int, path: str, body: dict[str, Any], count: int, warmup: int
+) -> dict[str, Any]:
     payload = json.dumps(body).encode()
     request = (
         f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\n"
@@ -1147,10 +1178,10 @@ def environment_facts() -> dict[str, Any]:
 
         oproxy_version = pkg_version("oproxy")
         twisted_version = pkg_version("twisted")
-    except Exception:  # noqa: BLE001 - only informative
+    except Exception:
         oproxy_version = twisted_version = "?"
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "cpus": os.cpu_count(),
         "cpu": cpu,
@@ -1208,7 +1239,13 @@ def measure_target(
             for cell in cells:
                 try:
                     measure_cell(
-                        procs, workdir, settings, cell, port, processes, upstream,
+                        procs,
+                        workdir,
+                        settings,
+                        cell,
+                        port,
+                        processes,
+                        upstream,
                         proxy.process.pid if proxy is not None else upstream.process.pid,
                     )
                 except BenchError as e:
@@ -1219,9 +1256,14 @@ def measure_target(
         finally:
             if proxy is not None:
                 procs.stop(proxy.process)
-    cell = results.cell("stream", target)
-    if upstream.paced_port and target != "cache" and cell is not None and not cell.error:
-        measure_paced_ttfb(procs, workdir, upstream, settings, cell)
+    stream_cell = results.cell("stream", target)
+    if (
+        upstream.paced_port
+        and target != "cache"
+        and stream_cell is not None
+        and not stream_cell.error
+    ):
+        measure_paced_ttfb(procs, workdir, upstream, settings, stream_cell)
 
 
 def measure_paced_ttfb(
@@ -1237,8 +1279,12 @@ def measure_paced_ttfb(
             port = upstream.paced_port
         else:
             proxy = start_proxy(
-                procs, workdir, f"{target}-paced", upstream.paced_port,
-                workers=2 if target == "w2" else 1, cache=False,
+                procs,
+                workdir,
+                f"{target}-paced",
+                upstream.paced_port,
+                workers=2 if target == "w2" else 1,
+                cache=False,
             )
             port = proxy.port
             wait_until_serving(port, "stream", target)
@@ -1308,16 +1354,28 @@ def measure_cell(
     wait_for_quiet(settings.wait_quiet)
     log(f"{title}: warm-up {settings.warmup:.0f}s")
     run_wrk(
-        procs, workdir, port, path, body,
-        threads=settings.threads, connections=settings.connections,
-        seconds=settings.warmup, label=f"warm-up {title}",
+        procs,
+        workdir,
+        port,
+        path,
+        body,
+        threads=settings.threads,
+        connections=settings.connections,
+        seconds=settings.warmup,
+        label=f"warm-up {title}",
     )
     log(f"{title}: wrk -t{settings.threads} -c{settings.connections} -d{settings.duration:.0f}s")
     with CpuMeter([server_pid], [upstream.process.pid]) as meter:
         cell.high = run_wrk(
-            procs, workdir, port, path, body,
-            threads=settings.threads, connections=settings.connections,
-            seconds=settings.duration, label=title,
+            procs,
+            workdir,
+            port,
+            path,
+            body,
+            threads=settings.threads,
+            connections=settings.connections,
+            seconds=settings.duration,
+            label=title,
         )
     cell.high["cpu"] = meter.result
     log(
@@ -1334,9 +1392,16 @@ def measure_cell(
     )
     with CpuMeter([server_pid], [upstream.process.pid]) as meter:
         cell.low = run_wrk(
-            procs, workdir, port, path, body,
-            threads=settings.low_threads, connections=settings.low_connections,
-            seconds=settings.duration, label=f"moderate {title}", delay_ms=delay_ms,
+            procs,
+            workdir,
+            port,
+            path,
+            body,
+            threads=settings.low_threads,
+            connections=settings.low_connections,
+            seconds=settings.duration,
+            label=f"moderate {title}",
+            delay_ms=delay_ms,
         )
     cell.low["cpu"] = meter.result
     log(
@@ -1368,8 +1433,11 @@ def measure_memory(
 
         def snapshot() -> dict[str, Any]:
             time.sleep(0.5)  # let the last answers be written and freed
-            per = {pid: rss_kib(pid) for pid in proxy.serving_pids()}
-            per = {pid: kib for pid, kib in per.items() if kib is not None}
+            per: dict[int, int] = {}
+            for pid in proxy.serving_pids():
+                kib = rss_kib(pid)
+                if kib is not None:
+                    per[pid] = kib
             return {
                 "processes": len(per),
                 "rss_mib_total": sum(per.values()) / 1024,
@@ -1387,9 +1455,15 @@ def measure_memory(
             log(f"memory: {budget:,} requests (to {goal:,})")
             with CpuMeter([proxy.process.pid], [upstream.process.pid]) as meter:
                 run = run_wrk_budget(
-                    procs, workdir, proxy.port, path, body,
-                    threads=settings.threads, connections=settings.connections,
-                    total=budget, max_seconds=limit,
+                    procs,
+                    workdir,
+                    proxy.port,
+                    path,
+                    body,
+                    threads=settings.threads,
+                    connections=settings.connections,
+                    total=budget,
+                    max_seconds=limit,
                 )
             done += run["requests"]
             snap = snapshot()
@@ -1436,7 +1510,14 @@ def _get(cell: Cell | None, part: str, key: str) -> float | None:
 def judge(results: Results) -> None:
     criteria = results.criteria
 
-    def add(name: str, measured: float | None, target: str, ok: bool | None, unit: str = "", rows: tuple[tuple[str, str], ...] = ()) -> None:
+    def add(
+        name: str,
+        measured: float | None,
+        target: str,
+        ok: bool | None,
+        unit: str = "",
+        rows: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         criteria.append(
             {
                 "criterion": name,
@@ -1454,69 +1535,98 @@ def judge(results: Results) -> None:
             d, p = _get(direct, "low", f"{pct}_ms"), _get(w1, "low", f"{pct}_ms")
             added = p - d if d is not None and p is not None else None
             add(
-                f"added {pct} latency, {SCENARIO_TITLES[scenario]}, moderate load, 1 worker",
-                added, f"<= {limit:g} ms", added is not None and added <= limit, "ms",
+                f"{SCENARIO_TITLES[scenario]}: added {pct} at moderate load (1 worker)",
+                added,
+                f"<= {limit:g} ms",
+                added is not None and added <= limit,
+                "ms",
                 ((scenario, "w1"),),
             )
     rps1 = _get(results.cell("chat", "w1"), "high", "rps")
     add(
-        "1 worker, non-streaming chat throughput", rps1, f">= {TARGET_RPS_1W:,.0f} req/s",
-        rps1 is not None and rps1 >= TARGET_RPS_1W, "req/s", (("chat", "w1"),),
+        "chat non-streaming: req/s (1 worker)",
+        rps1,
+        f">= {TARGET_RPS_1W:,.0f} req/s",
+        rps1 is not None and rps1 >= TARGET_RPS_1W,
+        "req/s",
+        (("chat", "w1"),),
     )
     rps2 = _get(results.cell("chat", "w2"), "high", "rps")
     scale = rps2 / rps1 if rps1 and rps2 else None
     add(
-        "2 workers vs 1, non-streaming chat throughput", scale, f">= {TARGET_SCALING_2W:g}x",
-        scale is not None and scale >= TARGET_SCALING_2W, "x", (("chat", "w2"),),
+        "chat non-streaming: req/s, 2 workers / 1 worker",
+        scale,
+        f">= {TARGET_SCALING_2W:g}x",
+        scale is not None and scale >= TARGET_SCALING_2W,
+        "x",
+        (("chat", "w2"),),
     )
     for part, how in (
-        ("ttfb_paced", "paced upstream, first line alone"),
-        ("ttfb", "nginx, whole answer in one burst"),
+        ("ttfb_paced", "paced upstream"),
+        ("ttfb", "nginx burst"),
     ):
         d = _get(results.cell("stream", "direct"), part, "ttfb_median_ms")
         p = _get(results.cell("stream", "w1"), part, "ttfb_median_ms")
         added = p - d if d is not None and p is not None else None
         add(
-            f"streaming: added time to first byte (median), 1 worker, {how}", added,
-            f"<= {TARGET_TTFB_ADDED_MS:g} ms", added is not None and added <= TARGET_TTFB_ADDED_MS,
-            "ms", (("stream", "w1"),),
+            f"chat streaming: added TTFB, {how} (1 worker)",
+            added,
+            f"<= {TARGET_TTFB_ADDED_MS:g} ms",
+            added is not None and added <= TARGET_TTFB_ADDED_MS,
+            "ms",
+            (("stream", "w1"),),
         )
     for target, workers in (("w1", 1), ("w2", 2)):
         cell = results.cell("stream", target)
         rps = _get(cell, "high", "rps")
-        per = rps * cell.chunks_per_answer / workers if rps and cell and cell.chunks_per_answer else None
+        per = (
+            rps * cell.chunks_per_answer / workers
+            if rps and cell and cell.chunks_per_answer
+            else None
+        )
         add(
-            f"streaming: SSE chunks/s per worker, {workers} worker{'s' if workers > 1 else ''}",
-            per, f">= {TARGET_CHUNKS_PER_WORKER:,.0f}/s",
-            per is not None and per >= TARGET_CHUNKS_PER_WORKER, "chunks/s", (("stream", target),),
+            f"chat streaming: SSE chunks/s per worker ({workers} worker{'s' * (workers > 1)})",
+            per,
+            f">= {TARGET_CHUNKS_PER_WORKER:,.0f}/s",
+            per is not None and per >= TARGET_CHUNKS_PER_WORKER,
+            "chunks/s",
+            (("stream", target),),
         )
     memory = results.memory
     if memory and "error" not in memory:
         last = memory[str(memory["total"])]
         add(
-            f"RSS per worker after {memory['total']:,} requests", last["rss_mib_max_process"],
-            f"<= {TARGET_RSS_MB:g} MB", last["rss_mib_max_process"] <= TARGET_RSS_MB, "MiB",
+            f"memory: VmRSS per worker after {memory['total']:,} requests",
+            last["rss_mib_max_process"],
+            f"<= {TARGET_RSS_MB:g} MB",
+            last["rss_mib_max_process"] <= TARGET_RSS_MB,
+            "MiB",
         )
         change = memory["change_pct"]
         add(
-            f"RSS flat between {memory['checkpoint']:,} and {memory['total']:,} requests",
-            change, f"within +/-{TARGET_RSS_FLAT_PCT:g}%",
-            change is not None and abs(change) <= TARGET_RSS_FLAT_PCT, "%",
+            f"memory: VmRSS change, {memory['checkpoint']:,} to {memory['total']:,} requests",
+            change,
+            f"within +/-{TARGET_RSS_FLAT_PCT:g}%",
+            change is not None and abs(change) <= TARGET_RSS_FLAT_PCT,
+            "%",
         )
     else:
-        add("RSS per worker", None, f"<= {TARGET_RSS_MB:g} MB", None, "MiB")
-        add("RSS flat", None, f"within +/-{TARGET_RSS_FLAT_PCT:g}%", None, "%")
+        add("memory: VmRSS per worker", None, f"<= {TARGET_RSS_MB:g} MB", None, "MiB")
+        add("memory: VmRSS change", None, f"within +/-{TARGET_RSS_FLAT_PCT:g}%", None, "%")
 
 
 def rst_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
     """A reStructuredText simple table (so it can be pasted into the README)."""
     right = right or set()
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     rule = "  ".join("=" * w for w in widths)
 
     def line(cells: list[str]) -> str:
         return "  ".join(
-            (c.rjust(w) if i in right else c.ljust(w)) for i, (c, w) in enumerate(zip(cells, widths))
+            (c.rjust(w) if i in right else c.ljust(w))
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
     return "\n".join([rule, line(headers), rule, *(line(r) for r in rows), rule])
@@ -1537,9 +1647,20 @@ def render(results: Results) -> str:
             verdicts.setdefault((scenario, target), []).append(c["verdict"])
 
     headers = [
-        "scenario", "target", "procs", "cpu", "req/s", "p50 ms", "p99 ms", "x direct",
-        "mod p50", "mod p99", "+p50 ms", "+p99 ms",
-        "errors", "check",
+        "scenario",
+        "target",
+        "procs",
+        "cpu",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x direct",
+        "mod p50",
+        "mod p99",
+        "+p50 ms",
+        "+p99 ms",
+        "errors",
+        "check",
     ]
     rows = []
     for scenario in s["scenarios"]:
@@ -1549,12 +1670,27 @@ def render(results: Results) -> str:
             if cell is None:
                 continue
             if cell.error:
-                rows.append([SCENARIO_TITLES[scenario], TARGET_TITLES[target], "-", "-", "error", *["-"] * 8, "ERROR"])
+                rows.append(
+                    [
+                        SCENARIO_TITLES[scenario],
+                        TARGET_TITLES[target],
+                        "-",
+                        "-",
+                        "error",
+                        *["-"] * 8,
+                        "ERROR",
+                    ]
+                )
                 continue
             if cell.high is None:
                 rows.append(
-                    [SCENARIO_TITLES[scenario], TARGET_TITLES[target], str(cell.processes or "-"),
-                     *["-"] * 10, cell.note or "-"]
+                    [
+                        SCENARIO_TITLES[scenario],
+                        TARGET_TITLES[target],
+                        str(cell.processes or "-"),
+                        *["-"] * 10,
+                        cell.note or "-",
+                    ]
                 )
                 continue
             rps = cell.high["rps"]
@@ -1563,7 +1699,9 @@ def render(results: Results) -> str:
             added = {}
             for pct in ("p50", "p99"):
                 dv, pv = _get(direct, "low", f"{pct}_ms"), _get(cell, "low", f"{pct}_ms")
-                added[pct] = pv - dv if target != "direct" and dv is not None and pv is not None else None
+                added[pct] = (
+                    pv - dv if target != "direct" and dv is not None and pv is not None else None
+                )
             v = verdicts.get((scenario, target), [])
             check = "FAIL" if "FAIL" in v else ("PASS" if "PASS" in v else "-")
             if cell.note:
@@ -1571,11 +1709,20 @@ def render(results: Results) -> str:
             errors = int(cell.high.get("errors", 0)) + int((cell.low or {}).get("errors", 0))
             rows.append(
                 [
-                    SCENARIO_TITLES[scenario], TARGET_TITLES[target], str(cell.processes),
-                    fmt(cell.high.get("cpu", {}).get("server_cores")), f"{rps:,.0f}", fmt(cell.high["p50_ms"]), fmt(cell.high["p99_ms"]),
+                    SCENARIO_TITLES[scenario],
+                    TARGET_TITLES[target],
+                    str(cell.processes),
+                    fmt(cell.high.get("cpu", {}).get("server_cores")),
+                    f"{rps:,.0f}",
+                    fmt(cell.high["p50_ms"]),
+                    fmt(cell.high["p99_ms"]),
                     fmt(ratio) if ratio is not None else "1.00" if target == "direct" else "-",
-                    fmt(_get(cell, "low", "p50_ms"), 3), fmt(_get(cell, "low", "p99_ms"), 3),
-                    fmt(added["p50"], 3, True), fmt(added["p99"], 3, True), str(errors), check,
+                    fmt(_get(cell, "low", "p50_ms"), 3),
+                    fmt(_get(cell, "low", "p99_ms"), 3),
+                    fmt(added["p50"], 3, True),
+                    fmt(added["p99"], 3, True),
+                    str(errors),
+                    check,
                 ]
             )
     out.append(
@@ -1626,11 +1773,15 @@ def render(results: Results) -> str:
 
     rows = []
     for scenario, part, how in (
-        ("stream", "ttfb_paced", f"chat streaming, paced upstream ({s['pace_ms']:g} ms after line 1)"),
+        (
+            "stream",
+            "ttfb_paced",
+            f"chat streaming, paced upstream ({s['pace_ms']:g} ms after line 1)",
+        ),
         ("stream", "ttfb", "chat streaming, nginx (one burst)"),
         ("chat", "ttfb", "chat non-streaming, nginx"),
     ):
-        direct = _get(results.cell(scenario, "direct"), part, "ttfb_median_ms")
+        direct_ms = _get(results.cell(scenario, "direct"), part, "ttfb_median_ms")
         for target in s["targets"]:
             cell = results.cell(scenario, target)
             value = _get(cell, part, "ttfb_median_ms")
@@ -1639,9 +1790,14 @@ def render(results: Results) -> str:
             data = getattr(cell, part)
             rows.append(
                 [
-                    how, TARGET_TITLES[target], f"{value:.3f}",
-                    fmt(value - direct, 3, True) if direct is not None and target != "direct" else "-",
-                    f"{data['ttfb_p90_ms']:.3f}", f"{data['total_median_ms']:.3f}",
+                    how,
+                    TARGET_TITLES[target],
+                    f"{value:.3f}",
+                    fmt(value - direct_ms, 3, True)
+                    if direct_ms is not None and target != "direct"
+                    else "-",
+                    f"{data['ttfb_p90_ms']:.3f}",
+                    f"{data['total_median_ms']:.3f}",
                 ]
             )
     if rows:
@@ -1653,7 +1809,8 @@ def render(results: Results) -> str:
         out.append(
             rst_table(
                 ["answer", "target", "first byte", "vs direct", "p90", "whole answer"],
-                rows, right={2, 3, 4, 5},
+                rows,
+                right={2, 3, 4, 5},
             )
         )
         out.append("")
@@ -1693,14 +1850,14 @@ def render(results: Results) -> str:
             measured = f"{m:.3f} {unit}" if unit == "ms" else f"{m:.1f} {unit}"
         rows.append([c["criterion"], measured, c["target"], c["verdict"]])
     out.append(rst_table(["criterion", "measured", "target", "result"], rows, right={1}))
-    errors = [c for c in results.cells if c.error]
-    if errors:
+    failed = [c for c in results.cells if c.error]
+    if failed:
         out.append("")
         out.append("Errors")
         out.append("")
-        for c in errors:
-            first = c.error.strip().splitlines()[0]
-            out.append(f"* {SCENARIO_TITLES[c.scenario]} / {TARGET_TITLES[c.target]}: {first}")
+        for bad in failed:
+            first = bad.error.strip().splitlines()[0]
+            out.append(f"* {SCENARIO_TITLES[bad.scenario]} / {TARGET_TITLES[bad.target]}: {first}")
     return "\n".join(out)
 
 
@@ -1711,29 +1868,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark oproxy against a canned nginx upstream (see bench/README.rst).",
     )
-    parser.add_argument("--quick", action="store_true", help="3 s per measurement, 1 s warm-up, 20,000 requests for memory: a smoke run")
-    parser.add_argument("-d", "--duration", type=float, help="seconds per wrk measurement (default 10; 3 with --quick)")
-    parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up before each measurement (default 2; 1 with --quick)")
-    parser.add_argument("-t", "--threads", type=int, default=2, help="wrk threads at high load (default 2)")
-    parser.add_argument("-c", "--connections", type=int, default=32, help="wrk connections at high load (default 32)")
-    parser.add_argument("--low-threads", type=int, default=1, help="wrk threads at moderate load (default 1)")
-    parser.add_argument("--low-connections", type=int, default=4, help="wrk connections at moderate load (default 4)")
-    parser.add_argument("--moderate-rps", type=float, default=200.0, help="offered load at moderate load, requests/s in total (default 200)")
-    parser.add_argument("--ttfb-requests", type=int, help="sequential requests for time to first byte (default 200)")
-    parser.add_argument("--stream-lines", type=int, default=300, help="NDJSON lines in the streamed answer (default 300)")
-    parser.add_argument("--pace-ms", type=float, default=5.0, help="for the paced time-to-first-byte test, the pause between the first streamed line and the rest (default 5)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 s per measurement, 1 s warm-up, 20,000 requests for memory: a smoke run",
+    )
+    parser.add_argument(
+        "-d",
+        "--duration",
+        type=float,
+        help="seconds per wrk measurement (default 10; 3 with --quick)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of wrk warm-up before each measurement (default 2; 1 with --quick)",
+    )
+    parser.add_argument(
+        "-t", "--threads", type=int, default=2, help="wrk threads at high load (default 2)"
+    )
+    parser.add_argument(
+        "-c",
+        "--connections",
+        type=int,
+        default=32,
+        help="wrk connections at high load (default 32)",
+    )
+    parser.add_argument(
+        "--low-threads", type=int, default=1, help="wrk threads at moderate load (default 1)"
+    )
+    parser.add_argument(
+        "--low-connections",
+        type=int,
+        default=4,
+        help="wrk connections at moderate load (default 4)",
+    )
+    parser.add_argument(
+        "--moderate-rps",
+        type=float,
+        default=200.0,
+        help="offered load at moderate load, requests/s in total (default 200)",
+    )
+    parser.add_argument(
+        "--ttfb-requests", type=int, help="sequential requests for time to first byte (default 200)"
+    )
+    parser.add_argument(
+        "--stream-lines",
+        type=int,
+        default=300,
+        help="NDJSON lines in the streamed answer (default 300)",
+    )
+    parser.add_argument(
+        "--pace-ms",
+        type=float,
+        default=5.0,
+        help="paced time-to-first-byte test: ms between the first streamed line and the rest "
+        "(default 5)",
+    )
     parser.add_argument("--paced-upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--paced-file", help=argparse.SUPPRESS)
     parser.add_argument("--paced-lifetime", type=float, default=6 * 3600, help=argparse.SUPPRESS)
-    parser.add_argument("--mem-requests", type=int, help="requests for the memory run (default 100,000; 20,000 with --quick)")
-    parser.add_argument("--mem-checkpoint", type=int, help="first RSS reading after this many requests (default 10,000; 2,000 with --quick)")
+    parser.add_argument(
+        "--mem-requests",
+        type=int,
+        help="requests for the memory run (default 100,000; 20,000 with --quick)",
+    )
+    parser.add_argument(
+        "--mem-checkpoint",
+        type=int,
+        help="first RSS reading after this many requests (default 10,000; 2,000 with --quick)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory run")
-    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    parser.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes (default 1)")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS", help="before each measurement, wait up to SECONDS for other work on the machine to stop (default 0: do not wait)")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of {','.join(TARGETS)}",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--nginx-workers", type=int, default=1, help="nginx worker processes (default 1)"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each measurement, wait up to SECONDS for other work on the machine "
+        "to stop (default 0: do not wait)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (configs, logs)")
+    parser.add_argument(
+        "--keep-tmp", action="store_true", help="keep the temporary directory (configs, logs)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.duration = args.duration or (3.0 if quick else 10.0)
@@ -1741,7 +1971,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ttfb_requests = args.ttfb_requests if args.ttfb_requests is not None else 200
     args.mem_requests = args.mem_requests or (20000 if quick else 100000)
     args.mem_checkpoint = args.mem_checkpoint or (2000 if quick else 10000)
-    for name, value in (("duration", args.duration), ("connections", args.connections), ("threads", args.threads)):
+    for name, value in (
+        ("duration", args.duration),
+        ("connections", args.connections),
+        ("threads", args.threads),
+    ):
         if value <= 0:
             parser.error(f"--{name} must be positive")
     if args.moderate_rps <= 0:
@@ -1768,9 +2002,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_tools() -> None:
     missing = [tool for tool in (NGINX, WRK) if not os.access(tool, os.X_OK)]
     if missing:
-        raise BenchError(
-            f"missing {', '.join(missing)}: apt-get install -y nginx-light wrk"
-        )
+        raise BenchError(f"missing {', '.join(missing)}: apt-get install -y nginx-light wrk")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -1823,7 +2055,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         log(f"working directory {workdir}")
         upstream = start_nginx(procs, workdir, settings.stream_lines, settings.nginx_workers)
-        log(f"nginx: non-streamed answers on :{upstream.plain_port}, stream on :{upstream.stream_port}")
+        log(
+            f"nginx: non-streamed answers on :{upstream.plain_port}, "
+            f"stream on :{upstream.stream_port}"
+        )
         if "stream" in settings.scenarios and settings.ttfb_requests > 0:
             upstream.paced_port, _ = start_paced(procs, workdir, settings.pace_ms, 6 * 3600)
             log(f"paced stream upstream on :{upstream.paced_port}")
