@@ -5,6 +5,7 @@ Tests for configuration loading, interpolation and validation.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,10 @@ def test_bad_workers_and_cache(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(text, {})
     assert raised.value.key == key
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "etc" / "oproxy.yaml"
+    config = load_config(example.read_text(), {"OLLAMA_HOST": "http://127.0.0.1:11434"})
+    assert config.backends[0].url == "http://127.0.0.1:11434"
+    assert config.auth.keys
