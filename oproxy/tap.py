@@ -125,7 +125,7 @@ def build_router(config: Config, reactor: Any, pool: HTTPConnectionPool) -> Rout
     backends = []
     for backend_config in config.backends:
         agent = Agent(reactor, pool=pool, connectTimeout=backend_config.timeouts.connect)
-        upstream = Upstream(backend_config, treq.client.HTTPClient(agent), clock)
+        upstream = Upstream(backend_config, agent, clock)
         backends.append(OllamaBackend(upstream))
     return Router(backends)
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any, TypeVar, cast
 
 import orjson
-import treq
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -24,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oproxy.config import BackendConfig
@@ -235,31 +234,33 @@ class BodyReader(Protocol):
 class Upstream:
     """
     One backend's HTTP client: a persistent connection pool and its timeouts.
+
+    The hot path speaks to Twisted's ``Agent`` directly with URLs prepared
+    once: treq's per-request stack (cookie, redirect and decoding agents, URL
+    parsing with IDNA) cost a third of a proxied request's CPU time and
+    offers nothing an API call to a model server needs.
     """
 
-    def __init__(self, backend: BackendConfig, client: treq.client.HTTPClient, clock: IReactorTime):
+    def __init__(self, backend: BackendConfig, agent: IAgent, clock: IReactorTime):
         self.backend = backend
-        self._client = client
+        self._agent = agent
         self._clock = clock
-        self._headers = {"Content-Type": ["application/json"], "Accept": ["application/json"]}
+        self._base = backend.url.encode("ascii")
+        headers = {b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]}
         if backend.host_header:
-            self._headers["Host"] = [backend.host_header]
+            headers[b"Host"] = [backend.host_header.encode("ascii")]
+        self._headers = Headers(headers)
 
     @property
     def name(self) -> str:
         return self.backend.name
 
     async def _send(self, method: str, path: str, body: bytes | None) -> IResponse:
-        url = self.backend.url + path
-        request = cast(
-            "defer.Deferred[IResponse]",
-            self._client.request(
-                method,
-                url,
-                data=BytesProducer(body) if body is not None else None,
-                headers=Headers(self._headers),
-                unbuffered=True,
-            ),
+        request = self._agent.request(
+            method.encode("ascii"),
+            self._base + path.encode("ascii"),
+            self._headers,
+            BytesProducer(body) if body is not None else None,
         )
         try:
             response: IResponse = await within(

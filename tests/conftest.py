@@ -58,9 +58,18 @@ class Proxy:
         return f"{self.url}/v1/{path.lstrip('/')}"
 
 
-def proxy_config(fake_url: str, timeouts: Timeouts | None = None, **changes: Any) -> Config:
+def proxy_config(
+    fake_url: str,
+    timeouts: Timeouts | None = None,
+    host_header: str | None = None,
+    **changes: Any,
+) -> Config:
     backend = BackendConfig(
-        name="local", type="ollama", url=fake_url, timeouts=timeouts or Timeouts()
+        name="local",
+        type="ollama",
+        url=fake_url,
+        timeouts=timeouts or Timeouts(),
+        host_header=host_header,
     )
     config = Config(
         backends=(backend,),
@@ -77,8 +86,10 @@ def proxy_factory(fake_ollama: tuple[FakeOllama, str]) -> Iterator[Any]:
     client_pool = HTTPConnectionPool(reactor, persistent=False)
     client = treq.client.HTTPClient(Agent(reactor, pool=client_pool))
 
-    def start(timeouts: Timeouts | None = None, **changes: Any) -> Proxy:
-        config = proxy_config(fake_url, timeouts, **changes)
+    def start(
+        timeouts: Timeouts | None = None, host_header: str | None = None, **changes: Any
+    ) -> Proxy:
+        config = proxy_config(fake_url, timeouts, host_header, **changes)
         pool = connection_pool(reactor)
         app = build_app(config, reactor, pool)
         running = listen(ProxySite(app.resource(), lambda: app.config.max_body_bytes))

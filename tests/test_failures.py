@@ -356,3 +356,16 @@ async def test_no_traceback_on_unexpected_error(proxy: Proxy) -> None:
     error = error_of(raw)
     assert error["type"] == "server_error"
     assert b"secret internals" not in raw and b"Traceback" not in raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_header_setting_is_sent_upstream(proxy_factory: Any) -> None:
+    body = {"model": "llama3.2", "messages": HELLO}
+    refused = proxy_factory(host_header="gateway.example.com")
+    refused.fake.host_check = True
+    response, raw = await post_json(refused.client, refused.v1("chat/completions"), body)
+    assert response.code == 502
+    assert "host_header" in error_of(raw)["message"]
+    local = proxy_factory(host_header="localhost:11434")
+    response, raw = await post_json(local.client, local.v1("chat/completions"), body)
+    assert response.code == 200, raw
