@@ -15,8 +15,8 @@ from contextlib import aclosing
 from typing import Any, TypeVar, cast
 
 import orjson
-from twisted.internet import defer
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
@@ -72,7 +72,27 @@ def sse_event(chunk: Any) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-async def relay_sse(request: IRequest, chunks: AsyncGenerator[Any, None]) -> None:
+#: Chunks written between two returns to the reactor, which sends them.
+FLUSH_EVERY = 64
+
+
+def _flush(clock: IReactorTime) -> defer.Deferred[None]:
+    """
+    Give the reactor one turn, so that what was written goes out now.
+
+    Twisted sends written data when the reactor regains control.  An
+    upstream that delivers a whole answer in one read (a cache replay, a
+    fast server) would otherwise be translated entirely before the first
+    byte left: one turn after the first chunk and one every
+    :data:`FLUSH_EVERY` keep the time to first byte short and the stream
+    flowing, at the cost of one timer per turn.
+    """
+    return task.deferLater(clock, 0, lambda: None)
+
+
+async def relay_sse(
+    request: IRequest, chunks: AsyncGenerator[Any, None], clock: IReactorTime
+) -> None:
     """
     Write ``chunks`` to ``request`` as an OpenAI event stream ending in ``[DONE]``.
     """
@@ -87,11 +107,16 @@ async def relay_sse(request: IRequest, chunks: AsyncGenerator[Any, None]) -> Non
         consumer.registerProducer(pacer, True)
         try:
             request.write(sse_event(first))
+            await _flush(clock)
             try:
+                written = 0
                 async for chunk in chunks:
                     request.write(sse_event(chunk))
+                    written += 1
                     if pacer.paused:
                         await pacer.drained()
+                    elif written % FLUSH_EVERY == 0:
+                        await _flush(clock)
             except OProxyError as e:
                 request.write(render_stream_error(e))
                 return

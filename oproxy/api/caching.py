@@ -47,7 +47,7 @@ async def answer(
         request.setHeader(name, value)
     if hit is not None:
         if stream:
-            await relay_sse(request, replay(hit))
+            await relay_sse(request, replay(hit), scope.app.clock)
             return None
         return scope.json(hit.body)
     if not stream:
@@ -55,5 +55,5 @@ async def answer(
         await cache.store(policy, body, stream=False)
         return scope.json(body)
     chunks = await produce_stream()
-    await relay_sse(request, cache.recording(policy, chunks))
+    await relay_sse(request, cache.recording(policy, chunks), scope.app.clock)
     return None

@@ -70,47 +70,51 @@ def chat_over_https(port: int, cert: Path) -> str:
     return reply.choices[0].message.content or ""
 
 
-def test_https_with_ssl_endpoint(workdir: Path, fake_ollama_process: Daemon) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_https_with_ssl_endpoint(workdir: Path, fake_ollama_process: Daemon, workers: int) -> None:
     key, cert = make_certificate(workdir)
     port = free_port()
+    config = workdir / f"ssl-{workers}.yaml"
+    config.write_text(
+        f"""
+listen: ["ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"]
+backends: [{{name: local, url: "{fake_ollama_process.url}"}}]
+workers: {workers}
+"""
+    )
     daemon = start_twistd(
-        [
-            "oproxy",
-            "--backend",
-            fake_ollama_process.url,
-            "--listen",
-            f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1",
-        ],
-        port,
-        workdir,
-        "oproxy-ssl",
+        ["oproxy", "--config", str(config)], port, workdir, f"oproxy-ssl-{workers}"
     )
     try:
-        assert chat_over_https(port, cert)
+        for _ in range(3):
+            assert chat_over_https(port, cert)
     finally:
         daemon.stop()
 
 
-def test_https_with_tls_certificate_directory(workdir: Path, fake_ollama_process: Daemon) -> None:
-    certs = workdir / "certs"
+@pytest.mark.parametrize("workers", [1, 2])
+def test_https_with_tls_certificate_directory(
+    workdir: Path, fake_ollama_process: Daemon, workers: int
+) -> None:
+    certs = workdir / f"certs-{workers}"
     certs.mkdir()
     key, cert = make_certificate(workdir)
     (certs / "localhost.pem").write_bytes(key.read_bytes() + cert.read_bytes())
     port = free_port()
+    config = workdir / f"tls-{workers}.yaml"
+    config.write_text(
+        f"""
+listen: ["tls:{certs}:port={port}:interface=127.0.0.1"]
+backends: [{{name: local, url: "{fake_ollama_process.url}"}}]
+workers: {workers}
+"""
+    )
     daemon = start_twistd(
-        [
-            "oproxy",
-            "--backend",
-            fake_ollama_process.url,
-            "--listen",
-            f"tls:{certs}:port={port}:interface=127.0.0.1",
-        ],
-        port,
-        workdir,
-        "oproxy-tls",
+        ["oproxy", "--config", str(config)], port, workdir, f"oproxy-tls-{workers}"
     )
     try:
-        assert chat_over_https(port, cert)
+        for _ in range(3):
+            assert chat_over_https(port, cert)
     finally:
         daemon.stop()
 
