@@ -52,13 +52,38 @@ class Listener:
             sock.close()
 
 
+def _tls_layers(endpoint: Any) -> tuple[Any, list[Any]]:
+    """
+    Peel the TLS wrappers off a parsed server endpoint.
+
+    :return: the transport endpoint underneath, and a function per layer
+        that wraps a protocol factory the way that layer would.
+    """
+    layers: list[Any] = []
+    while True:
+        if hasattr(endpoint, "connectionCreator") and hasattr(endpoint, "endpoint"):
+            # tls: on current Twisted (twisted.protocols._sni.TLSServerEndpoint)
+            creator, clock = endpoint.connectionCreator, getattr(endpoint, "clock", None)
+            extra = {"clock": clock} if clock is not None else {}
+            layers.append(
+                lambda f, creator=creator, extra=extra: TLSMemoryBIOFactory(
+                    creator, False, f, **extra
+                )
+            )
+            endpoint = endpoint.endpoint
+        elif isinstance(endpoint, endpoints._WrapperServerEndpoint):
+            # tls: on older Twisted
+            layers.append(endpoint._wrapperFactory)
+            endpoint = endpoint._wrappedEndpoint
+        else:
+            return endpoint, layers
+
+
 def _tcp_address(reactor: Any, description: str) -> tuple[str, int, int] | None:
     """
     ``(interface, port, backlog)`` of a TCP-based endpoint, else None.
     """
-    endpoint = endpoints.serverFromString(reactor, description)
-    while isinstance(endpoint, endpoints._WrapperServerEndpoint):  # tls:
-        endpoint = endpoint._wrappedEndpoint
+    endpoint, _ = _tls_layers(endpoints.serverFromString(reactor, description))
     if isinstance(endpoint, endpoints._TCPServerEndpoint | endpoints.SSL4ServerEndpoint):
         return endpoint._interface, int(endpoint._port), int(endpoint._backlog)
     return None
@@ -128,12 +153,11 @@ def _wrap(reactor: Any, description: str, factory: IProtocolFactory) -> IProtoco
     """
     if description.split(":", 1)[0] in ("systemd", "unix", "tcp", "tcp6"):
         return factory
-    endpoint = endpoints.serverFromString(reactor, description)
-    while isinstance(endpoint, endpoints._WrapperServerEndpoint):  # tls:
-        factory = endpoint._wrapperFactory(factory)
-        endpoint = endpoint._wrappedEndpoint
+    endpoint, layers = _tls_layers(endpoints.serverFromString(reactor, description))
     if isinstance(endpoint, endpoints.SSL4ServerEndpoint):  # ssl:
         factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
+    for layer in reversed(layers):
+        factory = layer(factory)
     return factory
 
 
