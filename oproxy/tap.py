@@ -32,7 +32,7 @@ from oproxy.reload import Reloader
 from oproxy.routing import Router
 from oproxy.serving import ServingService, SignalService
 from oproxy.site import ProxySite
-from oproxy.upstream import Upstream
+from oproxy.upstream import ReusedEndpoints, Upstream
 from oproxy.workers import WorkerPool, WorkerSpec
 
 #: Listening sockets handed to workers start at this descriptor number.
@@ -124,7 +124,8 @@ def build_router(config: Config, reactor: Any, pool: HTTPConnectionPool) -> Rout
     clock: IReactorTime = reactor
     backends = []
     for backend_config in config.backends:
-        agent = Agent(reactor, pool=pool, connectTimeout=backend_config.timeouts.connect)
+        endpoints = ReusedEndpoints(reactor, backend_config.timeouts.connect)
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         upstream = Upstream(backend_config, agent, clock)
         backends.append(OllamaBackend(upstream))
     return Router(backends)

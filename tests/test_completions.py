@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest_twisted
+from twisted.internet import reactor, task
 
 from tests.conftest import Proxy
 from tests.httputil import post_json, sse_events
@@ -94,3 +95,16 @@ async def test_token_prompts_are_refused_clearly(proxy: Proxy) -> None:
     )
     assert response.code == 400
     assert orjson.loads(raw)["error"]["param"] == "prompt"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_failed_prompt_closes_the_others(proxy: Proxy) -> None:
+    proxy.fake.fail_next(500, "boom")
+    response, raw = await complete(proxy, model="slow", prompt=["a", "b"], stream=True)
+    assert response.code == 502, raw
+    for _ in range(250):
+        if proxy.fake.stats.aborted == 1:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert proxy.fake.stats.aborted == 1
+    assert proxy.fake.stats.in_flight == 0

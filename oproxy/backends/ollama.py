@@ -7,7 +7,7 @@ module only sends, receives and maps Ollama's errors to ours.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -160,7 +160,8 @@ class OllamaBackend:
             for i, prompt in enumerate(prompts)
         ]
         streams = await _gather(
-            [
+            discard=_close_later,
+            coroutines=[
                 self._stream(
                     "/api/generate",
                     completions.completion_request_to_ollama(
@@ -169,7 +170,7 @@ class OllamaBackend:
                     call.client_model,
                 )
                 for prompt in prompts
-            ]
+            ],
         )
         merged = merge(
             [
@@ -245,19 +246,37 @@ async def _translated(
         raise UpstreamError(f"backend {backend!r} ended the stream before it was complete")
 
 
-async def _gather(coroutines: list[Any]) -> list[Any]:
+def _close_later(stream: AsyncGenerator[Any, None]) -> None:
+    """Close an upstream stream that is no longer wanted (its socket too)."""
+    defer.Deferred.fromCoroutine(stream.aclose())
+
+
+async def _gather(
+    coroutines: list[Any], discard: Callable[[Any], object] = lambda _: None
+) -> list[Any]:
     """
     Run coroutines concurrently; on the first failure cancel the others.
+
+    :param discard: called with the result of each coroutine that succeeded
+        when another failed, so that (for example) an opened upstream stream
+        is closed rather than left for the garbage collector.
     """
     deferreds = [defer.Deferred.fromCoroutine(c) for c in coroutines]
+    succeeded: list[Any] = []
+
+    def remember(result: Any) -> Any:
+        succeeded.append(result)
+        return result
+
+    for running in deferreds:
+        running.addCallback(remember)
     try:
         return await defer.gatherResults(deferreds, consumeErrors=True)
-    except defer.FirstError as e:
-        for d in deferreds:
-            d.cancel()
-        e.subFailure.raiseException()
-        raise  # unreachable: raiseException always raises
-    except BaseException:
-        for d in deferreds:
-            d.cancel()
+    except BaseException as e:
+        for running in deferreds:
+            running.cancel()
+        for result in succeeded:
+            discard(result)
+        if isinstance(e, defer.FirstError):
+            e.subFailure.raiseException()
         raise

@@ -67,6 +67,14 @@ def accepts_connections(port: int) -> bool:
         return False
 
 
+def log_text(daemon: Daemon) -> str:
+    """The daemon's log so far (twistd opens it only after binding the port)."""
+    try:
+        return daemon.log.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def write_config(path: Path, port: int, fake: Daemon, extra: str = "") -> None:
     path.write_text(
         f"""
@@ -103,7 +111,7 @@ def start_pool(workdir: Path, fake: Daemon) -> tuple[Daemon, Path]:
     config = workdir / f"workers-{port}.yaml"
     write_config(config, port, fake)
     daemon = start_twistd(["oproxy", "--config", str(config)], port, workdir, f"workers-{port}")
-    wait_for(lambda: daemon.log.read_text().count(" serving (pid ") == 2)
+    wait_for(lambda: log_text(daemon).count(" serving (pid ") == 2)
     return daemon, config
 
 
@@ -132,7 +140,7 @@ def test_requests_spread_over_workers(slow_pool: tuple[Daemon, Path]) -> None:
     for thread in threads:
         thread.join()
     assert results == [200] * 16
-    log = daemon.log.read_text()
+    log = log_text(daemon)
     served = {
         index
         for index in (0, 1)
@@ -201,12 +209,12 @@ def test_sighup_reloads_every_worker(
     assert chat(daemon.url) == 200
     write_config(config, daemon.port, fake_ollama_process, "auth: {keys: [{name: a, key: sk-new}]}")
     daemon.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: daemon.log.read_text().count("Configuration reloaded") == 2)
+    wait_for(lambda: log_text(daemon).count("Configuration reloaded") == 2)
     assert [chat(daemon.url) for _ in range(6)] == [401] * 6
     assert chat(daemon.url, {"Authorization": "Bearer sk-new"}) == 200
     config.write_text("workers: [broken")
     daemon.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: daemon.log.read_text().count("keeping the running one") == 2)
+    wait_for(lambda: log_text(daemon).count("keeping the running one") == 2)
     assert chat(daemon.url, {"Authorization": "Bearer sk-new"}) == 200
 
 
@@ -220,7 +228,7 @@ def test_single_process_sighup_and_graceful_stop(workdir: Path, slow_fake: Daemo
         assert not children(daemon.process.pid)
         config.write_text(config.read_text() + "auth: {keys: [{name: a, key: sk-x}]}\n")
         daemon.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: "Configuration reloaded" in daemon.log.read_text())
+        wait_for(lambda: "Configuration reloaded" in log_text(daemon))
         assert chat(daemon.url) == 401
         thread, received, started = stream_in_background_with_key(daemon.url, "sk-x")
         assert started.wait(10)
