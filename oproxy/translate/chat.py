@@ -26,6 +26,7 @@ import orjson
 
 from oproxy.translate.common import (
     SYSTEM_FINGERPRINT,
+    StreamTranslation,
     as_array,
     as_object,
     as_string,
@@ -860,7 +861,7 @@ def ollama_chat_to_openai(
 # Response: streaming
 
 
-class ChatStreamTranslator:
+class ChatStreamTranslator(StreamTranslation):
     """
     Native ``/api/chat`` NDJSON lines in, ``chat.completion.chunk`` objects out.
 
@@ -874,6 +875,7 @@ class ChatStreamTranslator:
     def __init__(
         self, completion_id: str, model: str, created: int, *, include_usage: bool
     ) -> None:
+        super().__init__()
         self._envelope: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -884,24 +886,6 @@ class ChatStreamTranslator:
         self._include_usage = include_usage
         self._started = False
         self._tool_calls_sent = 0
-        self._text_parts: list[str] = []
-        self._done = False
-        self._usage: dict[str, int] | None = None
-
-    @property
-    def done(self) -> bool:
-        """Whether the native ``done: true`` line has been translated."""
-        return self._done
-
-    @property
-    def usage(self) -> dict[str, int] | None:
-        """The usage from the done line, or None before it."""
-        return self._usage
-
-    @property
-    def text(self) -> str:
-        """The content streamed so far, for logging and partial accounting."""
-        return "".join(self._text_parts)
 
     def feed(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
         """
@@ -910,7 +894,7 @@ class ChatStreamTranslator:
         :raises UpstreamError: for an ``{"error": ...}`` line.
         """
         raise_for_upstream_error(native_line)
-        if self._done:
+        if self.done:
             return []
         message = _mapping(native_line.get("message"))
         logprobs = chat_logprobs(native_line.get("logprobs"))
@@ -978,12 +962,12 @@ class ChatStreamTranslator:
 
     def _finish(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The finish chunk and, if asked for, the usage chunk."""
-        self._done = True
-        self._usage = usage_from_ollama(native_line)
+        self.done = True
+        self.usage = usage_from_ollama(native_line)
         reason = chat_finish_reason(
             native_line.get("done_reason"), called_tools=self._tool_calls_sent > 0
         )
         chunks = [self._chunk({}, finish_reason=reason)]
         if self._include_usage:
-            chunks.append({**self._envelope, "choices": [], "usage": self._usage})
+            chunks.append({**self._envelope, "choices": [], "usage": self.usage})
         return chunks

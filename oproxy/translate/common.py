@@ -641,3 +641,22 @@ def native_think(body: Mapping[str, Any]) -> bool | str | None:
         "think",
         'Invalid \'think\': expected true, false, "low", "medium", "high" or "max".',
     )
+
+
+class StreamTranslation:
+    """
+    What every stream translator knows about the stream so far.
+
+    :ivar done: whether the native ``done: true`` line has been translated.
+    :ivar usage: the usage from the done line, or None before it.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self.usage: dict[str, int] | None = None
+        self._text_parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far, for logging and partial accounting."""
+        return "".join(self._text_parts)

@@ -18,6 +18,7 @@ from typing import Any
 from oproxy.errors import InvalidRequest
 from oproxy.translate.common import (
     SYSTEM_FINGERPRINT,
+    StreamTranslation,
     invalid_value,
     missing_parameter,
     native_extras,
@@ -270,7 +271,7 @@ def completion_usage_chunk(
     }
 
 
-class CompletionStreamTranslator:
+class CompletionStreamTranslator(StreamTranslation):
     """
     Native ``/api/generate`` NDJSON lines in, ``text_completion`` chunks out,
     for the prompt at ``index``.
@@ -292,6 +293,7 @@ class CompletionStreamTranslator:
         echo_prompt: str | None,
         logprobs_requested: bool,
     ) -> None:
+        super().__init__()
         self._envelope: dict[str, Any] = {
             "id": completion_id,
             "object": "text_completion",
@@ -303,24 +305,6 @@ class CompletionStreamTranslator:
         self._pending_echo = echo_prompt or ""
         self._logprobs_requested = logprobs_requested
         self._offset = 0
-        self._text_parts: list[str] = []
-        self._done = False
-        self._usage: dict[str, int] | None = None
-
-    @property
-    def done(self) -> bool:
-        """Whether the native ``done: true`` line has been translated."""
-        return self._done
-
-    @property
-    def usage(self) -> dict[str, int] | None:
-        """The usage from the done line, or None before it."""
-        return self._usage
-
-    @property
-    def text(self) -> str:
-        """The text streamed so far (with the echoed prompt)."""
-        return "".join(self._text_parts)
 
     def feed(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
         """
@@ -329,7 +313,7 @@ class CompletionStreamTranslator:
         :raises UpstreamError: for an ``{"error": ...}`` line.
         """
         raise_for_upstream_error(native_line)
-        if self._done:
+        if self.done:
             return []
         chunks = []
         if self._pending_echo:
@@ -339,8 +323,8 @@ class CompletionStreamTranslator:
         logprobs = self._logprobs(native_line.get("logprobs"))
         finished = native_line.get("done") is True
         if finished:
-            self._done = True
-            self._usage = usage_from_ollama(native_line)
+            self.done = True
+            self.usage = usage_from_ollama(native_line)
             reason = completion_finish_reason(native_line.get("done_reason"))
             chunks.append(self._chunk(text, logprobs, reason))
         elif text or (logprobs and logprobs["tokens"]):
