@@ -70,21 +70,27 @@ def chat_over_https(port: int, cert: Path) -> str:
     return reply.choices[0].message.content or ""
 
 
+def serve_https(
+    workdir: Path, fake: Daemon, name: str, listen: str, port: int, workers: int
+) -> Daemon:
+    """Start the daemon on a TLS endpoint, with ``workers`` processes."""
+    config = workdir / f"{name}.yaml"
+    config.write_text(
+        f"""
+listen: ["{listen}"]
+backends: [{{name: local, url: "{fake.url}"}}]
+workers: {workers}
+"""
+    )
+    return start_twistd(["oproxy", "--config", str(config)], port, workdir, name)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_https_with_ssl_endpoint(workdir: Path, fake_ollama_process: Daemon, workers: int) -> None:
     key, cert = make_certificate(workdir)
     port = free_port()
-    config = workdir / f"ssl-{workers}.yaml"
-    config.write_text(
-        f"""
-listen: ["ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"]
-backends: [{{name: local, url: "{fake_ollama_process.url}"}}]
-workers: {workers}
-"""
-    )
-    daemon = start_twistd(
-        ["oproxy", "--config", str(config)], port, workdir, f"oproxy-ssl-{workers}"
-    )
+    listen = f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
+    daemon = serve_https(workdir, fake_ollama_process, f"ssl-{workers}", listen, port, workers)
     try:
         for _ in range(3):
             assert chat_over_https(port, cert)
@@ -101,17 +107,8 @@ def test_https_with_tls_certificate_directory(
     key, cert = make_certificate(workdir)
     (certs / "localhost.pem").write_bytes(key.read_bytes() + cert.read_bytes())
     port = free_port()
-    config = workdir / f"tls-{workers}.yaml"
-    config.write_text(
-        f"""
-listen: ["tls:{certs}:port={port}:interface=127.0.0.1"]
-backends: [{{name: local, url: "{fake_ollama_process.url}"}}]
-workers: {workers}
-"""
-    )
-    daemon = start_twistd(
-        ["oproxy", "--config", str(config)], port, workdir, f"oproxy-tls-{workers}"
-    )
+    listen = f"tls:{certs}:port={port}:interface=127.0.0.1"
+    daemon = serve_https(workdir, fake_ollama_process, f"tls-{workers}", listen, port, workers)
     try:
         for _ in range(3):
             assert chat_over_https(port, cert)

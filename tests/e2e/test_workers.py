@@ -168,17 +168,21 @@ def test_killed_worker_loses_no_queued_connection_and_comes_back(
     assert [chat(daemon.url) for _ in range(4)] == [200] * 4
 
 
-def stream_in_background(url: str) -> tuple[threading.Thread, list[bytes], threading.Event]:
+def stream_in_background(
+    url: str, key: str | None = None
+) -> tuple[threading.Thread, list[bytes], threading.Event]:
+    """Read a chat stream in a thread; ``started`` is set at its first bytes."""
     received: list[bytes] = []
     started = threading.Event()
     body = json.dumps(
         {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "tell"}]}
     ).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
 
     def run() -> None:
-        request = urllib.request.Request(
-            f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
-        )
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:
             while chunk := response.read1(65536):
                 received.append(chunk)
@@ -230,7 +234,7 @@ def test_single_process_sighup_and_graceful_stop(workdir: Path, slow_fake: Daemo
         daemon.process.send_signal(signal.SIGHUP)
         wait_for(lambda: "Configuration reloaded" in log_text(daemon))
         assert chat(daemon.url) == 401
-        thread, received, started = stream_in_background_with_key(daemon.url, "sk-x")
+        thread, received, started = stream_in_background(daemon.url, "sk-x")
         assert started.wait(10)
         daemon.process.send_signal(signal.SIGTERM)
         thread.join(30)
@@ -238,28 +242,3 @@ def test_single_process_sighup_and_graceful_stop(workdir: Path, slow_fake: Daemo
         assert daemon.process.wait(30) in STOPPED_CLEANLY
     finally:
         daemon.stop()
-
-
-def stream_in_background_with_key(
-    url: str, key: str
-) -> tuple[threading.Thread, list[bytes], threading.Event]:
-    received: list[bytes] = []
-    started = threading.Event()
-    body = json.dumps(
-        {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "tell"}]}
-    ).encode()
-
-    def run() -> None:
-        request = urllib.request.Request(
-            f"{url}/v1/chat/completions",
-            data=body,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            while chunk := response.read1(65536):
-                received.append(chunk)
-                started.set()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, received, started
