@@ -9,6 +9,7 @@ parse, delegate and render.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from oproxy.errors import (
     ServerError,
     render_error,
 )
+from oproxy.health import probe_all, report
 from oproxy.routing import Router
 from oproxy.security.auth import authenticate
 
@@ -76,6 +78,7 @@ class ProxyApp:
         self.http_client = http_client
         #: Set while the process stops: answers close their connection.
         self.draining = False
+        self.started = clock.seconds()
 
     def swap(self, config: Config, router: Router, cache: ResponseCache) -> None:
         """Make a new configuration live; requests in flight keep theirs."""
@@ -149,6 +152,50 @@ class ProxyApp:
     def retrieve_model(self, request: IRequest, model_id: str) -> defer.Deferred[bytes | None]:
         async def handler(scope: Scope) -> bytes | None:
             return await models.retrieve(scope, model_id)
+
+        return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False))
+
+    # -- health ----------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def liveness(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        """Liveness: the process answers.  Nothing else is checked."""
+
+        async def handler(scope: Scope) -> bytes | None:
+            return scope.json({"status": "ok"})
+
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, handler, json_body=False, auth=False)
+        )
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    def readiness(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        """Readiness: at least one backend answers its probe."""
+
+        async def handler(scope: Scope) -> bytes | None:
+            found = await probe_all(scope.router.backends, self.clock)
+            reachable = sum(1 for b in found if b.reachable)
+            return scope.json(
+                {"status": "ready" if reachable else "not ready", "backends_reachable": reachable},
+                status=200 if reachable else 503,
+            )
+
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, handler, json_body=False, auth=False)
+        )
+
+    @app.route("/v1/health", methods=["GET"])
+    def health(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        """The full picture; it names models, so it needs a key when keys exist."""
+
+        async def handler(scope: Scope) -> bytes | None:
+            found = await probe_all(scope.router.backends, self.clock)
+            document = report(
+                found,
+                uptime_seconds=self.clock.seconds() - self.started,
+                workers=scope.config.workers or os.cpu_count() or 1,
+            )
+            return scope.json(document, status=503 if document["status"] == "unavailable" else 200)
 
         return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False))
 

@@ -53,3 +53,10 @@ class Backend(Protocol):
     async def list_models(self) -> list[dict[str, Any]]: ...
 
     async def retrieve_model(self, model_id: str) -> dict[str, Any]: ...
+
+    async def probe(self) -> dict[str, Any]:
+        """
+        A cheap health probe that never runs a completion: ``version``,
+        ``models_available`` and ``models_loaded`` where the server tells.
+        """
+        ...

@@ -223,6 +223,26 @@ class OllamaBackend:
         show = await self._post("/api/show", {"model": model_id}, model_id)
         return models.ollama_show_to_model(show, model_id=model_id, owned_by=self.name)
 
+    async def probe(self) -> dict[str, Any]:
+        version, tags, loaded = await _gather(
+            [
+                self._get_json("/api/version"),
+                self._get_json("/api/tags"),
+                self._get_json("/api/ps"),
+            ]
+        )
+        return {
+            "version": version.get("version"),
+            "models_available": len(tags.get("models") or []),
+            "models_loaded": [m.get("name") or m.get("model") for m in loaded.get("models") or []],
+        }
+
+    async def _get_json(self, path: str) -> dict[str, Any]:
+        status, body = await self._upstream.request_json("GET", path)
+        if status != 200 or not isinstance(body, dict):
+            raise ollama_error(status, body, "", self.name)
+        return body
+
 
 async def _translated(
     lines: AsyncGenerator[Any, None],

@@ -1,0 +1,103 @@
+"""
+Health: is the process up, can it serve, and how is each backend doing.
+
+Probes are cheap reads (Ollama's ``/api/version``, ``/api/tags`` and
+``/api/ps``) with a short deadline, run concurrently; they never run a
+completion, so a health check can never load a model or cost GPU time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+
+from oproxy import __version__
+from oproxy.backends.base import Backend
+from oproxy.errors import OProxyError
+from oproxy.upstream import DeadlineExceeded, within
+
+#: How long one backend probe may take before it counts as unreachable.
+PROBE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """What one probe of one backend found."""
+
+    name: str
+    reachable: bool
+    latency_seconds: float
+    version: str | None = None
+    models_available: int | None = None
+    models_loaded: tuple[str, ...] = ()
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "reachable": self.reachable,
+            "probe_latency_seconds": round(self.latency_seconds, 6),
+            "version": self.version,
+            "models_available": self.models_available,
+            "models_loaded": list(self.models_loaded),
+            "error": self.error,
+        }
+
+
+async def probe(backend: Backend, clock: IReactorTime, deadline: float) -> BackendHealth:
+    """Probe one backend; any failure is reported, never raised."""
+    started = clock.seconds()
+    try:
+        found = await within(defer.Deferred.fromCoroutine(backend.probe()), deadline, clock)
+    except DeadlineExceeded:
+        error = f"no answer within {deadline:g} seconds"
+    except OProxyError as e:
+        error = e.message
+    except Exception as e:
+        error = str(e) or type(e).__name__
+    else:
+        return BackendHealth(
+            name=backend.name,
+            reachable=True,
+            latency_seconds=clock.seconds() - started,
+            version=found.get("version"),
+            models_available=found.get("models_available"),
+            models_loaded=tuple(found.get("models_loaded", ())),
+        )
+    return BackendHealth(
+        name=backend.name,
+        reachable=False,
+        latency_seconds=clock.seconds() - started,
+        error=error,
+    )
+
+
+async def probe_all(
+    backends: Sequence[Backend], clock: IReactorTime, deadline: float = PROBE_TIMEOUT
+) -> list[BackendHealth]:
+    """Probe every backend concurrently."""
+    probes = [defer.Deferred.fromCoroutine(probe(b, clock, deadline)) for b in backends]
+    results: list[BackendHealth] = await defer.gatherResults(probes)
+    return results
+
+
+def report(
+    backends: Sequence[BackendHealth], *, uptime_seconds: float, workers: int
+) -> dict[str, Any]:
+    """
+    The ``/v1/health`` document: ``ok`` when every backend answers,
+    ``degraded`` when some do, ``unavailable`` when none does.
+    """
+    reachable = sum(1 for b in backends if b.reachable)
+    status = "ok" if reachable == len(backends) else "degraded" if reachable else "unavailable"
+    return {
+        "status": status,
+        "version": __version__,
+        "uptime_seconds": round(uptime_seconds, 3),
+        "workers": workers,
+        "backends": [b.to_json() for b in backends],
+    }
