@@ -38,13 +38,21 @@ from oproxy.errors import (
     OProxyError,
     RequestTooLarge,
     ServerError,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
     render_error,
 )
 from oproxy.health import probe_all, report
+from oproxy.metrics import CONTENT_TYPE, Metrics
 from oproxy.routing import Router
 from oproxy.security.auth import authenticate
 
 log = Logger()
+
+#: Failures that say something about a backend, counted per backend and kind.
+UPSTREAM_FAILURES = (UpstreamError, UpstreamUnavailable, UpstreamBusy, UpstreamTimeout)
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -70,8 +78,10 @@ class ProxyApp:
         clock: IReactorTime,
         http_client: treq.client.HTTPClient,
         cache: ResponseCache,
+        metrics: Metrics,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.router = router
         self.cache = cache
         self.clock = clock
@@ -89,15 +99,24 @@ class ProxyApp:
         return resource
 
     async def _serve(
-        self, request: IRequest, handler: Handler, *, json_body: bool, auth: bool = True
+        self,
+        request: IRequest,
+        handler: Handler,
+        *,
+        json_body: bool,
+        auth: bool = True,
+        route: str = "-",
     ) -> bytes | None:
         config, router = self.config, self.router
+        started = self.clock.seconds()
         request_id = _request_id(request)
         request.setHeader(b"x-request-id", request_id.encode("ascii"))
         if self.draining:
             # Twisted closes the connection after the response when the
             # request asked for it; a stopping process wants exactly that.
             request.requestHeaders.setRawHeaders(b"connection", [b"close"])
+        scope: Scope | None = None
+        self.metrics.in_flight.inc()
         try:
             key = (
                 authenticate(config.auth.keys, request.getHeader(b"authorization"))
@@ -113,9 +132,13 @@ class ProxyApp:
                 router=router,
                 key=key,
                 body=body,
+                started=started,
             )
             return await handler(scope)
         except OProxyError as e:
+            if isinstance(e, UPSTREAM_FAILURES):
+                backend = scope.backend_label if scope is not None else "-"
+                self.metrics.upstream_errors.labels(backend, e.code or "error").inc()
             return _error_response(request, e)
         except defer.CancelledError:
             raise
@@ -127,17 +150,31 @@ class ProxyApp:
                 request_id=request_id,
             )
             return _error_response(request, ServerError())
+        finally:
+            self.metrics.in_flight.dec()
+            self._count(request, route, scope, started)
+
+    def _count(self, request: IRequest, route: str, scope: Scope | None, started: float) -> None:
+        status = request.code  # type: ignore[attr-defined]
+        # Only an answer from a backend vouches for a model name: a client
+        # may send any string, and labels must stay bounded.
+        model = scope.model_label if scope is not None and status < 400 else "-"
+        backend = scope.backend_label if scope is not None else "-"
+        self.metrics.requests.labels(route, model, backend, str(status)).inc()
+        self.metrics.duration.labels(route).observe(self.clock.seconds() - started)
 
     # -- OpenAI routes -----------------------------------------------------
 
     @app.route("/v1/chat/completions", methods=["POST"])
     def chat_completions(self, request: IRequest) -> defer.Deferred[bytes | None]:
-        return defer.Deferred.fromCoroutine(self._serve(request, chat.create, json_body=True))
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, chat.create, json_body=True, route="/v1/chat/completions")
+        )
 
     @app.route("/v1/completions", methods=["POST"])
     def completions(self, request: IRequest) -> defer.Deferred[bytes | None]:
         return defer.Deferred.fromCoroutine(
-            self._serve(request, completions.create, json_body=True)
+            self._serve(request, completions.create, json_body=True, route="/v1/completions")
         )
 
     @app.route("/v1/embeddings", methods=["POST"])
@@ -146,7 +183,9 @@ class ProxyApp:
 
     @app.route("/v1/models", methods=["GET"])
     def list_models(self, request: IRequest) -> defer.Deferred[bytes | None]:
-        return defer.Deferred.fromCoroutine(self._serve(request, models.list_all, json_body=False))
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, models.list_all, json_body=False, route="/v1/models")
+        )
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def retrieve_model(self, request: IRequest, model_id: str) -> defer.Deferred[bytes | None]:
@@ -173,7 +212,7 @@ class ProxyApp:
         """Readiness: at least one backend answers its probe."""
 
         async def handler(scope: Scope) -> bytes | None:
-            found = await probe_all(scope.router.backends, self.clock)
+            found = await probe_all(scope.router.backends, self.clock, self.metrics)
             reachable = sum(1 for b in found if b.reachable)
             return scope.json(
                 {"status": "ready" if reachable else "not ready", "backends_reachable": reachable},
@@ -189,7 +228,7 @@ class ProxyApp:
         """The full picture; it names models, so it needs a key when keys exist."""
 
         async def handler(scope: Scope) -> bytes | None:
-            found = await probe_all(scope.router.backends, self.clock)
+            found = await probe_all(scope.router.backends, self.clock, self.metrics)
             document = report(
                 found,
                 uptime_seconds=self.clock.seconds() - self.started,
@@ -198,6 +237,12 @@ class ProxyApp:
             return scope.json(document, status=503 if document["status"] == "unavailable" else 200)
 
         return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False))
+
+    @app.route("/metrics", methods=["GET"])
+    def scrape(self, request: IRequest) -> bytes:
+        """Prometheus metrics, over every worker process."""
+        request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+        return self.metrics.scrape()
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> defer.Deferred[bytes | None]:

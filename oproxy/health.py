@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from oproxy import __version__
 from oproxy.backends.base import Backend
 from oproxy.errors import OProxyError
+from oproxy.metrics import Metrics
 from oproxy.upstream import DeadlineExceeded, within
 
 #: How long one backend probe may take before it counts as unreachable.
@@ -77,11 +78,18 @@ async def probe(backend: Backend, clock: IReactorTime, deadline: float) -> Backe
 
 
 async def probe_all(
-    backends: Sequence[Backend], clock: IReactorTime, deadline: float = PROBE_TIMEOUT
+    backends: Sequence[Backend],
+    clock: IReactorTime,
+    metrics: Metrics | None = None,
+    deadline: float = PROBE_TIMEOUT,
 ) -> list[BackendHealth]:
-    """Probe every backend concurrently."""
+    """Probe every backend concurrently; record what was found in ``metrics``."""
     probes = [defer.Deferred.fromCoroutine(probe(b, clock, deadline)) for b in backends]
     results: list[BackendHealth] = await defer.gatherResults(probes)
+    if metrics is not None:
+        for found in results:
+            metrics.backend_up.labels(found.name).set(1 if found.reachable else 0)
+            metrics.probe_latency.labels(found.name).set(found.latency_seconds)
     return results
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from oproxy.backends.ollama import OllamaBackend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
 from oproxy.listeners import bind
+from oproxy.metrics import MULTIPROCESS_ENV, metrics_for_this_process
 from oproxy.reload import Reloader
 from oproxy.routing import Router
 from oproxy.serving import ServingService, SignalService
@@ -150,6 +152,7 @@ def build_app(config: Config, reactor: Any, pool: HTTPConnectionPool) -> ProxyAp
         clock=reactor,
         http_client=images_client,
         cache=build_response_cache(config, reactor),
+        metrics=metrics_for_this_process(),
     )
 
 
@@ -229,12 +232,17 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         listeners=tuple((FIRST_INHERITED_FD + i, d) for i, d in enumerate(config.listen)),
     )
     top = service.MultiService()
+    # A private metrics directory per daemon instance: new at every start, so
+    # no sample of an earlier run is ever added in.
+    metrics_directory = tempfile.mkdtemp(prefix="oproxy-metrics-")
     pool = WorkerPool(
         reactor,
         workers,
         spec,
         listeners,
         lambda: config.drain_timeout,
+        environment={MULTIPROCESS_ENV: metrics_directory},
+        metrics_directory=metrics_directory,
     )
     top.addService(pool)
     top.addService(SignalService(reactor, signal.SIGHUP, pool.reload))

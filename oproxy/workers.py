@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.multiprocess import mark_process_dead
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall
@@ -108,6 +110,9 @@ class WorkerPool(service.Service):
         listeners: Sequence[Listener],
         drain_timeout: Callable[[], float],
         executable: str = sys.executable,
+        *,
+        environment: dict[str, str] | None = None,
+        metrics_directory: str | None = None,
     ) -> None:
         self._reactor = reactor
         self._count = count
@@ -117,6 +122,8 @@ class WorkerPool(service.Service):
         self._listeners = tuple(listeners)
         self._drain_timeout = drain_timeout
         self._executable = executable
+        self._environment = dict(environment or {})
+        self._metrics_directory = metrics_directory
         self._processes: dict[int, Any] = {}
         self._started_at: dict[int, float] = {}
         self._delays: dict[int, float] = {}
@@ -139,7 +146,7 @@ class WorkerPool(service.Service):
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         for (target, _), listener in zip(self._spec.listeners, self._listeners, strict=True):
             child_fds[target] = listener.fileno_for(index)
-        environment = dict(os.environ)
+        environment = {**os.environ, **self._environment}
         environment["OPROXY_WORKER"] = self._spec.to_environment(index)
         process = self._reactor.spawnProcess(
             _WorkerProtocol(index, self._ended),
@@ -153,7 +160,10 @@ class WorkerPool(service.Service):
         log.info("Started worker {index} (pid {pid})", index=index, pid=process.pid)
 
     def _ended(self, index: int, reason: Failure) -> None:
-        self._processes.pop(index, None)
+        process = self._processes.pop(index, None)
+        if process is not None and self._metrics_directory is not None:
+            # Its live gauges (in-flight requests) must stop counting.
+            mark_process_dead(process.pid, self._metrics_directory)
         if self._stopping:
             if not self._processes and self._all_gone is not None:
                 self._all_gone.callback(None)
@@ -208,6 +218,16 @@ class WorkerPool(service.Service):
         if killer.active():
             killer.cancel()
 
+    def _remove_metrics(self) -> None:
+        if self._metrics_directory is not None:
+            shutil.rmtree(self._metrics_directory, ignore_errors=True)
+
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
-        return defer.Deferred.fromCoroutine(self._stop())
+        return defer.Deferred.fromCoroutine(self._stop_and_clean())
+
+    async def _stop_and_clean(self) -> None:
+        try:
+            await self._stop()
+        finally:
+            self._remove_metrics()

@@ -10,6 +10,7 @@ relayed and stored once it has ended normally.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from oproxy.api.scope import Scope
@@ -42,9 +43,12 @@ async def answer(
         or None,
         config=scope.config.cache,
     )
+    scope.model_label, scope.backend_label = route.upstream_model, route.backend.name
     hit = await cache.lookup(policy)
     for name, value in cache.headers(policy, hit).items():
         request.setHeader(name, value)
+        if name.lower() == b"x-cache":
+            scope.app.metrics.cache.labels(value.decode("ascii").lower()).inc()
     if hit is not None:
         if stream:
             await relay_sse(request, replay(hit), scope.app.clock)
@@ -55,5 +59,22 @@ async def answer(
         await cache.store(policy, body, stream=False)
         return scope.json(body)
     chunks = await produce_stream()
-    await relay_sse(request, cache.recording(policy, chunks), scope.app.clock)
+    await relay_sse(
+        request, _timed(scope, route_name, cache.recording(policy, chunks)), scope.app.clock
+    )
     return None
+
+
+async def _timed(
+    scope: Scope, route_name: str, chunks: AsyncGenerator[dict[str, Any], None]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Pass the chunks on, noting when the first one came."""
+    first = True
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            if first:
+                first = False
+                scope.app.metrics.first_token.labels(route_name, scope.model_label).observe(
+                    scope.app.clock.seconds() - scope.started
+                )
+            yield chunk

@@ -4,6 +4,7 @@ What a handler gets: the request, its parsed body, and the app's services.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,11 @@ class Scope:
     router: Router
     key: APIKey | None
     body: dict[str, Any]
+    #: When the request reached the app (the reactor's clock).
+    started: float = 0.0
+    #: What the access log and metrics say about the answer, once known.
+    model_label: str = "-"
+    backend_label: str = "-"
 
     def json(self, payload: Any, status: int = 200) -> bytes:
         """Render a JSON answer."""
@@ -78,9 +84,15 @@ class Scope:
             clock=self.app.clock,
             config=self.config.images,
         )
+        key_name = self.key.name if self.key else None
+
+        def count(usage: Mapping[str, int]) -> None:
+            self.app.metrics.count_tokens(usage, model=model, key=key_name)
+
         return Call(
             client_model=model,
             upstream_model=route.upstream_model,
             created=int(self.app.clock.seconds()),
             images=images,
+            on_usage=count,
         )

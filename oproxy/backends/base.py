@@ -8,7 +8,7 @@ stream chunks), whatever it has to say to its own server in between.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,12 +22,16 @@ class Call:
     :ivar upstream_model: the name the backend knows the model by.
     :ivar created: the response's ``created`` timestamp (unix seconds).
     :ivar images: http(s) image URLs fetched by the proxy, as base64.
+    :ivar on_usage: told the token counts once the backend has given them,
+        streams included, so that accounting never depends on the client
+        asking for a usage chunk.
     """
 
     client_model: str
     upstream_model: str
     created: int
     images: Mapping[str, str] = field(default_factory=dict)
+    on_usage: Callable[[Mapping[str, int]], None] = lambda usage: None
 
 
 class Backend(Protocol):

@@ -91,12 +91,14 @@ class OllamaBackend:
             body, model=call.upstream_model, fetched_images=call.images
         )
         answer = await self._post("/api/chat", native, call.client_model)
-        return chat.ollama_chat_to_openai(
+        result = chat.ollama_chat_to_openai(
             answer,
             completion_id=new_completion_id("chatcmpl-"),
             model=call.client_model,
             created=call.created,
         )
+        call.on_usage(result["usage"])
+        return result
 
     async def chat_completion_stream(
         self, call: Call, body: Mapping[str, Any]
@@ -111,7 +113,13 @@ class OllamaBackend:
             call.created,
             include_usage=wants_usage_chunk(body),
         )
-        return _translated(lines, translator.feed, lambda: translator.done, self.name)
+        return _translated(
+            lines,
+            translator.feed,
+            lambda: translator.done,
+            self.name,
+            lambda: call.on_usage(translator.usage or {}),
+        )
 
     async def _one_completion(
         self, call: Call, body: Mapping[str, Any], prompt: str, index: int
@@ -135,6 +143,7 @@ class OllamaBackend:
             [self._one_completion(call, body, prompt, i) for i, prompt in enumerate(prompts)]
         )
         usage = combined_usage(u for _, u in results)
+        call.on_usage(usage)
         return completions.completion_response(
             [choice for choice, _ in results],
             completion_id=new_completion_id("cmpl-"),
@@ -191,8 +200,9 @@ class OllamaBackend:
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
+        usage = combined_usage(t.usage for t in translators if t.usage is not None)
+        call.on_usage(usage)
         if wants_usage_chunk(body):
-            usage = combined_usage(t.usage for t in translators if t.usage is not None)
             yield completions.completion_usage_chunk(
                 completion_id=completion_id,
                 model=call.client_model,
@@ -207,9 +217,11 @@ class OllamaBackend:
             body, model=call.upstream_model, inputs=inputs
         )
         answer = await self._post("/api/embed", native, call.client_model)
-        return embeddings.ollama_embed_to_openai(
+        result = embeddings.ollama_embed_to_openai(
             answer, model=call.client_model, encoding_format=encoding
         )
+        call.on_usage(result["usage"])
+        return result
 
     async def list_models(self) -> list[dict[str, Any]]:
         status, body = await self._upstream.request_json("GET", "/api/tags")
@@ -249,6 +261,7 @@ async def _translated(
     feed: Any,
     is_done: Any,
     backend: str,
+    finished: Callable[[], object] = lambda: None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """
     Feed native NDJSON lines to a stream translator and yield its chunks.
@@ -264,6 +277,7 @@ async def _translated(
                 yield chunk
     if not is_done():
         raise UpstreamError(f"backend {backend!r} ended the stream before it was complete")
+    finished()
 
 
 def _close_later(stream: AsyncGenerator[Any, None]) -> None:

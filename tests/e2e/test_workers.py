@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Daemon, free_port, start_twistd
 
@@ -73,6 +74,16 @@ def log_text(daemon: Daemon) -> str:
         return daemon.log.read_text()
     except FileNotFoundError:
         return ""
+
+
+def served_by(log: str) -> set[int]:
+    """The workers whose access log shows a chat request."""
+    return {
+        index
+        for index in (0, 1)
+        for line in log.splitlines()
+        if f"worker {index}: " in line and "POST /v1/chat/completions" in line
+    }
 
 
 def write_config(path: Path, port: int, fake: Daemon, extra: str = "") -> None:
@@ -242,3 +253,34 @@ def test_single_process_sighup_and_graceful_stop(workdir: Path, slow_fake: Daemo
         assert daemon.process.wait(30) in STOPPED_CLEANLY
     finally:
         daemon.stop()
+
+
+def scrape_requests(url: str) -> float:
+    """The chat request total a scrape reports (over every worker)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "oproxy_requests_total"
+                and sample.labels.get("route") == "/v1/chat/completions"
+            ):
+                total += sample.value
+    return total
+
+
+def test_metrics_add_up_over_workers(pool: tuple[Daemon, Path]) -> None:
+    daemon, _ = pool
+    threads = [threading.Thread(target=chat, args=(daemon.url,)) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert served_by(log_text(daemon)) == {0, 1}
+    # Each scrape is answered by whichever worker accepts it; all must agree.
+    assert [scrape_requests(daemon.url) for _ in range(6)] == [20.0] * 6
+    victim = min(children(daemon.process.pid))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(children(daemon.process.pid) - {victim}) == 2)
+    assert scrape_requests(daemon.url) == 20.0

@@ -1,0 +1,155 @@
+"""
+Prometheus metrics, correct with one process or many.
+
+With worker processes every worker writes its samples to files in a private
+directory (``prometheus_client``'s multiprocess mode, switched on by
+``PROMETHEUS_MULTIPROC_DIR`` in the worker's environment before it starts);
+a scrape of any worker reads them all, so it shows totals over every worker,
+never one worker's view.  The master makes the directory at start, marks
+dead workers, and removes it at exit.
+
+Labels are bounded: a route is one of ours, a model label is only kept for
+answers a backend produced (a client may send any string as a model name),
+a key label is a configured key's name.  Never a request id or a raw key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+#: Environment variable naming the directory shared by worker processes.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Seconds: from a cache hit (sub-millisecond) to a long generation.
+DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
+#: Seconds to the first token: a warm model answers in tens of milliseconds,
+#: a cold load takes tens of seconds.
+FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """
+    Every metric oproxy records, on an injected registry.
+
+    :param registry: where single-process metrics live; ``None`` in
+        multiprocess mode, where the files in the shared directory are the
+        source and a scrape builds its own registry over them.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "oproxy_requests",
+            "Requests answered, by route, model, backend and HTTP status.",
+            ["route", "model", "backend", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "oproxy_request_duration_seconds",
+            "Time from the request to the end of its answer (the whole stream).",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.first_token = Histogram(
+            "oproxy_time_to_first_token_seconds",
+            "Time from the request to the first streamed chunk.",
+            ["route", "model"],
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "oproxy_tokens",
+            "Tokens counted by the backend, by direction (prompt, completion), model and key.",
+            ["direction", "model", "key"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "oproxy_requests_in_flight",
+            "Requests being served now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_errors = Counter(
+            "oproxy_upstream_errors",
+            "Failures talking to a backend, by backend and kind.",
+            ["backend", "kind"],
+            registry=registry,
+        )
+        self.cache = Counter(
+            "oproxy_cache_requests",
+            "Response cache outcomes: hit, miss or bypass.",
+            ["result"],
+            registry=registry,
+        )
+        self.backend_up = Gauge(
+            "oproxy_backend_up",
+            "Whether a backend answered its last health probe (1) or not (0).",
+            ["backend"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.probe_latency = Gauge(
+            "oproxy_backend_probe_latency_seconds",
+            "How long the last health probe of a backend took.",
+            ["backend"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+    def count_tokens(self, usage: Mapping[str, int], *, model: str, key: str | None) -> None:
+        key_label = key or "-"
+        self.tokens.labels("prompt", model, key_label).inc(usage.get("prompt_tokens", 0))
+        self.tokens.labels("completion", model, key_label).inc(usage.get("completion_tokens", 0))
+
+    def scrape(self) -> bytes:
+        """The text exposition of every process's metrics."""
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=os.environ[MULTIPROCESS_ENV])
+        return generate_latest(registry)
+
+
+def metrics_for_this_process() -> Metrics:
+    """
+    Metrics in the mode this process was started in.
+
+    The composition root calls this once per process.
+    """
+    if os.environ.get(MULTIPROCESS_ENV):
+        return Metrics(None)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    return Metrics(registry)

@@ -1,0 +1,104 @@
+"""
+``GET /metrics``: what a Prometheus scrape sees after traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Proxy
+from tests.httputil import header, post_json
+
+HELLO = [{"role": "user", "content": "count me"}]
+
+
+async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await proxy.client.get(f"{proxy.url}/metrics")
+    assert response.code == 200
+    assert header(response, "content-type").startswith("text/plain")
+    text = (await treq.content(response)).decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_scrape_after_traffic(proxy: Proxy) -> None:
+    chat = proxy.v1("chat/completions")
+    await post_json(proxy.client, chat, {"model": "llama3.2", "messages": HELLO})
+    await post_json(proxy.client, chat, {"model": "llama3.2", "messages": HELLO, "stream": True})
+    await post_json(proxy.client, chat, {"model": "no-such-model", "messages": HELLO})
+    embed = {"model": "all-minilm", "input": "x"}
+    for _ in range(2):
+        await post_json(proxy.client, proxy.v1("embeddings"), embed)
+    samples = await scrape(proxy)
+
+    route = "/v1/chat/completions"
+    ok = {"route": route, "model": "llama3.2", "backend": "local", "status": "200"}
+    assert value(samples, "oproxy_requests_total", **ok) == 2
+    assert (
+        value(
+            samples,
+            "oproxy_requests_total",
+            route=route,
+            model="-",
+            backend="local",
+            status="404",
+        )
+        == 1
+    )
+    assert value(samples, "oproxy_request_duration_seconds_count", route=route) == 3
+    assert (
+        value(samples, "oproxy_time_to_first_token_seconds_count", route="chat", model="llama3.2")
+        == 1
+    )
+    prompt = value(samples, "oproxy_tokens_total", direction="prompt", model="llama3.2", key="-")
+    completion = value(
+        samples, "oproxy_tokens_total", direction="completion", model="llama3.2", key="-"
+    )
+    assert prompt > 0 and completion > 0
+    assert value(samples, "oproxy_cache_requests_total", result="hit") == 1
+    assert value(samples, "oproxy_cache_requests_total", result="miss") == 1
+    assert value(samples, "oproxy_cache_requests_total", result="bypass") == 3
+    assert value(samples, "oproxy_requests_in_flight") == 0
+    assert not any("req_" in str(labels) for _, labels in samples)
+
+
+@pytest_twisted.ensureDeferred
+async def test_streamed_tokens_are_counted_without_a_usage_chunk(proxy: Proxy) -> None:
+    chat = proxy.v1("chat/completions")
+    await post_json(proxy.client, chat, {"model": "qwen3", "messages": HELLO})
+    before = await scrape(proxy)
+    await post_json(proxy.client, chat, {"model": "qwen3", "messages": HELLO, "stream": True})
+    after = await scrape(proxy)
+    key = ("oproxy_tokens_total", (("direction", "completion"), ("key", "-"), ("model", "qwen3")))
+    assert after[key] - before[key] > 0
+    assert after[key] == 2 * before[key]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_errors_by_backend_and_kind(proxy: Proxy) -> None:
+    chat = proxy.v1("chat/completions")
+    await post_json(proxy.client, chat, {"model": "crash", "messages": HELLO})
+    samples = await scrape(proxy)
+    assert (
+        value(samples, "oproxy_upstream_errors_total", backend="local", kind="upstream_error") == 1
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_probes_set_backend_gauges(proxy: Proxy) -> None:
+    await proxy.client.get(f"{proxy.url}/readyz")
+    samples = await scrape(proxy)
+    assert value(samples, "oproxy_backend_up", backend="local") == 1
+    assert value(samples, "oproxy_backend_probe_latency_seconds", backend="local") > 0
