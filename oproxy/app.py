@@ -45,6 +45,7 @@ from oproxy.errors import (
     render_error,
 )
 from oproxy.health import probe_all, report
+from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
 from oproxy.routing import Router
 from oproxy.security.auth import authenticate
@@ -79,9 +80,11 @@ class ProxyApp:
         http_client: treq.client.HTTPClient,
         cache: ResponseCache,
         metrics: Metrics,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.access_log = access_log
         self.router = router
         self.cache = cache
         self.clock = clock
@@ -116,6 +119,7 @@ class ProxyApp:
             # request asked for it; a stopping process wants exactly that.
             request.requestHeaders.setRawHeaders(b"connection", [b"close"])
         scope: Scope | None = None
+        error_kind: str | None = None
         self.metrics.in_flight.inc()
         try:
             key = (
@@ -136,6 +140,7 @@ class ProxyApp:
             )
             return await handler(scope)
         except OProxyError as e:
+            error_kind = e.code or e.error_type
             if isinstance(e, UPSTREAM_FAILURES):
                 backend = scope.backend_label if scope is not None else "-"
                 self.metrics.upstream_errors.labels(backend, e.code or "error").inc()
@@ -149,19 +154,32 @@ class ProxyApp:
                 path=request.path,
                 request_id=request_id,
             )
+            error_kind = "server_error"
             return _error_response(request, ServerError())
         finally:
             self.metrics.in_flight.dec()
-            self._count(request, route, scope, started)
+            self._count(request, route, scope, started, error_kind)
 
-    def _count(self, request: IRequest, route: str, scope: Scope | None, started: float) -> None:
+    def _count(
+        self,
+        request: IRequest,
+        route: str,
+        scope: Scope | None,
+        started: float,
+        error_kind: str | None,
+    ) -> None:
         status = request.code  # type: ignore[attr-defined]
         # Only an answer from a backend vouches for a model name: a client
         # may send any string, and labels must stay bounded.
         model = scope.model_label if scope is not None and status < 400 else "-"
         backend = scope.backend_label if scope is not None else "-"
+        elapsed = self.clock.seconds() - started
         self.metrics.requests.labels(route, model, backend, str(status)).inc()
-        self.metrics.duration.labels(route).observe(self.clock.seconds() - started)
+        self.metrics.duration.labels(route).observe(elapsed)
+        if self.access_log is not None:
+            self.access_log.write(
+                access_record(request, scope, status, started, elapsed, error_kind)
+            )
 
     # -- OpenAI routes -----------------------------------------------------
 
@@ -271,6 +289,41 @@ class ProxyApp:
         return _error_response(
             request, MethodNotAllowed(f"Method {method} is not allowed on this route.")
         )
+
+
+def access_record(
+    request: IRequest,
+    scope: Scope | None,
+    status: int,
+    started: float,
+    elapsed: float,
+    error_kind: str | None,
+) -> dict[str, Any]:
+    """
+    One access log line.  The key's name, never the key; no bodies.
+    """
+    address = request.getClientAddress()
+    return {
+        "time": started,
+        "request_id": _request_id(request),
+        "key": scope.key.name if scope is not None and scope.key is not None else None,
+        "client": getattr(address, "host", None),
+        "method": request.method.decode("latin-1"),
+        "path": request.path.decode("latin-1"),
+        "model": scope.model_label if scope is not None else None,
+        "backend": scope.backend_label if scope is not None else None,
+        "status": status,
+        "latency_seconds": round(elapsed, 6),
+        "first_token_seconds": (
+            round(scope.first_token_seconds, 6)
+            if scope is not None and scope.first_token_seconds is not None
+            else None
+        ),
+        "prompt_tokens": scope.prompt_tokens if scope is not None else None,
+        "completion_tokens": scope.completion_tokens if scope is not None else None,
+        "cache": scope.cache_status if scope is not None else None,
+        "error": error_kind,
+    }
 
 
 def _request_id(request: IRequest) -> str:

@@ -117,6 +117,22 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class AccessLogConfig:
+    """
+    The JSON-lines access log, and when it is rotated.
+
+    :ivar max_bytes: rotate when the file is larger (``None``: never by size).
+    :ivar daily: rotate when the (UTC) day changes.
+    :ivar keep: how many rotated files to keep (``path.1`` is the newest).
+    """
+
+    path: str
+    max_bytes: int | None = 100 * MIB
+    daily: bool = False
+    keep: int = 7
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration: one immutable snapshot."""
 
@@ -133,6 +149,8 @@ class Config:
     workers: int | None = 1
     #: Seconds a stopping process lets in-flight requests and streams finish.
     drain_timeout: float = 30.0
+    #: The JSON access log; without it, Twisted's own access lines are logged.
+    access_log: AccessLogConfig | None = None
 
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -406,6 +424,28 @@ def _cache(section: _Section) -> CacheConfig:
     return cache
 
 
+def _access_log(section: _Section) -> AccessLogConfig | None:
+    if not section.node:
+        return None
+    path = section.require("path", _string)
+    max_bytes = section.get("max_bytes", AccessLogConfig.max_bytes, _byte_size)
+    keep = section.get("keep", AccessLogConfig.keep, _count)
+    config = AccessLogConfig(
+        path=path,
+        max_bytes=max_bytes,
+        daily=section.get("daily", AccessLogConfig.daily, _boolean),
+        keep=keep,
+    )
+    section.done()
+    return config
+
+
+def _count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"must be a positive whole number, not {value!r}")
+    return value
+
+
 def _redis_url(value: Any, key: str) -> str:
     text = _string(value, key)
     if urlsplit(text).scheme not in ("redis", "unix"):
@@ -459,6 +499,7 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         cache=_cache(root.section("cache")),
         workers=root.get("workers", Config.workers, _workers),
         drain_timeout=root.get("drain_timeout", Config.drain_timeout, _positive_number),
+        access_log=_access_log(root.section("access_log")),
     )
     root.done()
     return check_exposure(config)

@@ -56,6 +56,8 @@ class ProxySite(server.Site):
         super().__init__(resource, **kw)  # type: ignore[no-untyped-call]
         self._max_body_bytes = max_body_bytes
         self.requestFactory = self._make_request  # type: ignore[assignment]
+        #: Whether Twisted's own (Common Log Format) access lines are logged.
+        self.twisted_access_lines = True
         self.in_flight = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
         self._connections: dict[Any, defer.Deferred[None]] = {}
@@ -106,6 +108,10 @@ class ProxySite(server.Site):
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def log(self, request: Any) -> None:
+        if self.twisted_access_lines:
+            super().log(request)  # type: ignore[no-untyped-call]
 
     def idle(self) -> defer.Deferred[None]:
         """Fires when no request is in flight (at once if none is)."""

@@ -29,6 +29,7 @@ from oproxy.backends.ollama import OllamaBackend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
 from oproxy.listeners import bind
+from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import MULTIPROCESS_ENV, metrics_for_this_process
 from oproxy.reload import Reloader
 from oproxy.routing import Router
@@ -141,7 +142,9 @@ def build_response_cache(config: Config, reactor: Any) -> ResponseCache:
     return cache
 
 
-def build_app(config: Config, reactor: Any, pool: HTTPConnectionPool) -> ProxyApp:
+def build_app(
+    config: Config, reactor: Any, pool: HTTPConnectionPool, access_log: AccessLog | None = None
+) -> ProxyApp:
     """Wire the app over the shared pool."""
     images_client = treq.client.HTTPClient(
         Agent(reactor, pool=pool, connectTimeout=config.images.timeout)
@@ -153,6 +156,7 @@ def build_app(config: Config, reactor: Any, pool: HTTPConnectionPool) -> ProxyAp
         http_client=images_client,
         cache=build_response_cache(config, reactor),
         metrics=metrics_for_this_process(),
+        access_log=access_log,
     )
 
 
@@ -160,6 +164,8 @@ def build_site(app: ProxyApp) -> ProxySite:
     site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
     site.displayTracebacks = False
     site.noisy = False
+    # With the JSON access log, Twisted's own access line would say it twice.
+    site.twisted_access_lines = app.access_log is None
     return site
 
 
@@ -168,14 +174,16 @@ def serve_here(
     options_config: tuple[str | None, Sequence[str], str | None],
     config: Config,
     listen: Any,
+    rotate_access_log: bool = True,
 ) -> service.MultiService:
     """
     The serving side, for a single process or a worker: the app, its site on
-    the listeners ``listen(site)`` returns, graceful drain, and ``SIGHUP``
-    reloads.
+    the listeners ``listen(site)`` returns, graceful drain, ``SIGHUP``
+    reloads, and the access log (rotated here unless a master does it).
     """
     pool = connection_pool(reactor)
-    app = build_app(config, reactor, pool)
+    access_log = AccessLog(config.access_log.path) if config.access_log else None
+    app = build_app(config, reactor, pool, access_log)
     site = build_site(app)
     path, overrides, backend_url = options_config
     reloader = Reloader(
@@ -189,6 +197,9 @@ def serve_here(
         ServingService(reactor, app, site, listen(site), lambda: app.config.drain_timeout)
     )
     top.addService(SignalService(reactor, signal.SIGHUP, reloader.reload))
+    if config.access_log is not None:
+        rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
+        top.addService(AccessLogService(reactor, access_log, rotator))
     return top
 
 
@@ -246,4 +257,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     )
     top.addService(pool)
     top.addService(SignalService(reactor, signal.SIGHUP, pool.reload))
+    if config.access_log is not None:
+        # Workers write; only the master rotates.
+        top.addService(AccessLogService(reactor, None, Rotator(config.access_log, reactor)))
     return top

@@ -70,6 +70,7 @@ def main() -> None:
         lambda site: [
             adopt(reactor, description, fd, site) for fd, description in spec["listeners"]
         ],
+        rotate_access_log=False,  # the master rotates
     )
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

@@ -18,8 +18,8 @@ from twisted.web.server import Site
 
 from oproxy.app import ProxyApp
 from oproxy.config import BackendConfig, Config, ImagesConfig, Timeouts
-from oproxy.site import ProxySite
-from oproxy.tap import build_app, connection_pool
+from oproxy.logs import AccessLog
+from oproxy.tap import build_app, build_site, connection_pool
 from oproxy.testing.fake_ollama import FakeOllama
 
 
@@ -91,8 +91,9 @@ def proxy_factory(fake_ollama: tuple[FakeOllama, str]) -> Iterator[Any]:
     ) -> Proxy:
         config = proxy_config(fake_url, timeouts, host_header, **changes)
         pool = connection_pool(reactor)
-        app = build_app(config, reactor, pool)
-        running = listen(ProxySite(app.resource(), lambda: app.config.max_body_bytes))
+        access_log = AccessLog(config.access_log.path) if config.access_log else None
+        app = build_app(config, reactor, pool, access_log)
+        running = listen(build_site(app))
         cleanups.append(running.port.stopListening)
         cleanups.append(pool.closeCachedConnections)
         return Proxy(url=running.url, app=app, fake=fake, fake_url=fake_url, client=client)

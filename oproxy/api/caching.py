@@ -48,7 +48,8 @@ async def answer(
     for name, value in cache.headers(policy, hit).items():
         request.setHeader(name, value)
         if name.lower() == b"x-cache":
-            scope.app.metrics.cache.labels(value.decode("ascii").lower()).inc()
+            scope.cache_status = value.decode("ascii")
+            scope.app.metrics.cache.labels(scope.cache_status.lower()).inc()
     if hit is not None:
         if stream:
             await relay_sse(request, replay(hit), scope.app.clock)
@@ -74,7 +75,8 @@ async def _timed(
         async for chunk in chunks:
             if first:
                 first = False
+                scope.first_token_seconds = scope.app.clock.seconds() - scope.started
                 scope.app.metrics.first_token.labels(route_name, scope.model_label).observe(
-                    scope.app.clock.seconds() - scope.started
+                    scope.first_token_seconds
                 )
             yield chunk

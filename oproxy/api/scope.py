@@ -42,6 +42,10 @@ class Scope:
     #: What the access log and metrics say about the answer, once known.
     model_label: str = "-"
     backend_label: str = "-"
+    cache_status: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    first_token_seconds: float | None = None
 
     def json(self, payload: Any, status: int = 200) -> bytes:
         """Render a JSON answer."""
@@ -87,6 +91,8 @@ class Scope:
         key_name = self.key.name if self.key else None
 
         def count(usage: Mapping[str, int]) -> None:
+            self.prompt_tokens = usage.get("prompt_tokens", 0)
+            self.completion_tokens = usage.get("completion_tokens", 0)
             self.app.metrics.count_tokens(usage, model=model, key=key_name)
 
         return Call(

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -284,3 +285,42 @@ def test_metrics_add_up_over_workers(pool: tuple[Daemon, Path]) -> None:
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: len(children(daemon.process.pid) - {victim}) == 2)
     assert scrape_requests(daemon.url) == 20.0
+
+
+def test_access_log_rotates_under_load_without_losing_a_line(
+    workdir: Path, fake_ollama_process: Daemon
+) -> None:
+    port = free_port()
+    config = workdir / f"logged-{port}.yaml"
+    access = workdir / f"access-{port}.log"
+    write_config(
+        config,
+        port,
+        fake_ollama_process,
+        f"access_log: {{path: '{access}', max_bytes: 8KiB, keep: 1000}}",
+    )
+    daemon = start_twistd(["oproxy", "--config", str(config)], port, workdir, f"logged-{port}")
+    try:
+        wait_for(lambda: log_text(daemon).count(" serving (pid ") == 2)
+        sent: list[int] = []
+        deadline = time.monotonic() + 3.5
+
+        def load() -> None:
+            while time.monotonic() < deadline:
+                sent.append(chat(daemon.url))
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert set(sent) == {200}
+        time.sleep(1.5)  # let every writer notice the last rotation
+        files = sorted(workdir.glob(f"access-{port}.log*"))
+        assert len(files) >= 3, files
+        records = [orjson.loads(line) for f in files for line in f.read_bytes().splitlines()]
+        assert len(records) == len(sent)
+        assert all(r["path"] == "/v1/chat/completions" and r["status"] == 200 for r in records)
+        assert len({r["request_id"] for r in records}) == len(sent)
+    finally:
+        daemon.stop()

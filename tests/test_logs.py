@@ -1,0 +1,112 @@
+"""
+The JSON access log: its lines, its rotation, and what it never contains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest_twisted
+from twisted.internet import task
+
+from oproxy.config import AccessLogConfig, APIKey, AuthConfig, hash_key
+from oproxy.logs import AccessLog, Rotator, rotate
+from tests.conftest import Proxy
+from tests.httputil import post_json
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_rotation_keeps_the_newest(tmp_path: Path) -> None:
+    config = AccessLogConfig(path=str(tmp_path / "access.log"), keep=2)
+    writer = AccessLog(config.path)
+    for n in range(4):
+        writer.write({"n": n})
+        rotate(config)
+        writer.reopen_if_rotated()
+    writer.write({"n": 4})
+    assert lines(tmp_path / "access.log") == [{"n": 4}]
+    assert lines(tmp_path / "access.log.1") == [{"n": 3}]
+    assert lines(tmp_path / "access.log.2") == [{"n": 2}]
+    assert not (tmp_path / "access.log.3").exists()
+
+
+def test_writer_finishes_in_the_rotated_file_until_it_reopens(tmp_path: Path) -> None:
+    config = AccessLogConfig(path=str(tmp_path / "access.log"))
+    writer = AccessLog(config.path)
+    writer.write({"n": 1})
+    rotate(config)
+    writer.write({"n": 2})  # not yet reopened: lands, whole, in access.log.1
+    writer.reopen_if_rotated()
+    writer.write({"n": 3})
+    assert lines(tmp_path / "access.log.1") == [{"n": 1}, {"n": 2}]
+    assert lines(tmp_path / "access.log") == [{"n": 3}]
+
+
+def test_rotator_by_size_and_by_day(tmp_path: Path) -> None:
+    clock = task.Clock()
+    clock.advance(86400 * 100 + 3600)
+    path = tmp_path / "access.log"
+    sized = Rotator(AccessLogConfig(path=str(path), max_bytes=10), clock)
+    path.write_bytes(b"12345")
+    assert not sized.check()
+    path.write_bytes(b"12345678901")
+    assert sized.check()
+    assert path.read_bytes() == b""
+    daily = Rotator(AccessLogConfig(path=str(path), max_bytes=None, daily=True), clock)
+    path.write_bytes(b"x")
+    assert not daily.check()
+    clock.advance(86400)
+    assert daily.check()
+    assert not daily.check()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_json_line_per_request_without_secrets(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "access.log"
+    proxy: Proxy = proxy_factory(
+        access_log=AccessLogConfig(path=str(path)),
+        auth=AuthConfig(keys=(APIKey("alice", hash_key("sk-very-secret")),)),
+    )
+    headers = {"Authorization": "Bearer sk-very-secret", "X-Request-Id": "trace-1"}
+    chat = proxy.v1("chat/completions")
+    await post_json(
+        proxy.client,
+        chat,
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "private words"}]},
+        headers,
+    )
+    await post_json(
+        proxy.client,
+        chat,
+        {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        headers,
+    )
+    await post_json(proxy.client, chat, {"model": "missing", "messages": []}, headers)
+    await post_json(proxy.client, chat, {"model": "llama3.2", "messages": []})
+    first, streamed, missing, anonymous = lines(path)
+    assert first["request_id"] == "trace-1"
+    assert first["key"] == "alice"
+    assert first["client"] == "127.0.0.1"
+    assert first["method"] == "POST"
+    assert first["path"] == "/v1/chat/completions"
+    assert first["model"] == "llama3.2"
+    assert first["backend"] == "local"
+    assert first["status"] == 200
+    assert first["latency_seconds"] > 0
+    assert first["prompt_tokens"] > 0 and first["completion_tokens"] > 0
+    assert first["cache"] == "BYPASS"
+    assert first["error"] is None
+    assert streamed["first_token_seconds"] > 0
+    assert streamed["completion_tokens"] > 0
+    assert missing["status"] == 400 and missing["error"]
+    assert anonymous["status"] == 401 and anonymous["error"] == "invalid_api_key"
+    text = path.read_text()
+    assert "sk-very-secret" not in text
+    assert "private words" not in text
