@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
@@ -102,3 +105,27 @@ async def test_health_probes_set_backend_gauges(proxy: Proxy) -> None:
     samples = await scrape(proxy)
     assert value(samples, "oproxy_backend_up", backend="local") == 1
     assert value(samples, "oproxy_backend_probe_latency_seconds", backend="local") > 0
+
+
+def dashboard_metric_names() -> set[str]:
+    """Every oproxy metric the example Grafana dashboard queries."""
+    path = Path(__file__).resolve().parent.parent / "etc" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    return {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"oproxy_[a-z_]+", target["expr"])
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_grafana_dashboard_uses_metrics_that_exist(proxy: Proxy) -> None:
+    chat = proxy.v1("chat/completions")
+    await post_json(proxy.client, chat, {"model": "llama3.2", "messages": HELLO, "stream": True})
+    await post_json(proxy.client, chat, {"model": "crash", "messages": HELLO})
+    await proxy.client.get(f"{proxy.url}/readyz")
+    names = {name for name, _ in await scrape(proxy)}
+    used = dashboard_metric_names()
+    assert used
+    assert used <= names, used - names
