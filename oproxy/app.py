@@ -176,6 +176,10 @@ class ProxyApp:
         elapsed = self.clock.seconds() - started
         self.metrics.requests.labels(route, model, backend, str(status)).inc()
         self.metrics.duration.labels(route).observe(elapsed)
+        if scope is not None and scope.backend_label != "-":
+            self.metrics.overhead.labels(route).observe(
+                max(0.0, elapsed - scope.upstream_time.seconds)
+            )
         if self.access_log is not None:
             self.access_log.write(
                 access_record(request, scope, status, started, elapsed, error_kind)

@@ -55,6 +55,9 @@ DURATION_BUCKETS = (
 #: a cold load takes tens of seconds.
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120)
 
+#: Seconds: the proxy's own work is measured in tenths of milliseconds.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -80,6 +83,13 @@ class Metrics:
             "Time from the request to the end of its answer (the whole stream).",
             ["route"],
             buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "oproxy_overhead_seconds",
+            "Time a request spent in the proxy itself, not waiting for an upstream.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
         self.first_token = Histogram(

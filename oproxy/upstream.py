@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -74,6 +75,17 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+@dataclass
+class UpstreamTime:
+    """
+    Seconds one request spent waiting for upstream answers, summed.
+
+    What is left of its duration is the proxy's own overhead.
+    """
+
+    seconds: float = 0.0
 
 
 class DeadlineExceeded(Exception):
@@ -328,7 +340,11 @@ class Upstream:
         return reader
 
     async def request_json(
-        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        timer: UpstreamTime | None = None,
     ) -> tuple[int, Any]:
         """
         Send a JSON request; return the status and the decoded JSON answer.
@@ -336,26 +352,43 @@ class Upstream:
         Cancelling the caller aborts the connection, streaming or not.
         """
         body = orjson.dumps(payload) if payload is not None else None
-        response = await self._send(method, path, body)
-        limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
-        raw = await self._reader(response, limit).read_all()
+        started = self._clock.seconds()
+        try:
+            response = await self._send(method, path, body)
+            limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
+            raw = await self._reader(response, limit).read_all()
+        finally:
+            if timer is not None:
+                timer.seconds += self._clock.seconds() - started
         return response.code, _decode(raw, self.name)
 
     async def stream_json_lines(
-        self, path: str, payload: Mapping[str, Any]
+        self, path: str, payload: Mapping[str, Any], timer: UpstreamTime | None = None
     ) -> tuple[int, AsyncGenerator[Any, None]]:
         """
         Send a JSON request whose answer is NDJSON; iterate over decoded lines.
 
         A non-200 status is returned with an iterator over its (single) body.
         """
-        response = await self._send("POST", path, orjson.dumps(payload))
-        limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
-        return response.code, self._decoded_lines(self._reader(response, limit))
-
-    async def _decoded_lines(self, reader: BodyReader) -> AsyncGenerator[Any, None]:
+        timer = timer if timer is not None else UpstreamTime()
+        started = self._clock.seconds()
         try:
-            while batch := await reader.next_lines():
+            response = await self._send("POST", path, orjson.dumps(payload))
+        finally:
+            timer.seconds += self._clock.seconds() - started
+        limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
+        return response.code, self._decoded_lines(self._reader(response, limit), timer)
+
+    async def _decoded_lines(
+        self, reader: BodyReader, timer: UpstreamTime
+    ) -> AsyncGenerator[Any, None]:
+        try:
+            while True:
+                waiting = self._clock.seconds()
+                batch = await reader.next_lines()
+                timer.seconds += self._clock.seconds() - waiting
+                if not batch:
+                    return
                 for line in batch:
                     yield _decode(line, self.name)
         finally:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
 
 from tests.conftest import Proxy
 from tests.httputil import header, post_json
@@ -129,3 +130,27 @@ async def test_grafana_dashboard_uses_metrics_that_exist(proxy: Proxy) -> None:
     used = dashboard_metric_names()
     assert used
     assert used <= names, used - names
+
+
+@pytest_twisted.ensureDeferred
+async def test_overhead_excludes_time_spent_waiting_upstream(proxy: Proxy) -> None:
+    proxy.fake.token_delay = 0.02  # an answer of ~15 tokens takes ~0.3 s upstream
+    started = reactor.seconds()
+    response, _ = await post_json(
+        proxy.client, proxy.v1("chat/completions"), {"model": "llama3.2", "messages": HELLO}
+    )
+    total_ms = (reactor.seconds() - started) * 1000
+    overhead_ms = float(header(response, "x-oproxy-overhead-ms") or "nan")
+    assert 0 <= overhead_ms < total_ms / 4
+    await post_json(
+        proxy.client,
+        proxy.v1("chat/completions"),
+        {"model": "llama3.2", "messages": HELLO, "stream": True},
+    )
+    samples = await scrape(proxy)
+    route = "/v1/chat/completions"
+    count = value(samples, "oproxy_overhead_seconds_count", route=route)
+    overhead_sum = value(samples, "oproxy_overhead_seconds_sum", route=route)
+    duration_sum = value(samples, "oproxy_request_duration_seconds_sum", route=route)
+    assert count == 2
+    assert 0 < overhead_sum < duration_sum / 4

@@ -18,6 +18,9 @@ from oproxy.cache import cache_policy, replay
 from oproxy.routing import Route
 from oproxy.streaming import relay_sse
 
+#: The proxy's own share of a non-streamed answer's time, in milliseconds.
+OVERHEAD_HEADER = b"x-oproxy-overhead-ms"
+
 
 async def answer(
     scope: Scope,
@@ -58,6 +61,7 @@ async def answer(
     if not stream:
         body = await produce()
         await cache.store(policy, body, stream=False)
+        request.setHeader(OVERHEAD_HEADER, b"%.3f" % (scope.overhead() * 1000))
         return scope.json(body)
     chunks = await produce_stream()
     await relay_sse(

@@ -5,7 +5,7 @@ What a handler gets: the request, its parsed body, and the app's services.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -16,6 +16,7 @@ from oproxy.config import APIKey, Config
 from oproxy.errors import InvalidRequest
 from oproxy.images import fetch_images
 from oproxy.routing import Route, Router
+from oproxy.upstream import UpstreamTime
 
 if TYPE_CHECKING:
     from oproxy.app import ProxyApp
@@ -46,6 +47,12 @@ class Scope:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     first_token_seconds: float | None = None
+    upstream_time: UpstreamTime = field(default_factory=UpstreamTime)
+
+    def overhead(self) -> float:
+        """Seconds so far not spent waiting for an upstream."""
+        elapsed = self.app.clock.seconds() - self.started
+        return max(0.0, elapsed - self.upstream_time.seconds)
 
     def json(self, payload: Any, status: int = 200) -> bytes:
         """Render a JSON answer."""
@@ -101,4 +108,5 @@ class Scope:
             created=int(self.app.clock.seconds()),
             images=images,
             on_usage=count,
+            upstream_time=self.upstream_time,
         )

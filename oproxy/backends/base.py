@@ -12,6 +12,8 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from oproxy.upstream import UpstreamTime
+
 
 @dataclass(frozen=True)
 class Call:
@@ -22,6 +24,7 @@ class Call:
     :ivar upstream_model: the name the backend knows the model by.
     :ivar created: the response's ``created`` timestamp (unix seconds).
     :ivar images: http(s) image URLs fetched by the proxy, as base64.
+    :ivar upstream_time: where the backend adds the time it waited upstream.
     :ivar on_usage: told the token counts once the backend has given them,
         streams included, so that accounting never depends on the client
         asking for a usage chunk.
@@ -32,6 +35,7 @@ class Call:
     created: int
     images: Mapping[str, str] = field(default_factory=dict)
     on_usage: Callable[[Mapping[str, int]], None] = lambda usage: None
+    upstream_time: UpstreamTime = field(default_factory=UpstreamTime)
 
 
 class Backend(Protocol):

@@ -68,29 +68,29 @@ class OllamaBackend:
     def name(self) -> str:
         return self._upstream.name
 
-    async def _post(self, path: str, payload: Mapping[str, Any], call_model: str) -> Any:
-        status, body = await self._upstream.request_json("POST", path, payload)
+    async def _post(self, path: str, payload: Mapping[str, Any], call: Call) -> Any:
+        status, body = await self._upstream.request_json("POST", path, payload, call.upstream_time)
         if status != 200:
-            raise ollama_error(status, body, call_model, self.name)
+            raise ollama_error(status, body, call.client_model, self.name)
         if not isinstance(body, dict):
             raise UpstreamError(f"backend {self.name!r} sent an answer that is not JSON")
         return body
 
     async def _stream(
-        self, path: str, payload: Mapping[str, Any], call_model: str
+        self, path: str, payload: Mapping[str, Any], call: Call
     ) -> AsyncGenerator[Any, None]:
-        status, lines = await self._upstream.stream_json_lines(path, payload)
+        status, lines = await self._upstream.stream_json_lines(path, payload, call.upstream_time)
         if status != 200:
             async with aclosing(lines):
                 body = await anext(lines, None)
-            raise ollama_error(status, body, call_model, self.name)
+            raise ollama_error(status, body, call.client_model, self.name)
         return lines
 
     async def chat_completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
         native = chat.chat_request_to_ollama(
             body, model=call.upstream_model, fetched_images=call.images
         )
-        answer = await self._post("/api/chat", native, call.client_model)
+        answer = await self._post("/api/chat", native, call)
         result = chat.ollama_chat_to_openai(
             answer,
             completion_id=new_completion_id("chatcmpl-"),
@@ -106,7 +106,7 @@ class OllamaBackend:
         native = chat.chat_request_to_ollama(
             body, model=call.upstream_model, fetched_images=call.images
         )
-        lines = await self._stream("/api/chat", native, call.client_model)
+        lines = await self._stream("/api/chat", native, call)
         translator = chat.ChatStreamTranslator(
             new_completion_id("chatcmpl-"),
             call.client_model,
@@ -127,7 +127,7 @@ class OllamaBackend:
         native = completions.completion_request_to_ollama(
             body, model=call.upstream_model, prompt=prompt
         )
-        answer = await self._post("/api/generate", native, call.client_model)
+        answer = await self._post("/api/generate", native, call)
         choice = completions.ollama_generate_to_choice(
             answer,
             index=index,
@@ -176,7 +176,7 @@ class OllamaBackend:
                     completions.completion_request_to_ollama(
                         body, model=call.upstream_model, prompt=prompt
                     ),
-                    call.client_model,
+                    call,
                 )
                 for prompt in prompts
             ],
@@ -216,7 +216,7 @@ class OllamaBackend:
         native = embeddings.embeddings_request_to_ollama(
             body, model=call.upstream_model, inputs=inputs
         )
-        answer = await self._post("/api/embed", native, call.client_model)
+        answer = await self._post("/api/embed", native, call)
         result = embeddings.ollama_embed_to_openai(
             answer, model=call.client_model, encoding_format=encoding
         )
@@ -232,7 +232,9 @@ class OllamaBackend:
         return data
 
     async def retrieve_model(self, model_id: str) -> dict[str, Any]:
-        show = await self._post("/api/show", {"model": model_id}, model_id)
+        status, show = await self._upstream.request_json("POST", "/api/show", {"model": model_id})
+        if status != 200 or not isinstance(show, dict):
+            raise ollama_error(status, show, model_id, self.name)
         return models.ollama_show_to_model(show, model_id=model_id, owned_by=self.name)
 
     async def probe(self) -> dict[str, Any]:
