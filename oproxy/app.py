@@ -30,7 +30,7 @@ from oproxy import __version__
 from oproxy.api import chat, completions, embeddings, models
 from oproxy.api.scope import Scope
 from oproxy.cache import ResponseCache
-from oproxy.config import Config
+from oproxy.config import APIKey, Config
 from oproxy.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -263,6 +263,14 @@ class ProxyApp:
     @app.route("/metrics", methods=["GET"])
     def scrape(self, request: IRequest) -> bytes:
         """Prometheus metrics, over every worker process."""
+        token = self.config.metrics.token_sha256
+        if token is not None:
+            try:
+                authenticate(
+                    (APIKey(name="metrics", sha256=token),), request.getHeader(b"authorization")
+                )
+            except OProxyError as e:
+                return _error_response(request, e)
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
         return self.metrics.scrape()
 

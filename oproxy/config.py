@@ -117,6 +117,16 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """
+    ``/metrics``: open to scrapers by default, or behind a bearer token
+    (kept, like API keys, only as its SHA-256 digest).
+    """
+
+    token_sha256: bytes | None = None
+
+
+@dataclass(frozen=True)
 class AccessLogConfig:
     """
     The JSON-lines access log, and when it is rotated.
@@ -151,6 +161,7 @@ class Config:
     drain_timeout: float = 30.0
     #: The JSON access log; without it, Twisted's own access lines are logged.
     access_log: AccessLogConfig | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -424,6 +435,12 @@ def _cache(section: _Section) -> CacheConfig:
     return cache
 
 
+def _metrics(section: _Section) -> MetricsConfig:
+    token = section.get("bearer_token", None, _string)
+    section.done()
+    return MetricsConfig(token_sha256=hash_key(token) if token is not None else None)
+
+
 def _access_log(section: _Section) -> AccessLogConfig | None:
     if not section.node:
         return None
@@ -500,6 +517,7 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         workers=root.get("workers", Config.workers, _workers),
         drain_timeout=root.get("drain_timeout", Config.drain_timeout, _positive_number),
         access_log=_access_log(root.section("access_log")),
+        metrics=_metrics(root.section("metrics")),
     )
     root.done()
     return check_exposure(config)

@@ -14,6 +14,7 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 
+from oproxy.config import MetricsConfig, hash_key, load_config
 from tests.conftest import Proxy
 from tests.httputil import header, post_json
 
@@ -154,3 +155,21 @@ async def test_overhead_excludes_time_spent_waiting_upstream(proxy: Proxy) -> No
     duration_sum = value(samples, "oproxy_request_duration_seconds_sum", route=route)
     assert count == 2
     assert 0 < overhead_sum < duration_sum / 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_behind_a_bearer_token(proxy_factory: Any) -> None:
+    proxy = proxy_factory(metrics=MetricsConfig(token_sha256=hash_key("scrape-me")))
+    response = await proxy.client.get(f"{proxy.url}/metrics")
+    assert response.code == 401
+    response = await proxy.client.get(
+        f"{proxy.url}/metrics", headers={"Authorization": "Bearer scrape-me"}
+    )
+    assert response.code == 200
+    assert b"oproxy_requests_in_flight" in await treq.content(response)
+
+
+def test_metrics_token_config() -> None:
+    config = load_config("metrics: {bearer_token: '${TOKEN}'}", {"TOKEN": "t0k"})
+    assert config.metrics.token_sha256 == hash_key("t0k")
+    assert load_config(None, {}).metrics.token_sha256 is None
