@@ -150,9 +150,12 @@ class ProxyApp:
         except Exception:
             log.failure(
                 "Unhandled error serving {method} {path} ({request_id})",
-                method=request.method,
-                path=request.path,
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
                 request_id=request_id,
+                route=route,
+                model=scope.model_label if scope is not None else None,
+                backend=scope.backend_label if scope is not None else None,
             )
             error_kind = "server_error"
             return _error_response(request, ServerError())

@@ -117,6 +117,15 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class SentryConfig:
+    """Where unhandled errors are reported (``SENTRY_DSN`` works too)."""
+
+    dsn: str | None = None
+    environment: str = "production"
+    release: str | None = None
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """
     ``/metrics``: open to scrapers by default, or behind a bearer token
@@ -162,6 +171,7 @@ class Config:
     #: The JSON access log; without it, Twisted's own access lines are logged.
     access_log: AccessLogConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sentry: SentryConfig = field(default_factory=SentryConfig)
 
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -435,6 +445,20 @@ def _cache(section: _Section) -> CacheConfig:
     return cache
 
 
+def _sentry(section: _Section, environ: Mapping[str, str]) -> SentryConfig:
+    config = SentryConfig(
+        dsn=section.get("dsn", environ.get("SENTRY_DSN") or None, _string),
+        environment=section.get(
+            "environment", environ.get("SENTRY_ENVIRONMENT") or "production", _string
+        ),
+        release=section.get("release", None, _string),
+    )
+    section.done()
+    if config.dsn is not None and urlsplit(config.dsn).scheme not in ("http", "https"):
+        raise ConfigError(section.path("dsn"), "must be an http(s) Sentry DSN")
+    return config
+
+
 def _metrics(section: _Section) -> MetricsConfig:
     token = section.get("bearer_token", None, _string)
     section.done()
@@ -518,6 +542,7 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         drain_timeout=root.get("drain_timeout", Config.drain_timeout, _positive_number),
         access_log=_access_log(root.section("access_log")),
         metrics=_metrics(root.section("metrics")),
+        sentry=_sentry(root.section("sentry"), environ),
     )
     root.done()
     return check_exposure(config)

@@ -32,6 +32,7 @@ from oproxy.listeners import bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import MULTIPROCESS_ENV, metrics_for_this_process
 from oproxy.reload import Reloader
+from oproxy.reporting import start_reporting, stop_reporting
 from oproxy.routing import Router
 from oproxy.serving import ServingService, SignalService
 from oproxy.site import ProxySite
@@ -203,6 +204,16 @@ def serve_here(
     return top
 
 
+def report_errors(reactor: Any, config: Config) -> None:
+    """Send unhandled errors to Sentry when a DSN is configured."""
+    try:
+        observer = start_reporting(config.sentry)
+    except RuntimeError as e:
+        raise SystemExit(f"oproxy: {e}") from None
+    if observer is not None:
+        reactor.addSystemEventTrigger("after", "shutdown", stop_reporting, observer)
+
+
 def _listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
     results: list[Any] = []
     endpoints.serverFromString(reactor, description).listen(factory).addBoth(results.append)
@@ -223,6 +234,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     assert config is not None
     origin = (options["config"], tuple(options["listen"]), options["backend"])
     workers = config.workers or os.cpu_count() or 1
+    report_errors(reactor, config)
     try:
         if workers == 1:
             return serve_here(

@@ -20,7 +20,7 @@ from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
 from zope.interface import provider
 
 from oproxy.listeners import adopt
-from oproxy.tap import load_configuration, serve_here
+from oproxy.tap import load_configuration, report_errors, serve_here
 from oproxy.workers import READY
 
 log = Logger()
@@ -63,6 +63,7 @@ def main() -> None:
     spec = json.loads(os.environ["OPROXY_WORKER"])
     _log_to_stdout()
     config = load_configuration(spec["config"], spec["listen"], spec["backend"])
+    report_errors(reactor, config)
     top = serve_here(
         reactor,
         (spec["config"], spec["listen"], spec["backend"]),

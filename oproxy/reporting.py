@@ -1,0 +1,90 @@
+"""
+Error reporting to Sentry (the optional ``sentry`` extra).
+
+Unhandled errors reach Twisted's logger as events carrying a ``log_failure``:
+the handler's catch-all logs one with the request id, route, model and
+backend as fields, and the reactor logs unhandled Deferred errors.  A log
+observer turns each into a Sentry event with those fields as tags.
+
+Nothing private leaves: no request data, no local variables (frames of a
+request hold prompts and keys), no default PII, and only the allow-listed
+fields as tags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from zope.interface import implementer
+
+from oproxy import __version__
+from oproxy.config import SentryConfig
+
+#: The log event fields that become Sentry tags; nothing else is sent.
+TAG_FIELDS = ("request_id", "route", "model", "backend")
+
+
+def _scrub(event: Any, hint: dict[str, Any]) -> Any:
+    """Drop whatever an integration may have attached about the request."""
+    for key in ("request", "extra", "user", "breadcrumbs"):
+        event.pop(key, None)
+    return event
+
+
+@implementer(ILogObserver)
+class SentryObserver:
+    """Send logged failures to Sentry, tagged with the request's fields."""
+
+    def __init__(self, sdk: Any) -> None:
+        self._sdk = sdk
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        failure = event.get("log_failure")
+        if failure is None or event.get("log_level") not in (LogLevel.error, LogLevel.critical):
+            return
+        with self._sdk.new_scope() as scope:
+            for field in TAG_FIELDS:
+                if event.get(field) is not None:
+                    scope.set_tag(field, str(event[field]))
+            scope.set_tag("logger", str(event.get("log_namespace", "-")))
+            self._sdk.capture_exception((failure.type, failure.value, failure.getTracebackObject()))
+
+
+def start_reporting(config: SentryConfig) -> SentryObserver | None:
+    """
+    Initialise the SDK and observe the global log; ``None`` without a DSN.
+
+    :raises RuntimeError: a DSN is configured but ``sentry-sdk`` is missing.
+    """
+    if not config.dsn:
+        return None
+    try:
+        import sentry_sdk
+    except ImportError:
+        raise RuntimeError(
+            "sentry.dsn is set but sentry-sdk is not installed: pip install 'oproxy[sentry]'"
+        ) from None
+    sentry_sdk.init(
+        dsn=config.dsn,
+        environment=config.environment,
+        release=config.release or f"oproxy@{__version__}",
+        include_local_variables=False,
+        max_request_body_size="never",
+        default_integrations=False,
+        before_send=_scrub,
+    )
+    observer = SentryObserver(sentry_sdk)
+    globalLogPublisher.addObserver(observer)
+    return observer
+
+
+def stop_reporting(observer: SentryObserver | None) -> None:
+    """Stop observing and send what is queued."""
+    if observer is None:
+        return
+    globalLogPublisher.removeObserver(observer)
+    import sentry_sdk
+
+    sentry_sdk.flush(timeout=5)
