@@ -15,6 +15,7 @@ Nothing secret is written: the key's *name*, never the key, and no bodies.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import orjson
 from twisted.application import service
 from twisted.internet import task
-from twisted.logger import Logger
+from twisted.logger import FileLogObserver, Logger, eventAsJSON, formatEvent
 
 from oproxy.config import AccessLogConfig
 
@@ -143,3 +144,28 @@ class AccessLogService(service.Service):
             self._loop.stop()
         if self._access_log is not None:
             self._access_log.close()
+
+
+def json_lines(event: Mapping[str, Any]) -> str:
+    """
+    One application log event as one line of JSON, for log shippers.
+
+    Twisted's own ``eventAsJSON`` keeps every field; the formatted message
+    is added as ``message`` and a failure as ``traceback``, which is what a
+    reader of the shipped logs looks for.
+    """
+    record = orjson.loads(eventAsJSON(dict(event)))
+    record["message"] = formatEvent(dict(event))
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    level = event.get("log_level")
+    record["level"] = level.name if level is not None else None
+    return orjson.dumps(record).decode("utf-8") + "\n"
+
+
+def json_observer() -> FileLogObserver:
+    """
+    ``twistd --logger=oproxy.logs.json_observer``: JSON lines on stdout.
+    """
+    return FileLogObserver(sys.stdout, json_lines)

@@ -110,3 +110,31 @@ async def test_one_json_line_per_request_without_secrets(
     text = path.read_text()
     assert "sk-very-secret" not in text
     assert "private words" not in text
+
+
+def test_json_application_log_lines() -> None:
+    from twisted.logger import LogLevel
+    from twisted.python.failure import Failure
+
+    from oproxy.logs import json_lines
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    line = json_lines(
+        {
+            "log_format": "served {count} requests",
+            "count": 3,
+            "log_level": LogLevel.error,
+            "log_namespace": "oproxy.test",
+            "log_time": 1.0,
+            "log_failure": failure,
+        }
+    )
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = orjson.loads(line)
+    assert record["message"] == "served 3 requests"
+    assert record["level"] == "error"
+    assert record["log_namespace"] == "oproxy.test"
+    assert "ValueError: boom" in record["traceback"]

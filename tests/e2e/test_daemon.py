@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import shutil
 import ssl
 import subprocess
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.e2e.conftest import TWISTD, Daemon, free_port, start_twistd
+from tests.e2e.conftest import TWISTD, Daemon, free_port, start_twistd, wait_for_port
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -191,3 +192,36 @@ workers: {workers}
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_json_log_format_for_shippers(workdir: Path, fake_ollama_process: Daemon) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "--logger=oproxy.logs.json_observer",
+            "oproxy",
+            "--backend",
+            fake_ollama_process.url,
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        ],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process)
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        ) as client:
+            client.models.list()
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    records = [json.loads(line) for line in output.decode().splitlines() if line.strip()]
+    messages = [r["message"] for r in records]
+    assert any("starting on" in m for m in messages)
+    assert any("GET /v1/models" in m for m in messages)
