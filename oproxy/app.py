@@ -22,7 +22,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
+from twisted.web.static import Data, File
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
@@ -47,6 +48,7 @@ from oproxy.errors import (
 from oproxy.health import probe_all, report
 from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
+from oproxy.openapi import openapi_document
 from oproxy.routing import Router
 from oproxy.security.auth import authenticate
 
@@ -58,6 +60,55 @@ UPSTREAM_FAILURES = (UpstreamError, UpstreamUnavailable, UpstreamBusy, UpstreamT
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Handler = Callable[[Scope], Awaitable[bytes | None]]
+
+
+_OPENAPI = orjson.dumps(openapi_document())
+
+SWAGGER_PAGE = b"""<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>oproxy API</title>
+  <link rel="stylesheet" href="/docs/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/swagger-ui-bundle.js"></script>
+  <script src="/docs/swagger-ui-standalone-preset.js"></script>
+  <script src="/docs/oproxy-init.js"></script>
+</body>
+</html>
+"""
+
+SWAGGER_INIT = b"""window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "/openapi.json",
+    dom_id: "#swagger-ui",
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    layout: "StandaloneLayout",
+  });
+};
+"""
+
+
+def swagger_ui_files() -> IResource:
+    """Swagger UI's files, plus the script that points it at our document."""
+    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+    files = File(str(swagger_ui_path))
+    files.childNotFound = _JSONNotFound()  # type: ignore[assignment,no-untyped-call]
+    files.putChild(b"oproxy-init.js", Data(SWAGGER_INIT, "text/javascript"))
+    return files
+
+
+class _JSONNotFound(Resource):
+    """A missing documentation asset: a JSON 404 like every other route."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        path = request.path.decode("latin-1", "replace")
+        return _error_response(request, NotFound(f"Unknown request URL: {path}."))
 
 
 def new_request_id() -> str:
@@ -276,6 +327,23 @@ class ProxyApp:
                 return _error_response(request, e)
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
         return self.metrics.scrape()
+
+    # -- API documentation --------------------------------------------------
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return _OPENAPI
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: IRequest) -> bytes:
+        """Swagger UI, from packaged files: installations are often offline."""
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return SWAGGER_PAGE
+
+    @app.route("/docs/", branch=True, methods=["GET"])
+    def docs_assets(self, request: IRequest) -> IResource:
+        return swagger_ui_files()
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> defer.Deferred[bytes | None]:

@@ -1,0 +1,335 @@
+"""
+The OpenAPI 3.1 document for every route oproxy serves.
+
+The OpenAI routes are described in OpenAI's own terms, trimmed to what this
+gateway accepts and returns; the operational routes (health, metrics) are
+oproxy's.  Built once, as data, so the document is a function of the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oproxy import __version__
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+
+_COMMON_ERRORS = {
+    "400": _ERROR,
+    "401": _ERROR,
+    "404": _ERROR,
+    "413": _ERROR,
+    "500": _ERROR,
+    "502": _ERROR,
+    "503": _ERROR,
+    "504": _ERROR,
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _post(summary: str, request: str, response: str, *, streams: bool, tag: str) -> dict[str, Any]:
+    content = _json(_ref(response))
+    if streams:
+        content["text/event-stream"] = {
+            "schema": {
+                "type": "string",
+                "description": "Server-sent events: `data: {chunk}` lines, then `data: [DONE]`.",
+            }
+        }
+    return {
+        "post": {
+            "summary": summary,
+            "tags": [tag],
+            "requestBody": {"required": True, "content": _json(_ref(request))},
+            "responses": {
+                "200": {"description": "The answer.", "content": content},
+                **_COMMON_ERRORS,
+            },
+        }
+    }
+
+
+def _get(
+    summary: str, response: dict[str, Any], *, tag: str, secured: bool = True
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "tags": [tag],
+        "responses": {"200": {"description": "OK", "content": _json(response)}, **_COMMON_ERRORS},
+    }
+    if not secured:
+        operation["security"] = []
+    return {"get": operation}
+
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {
+            "description": "Text, or a list of text and image_url parts; null for tool-call turns.",
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "object"}},
+                {"type": "null"},
+            ],
+        },
+        "tool_calls": {"type": "array", "items": {"type": "object"}},
+        "tool_call_id": {"type": "string"},
+        "name": {"type": "string"},
+    },
+}
+
+_OPTIONS = {
+    "type": "object",
+    "description": "Ollama options passed through (num_ctx, top_k, keep_alive, ...).",
+    "additionalProperties": True,
+}
+
+_USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "total_tokens"],
+    "properties": {
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    },
+    "ChatCompletionRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "items": _MESSAGE},
+            "stream": {"type": "boolean"},
+            "stream_options": {"type": "object"},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "seed": {"type": "integer"},
+            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            "frequency_penalty": {"type": "number"},
+            "presence_penalty": {"type": "number"},
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            "response_format": {"type": "object"},
+            "reasoning_effort": {"type": "string"},
+            "logprobs": {"type": "boolean"},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "options": _OPTIONS,
+            "keep_alive": {"oneOf": [{"type": "string"}, {"type": "number"}]},
+        },
+    },
+    "ChatCompletion": {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "system_fingerprint": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": _USAGE,
+        },
+    },
+    "CompletionRequest": {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            "model": {"type": "string"},
+            "prompt": {
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+            },
+            "suffix": {"type": "string"},
+            "echo": {"type": "boolean"},
+            "stream": {"type": "boolean"},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "logprobs": {"type": "integer", "minimum": 0},
+            "options": _OPTIONS,
+        },
+    },
+    "Completion": {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "text_completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": _USAGE,
+        },
+    },
+    "EmbeddingRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string"},
+            "input": {
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+            },
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            "dimensions": {"type": "integer", "minimum": 1},
+        },
+    },
+    "EmbeddingList": {
+        "type": "object",
+        "required": ["object", "data", "model", "usage"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object"}},
+            "model": {"type": "string"},
+            "usage": _USAGE,
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "version", "uptime_seconds", "workers", "backends"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
+            "version": {"type": "string"},
+            "uptime_seconds": {"type": "number"},
+            "workers": {"type": "integer"},
+            "backends": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document (OpenAPI 3.1)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "oproxy",
+            "version": __version__,
+            "description": "An OpenAI-compatible gateway in front of Ollama and other servers.",
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/chat/completions": _post(
+                "Create a chat completion",
+                "ChatCompletionRequest",
+                "ChatCompletion",
+                streams=True,
+                tag="OpenAI",
+            ),
+            "/v1/completions": _post(
+                "Create a text completion",
+                "CompletionRequest",
+                "Completion",
+                streams=True,
+                tag="OpenAI",
+            ),
+            "/v1/embeddings": _post(
+                "Create embeddings",
+                "EmbeddingRequest",
+                "EmbeddingList",
+                streams=False,
+                tag="OpenAI",
+            ),
+            "/v1/models": _get("List models", _ref("ModelList"), tag="OpenAI"),
+            "/v1/models/{model}": {
+                **_get("Retrieve a model", _ref("Model"), tag="OpenAI"),
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "path",
+                        "required": True,
+                        "description": "A model id; `/` may be sent raw or as `%2F`.",
+                        "schema": {"type": "string"},
+                    }
+                ],
+            },
+            "/v1/health": _get(
+                "Health of the proxy and every backend", _ref("Health"), tag="Operations"
+            ),
+            "/healthz": _get("Liveness", _ref("Status"), tag="Operations", secured=False),
+            "/readyz": _get("Readiness", _ref("Status"), tag="Operations", secured=False),
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics over every worker",
+                    "tags": ["Operations"],
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _ERROR,
+                    },
+                }
+            },
+            "/openapi.json": _get(
+                "This document", {"type": "object"}, tag="Operations", secured=False
+            ),
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": {
+                "Error": {
+                    "description": "An OpenAI error object.",
+                    "content": _json(_ref("Error")),
+                }
+            },
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key, when the server has keys configured.",
+                }
+            },
+        },
+    }
