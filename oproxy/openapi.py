@@ -125,7 +125,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["model", "messages"],
         "properties": {
-            "model": {"type": "string"},
+            "model": {"type": "string", "minLength": 1},
             "messages": {"type": "array", "items": _MESSAGE},
             "stream": {"type": "boolean"},
             "stream_options": {"type": "object"},
@@ -164,7 +164,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["model", "prompt"],
         "properties": {
-            "model": {"type": "string"},
+            "model": {"type": "string", "minLength": 1},
             "prompt": {
                 "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
             },
@@ -193,7 +193,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["model", "input"],
         "properties": {
-            "model": {"type": "string"},
+            "model": {"type": "string", "minLength": 1},
             "input": {
                 "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
             },

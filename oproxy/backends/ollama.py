@@ -233,6 +233,8 @@ class OllamaBackend:
 
     async def retrieve_model(self, model_id: str) -> dict[str, Any]:
         status, show = await self._upstream.request_json("POST", "/api/show", {"model": model_id})
+        if status in (400, 404):  # Ollama's "invalid model name" means none such, too
+            raise ModelNotFound(model_id)
         if status != 200 or not isinstance(show, dict):
             raise ollama_error(status, show, model_id, self.name)
         return models.ollama_show_to_model(show, model_id=model_id, owned_by=self.name)
