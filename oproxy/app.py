@@ -46,7 +46,7 @@ from oproxy.errors import (
     render_error,
 )
 from oproxy.health import probe_all, report
-from oproxy.logs import AccessLog
+from oproxy.logs import AccessLog, body_for_log
 from oproxy.metrics import CONTENT_TYPE, Metrics
 from oproxy.openapi import openapi_document
 from oproxy.routing import Router
@@ -406,6 +406,23 @@ def access_record(
         "completion_tokens": scope.completion_tokens if scope is not None else None,
         "cache": scope.cache_status if scope is not None else None,
         "error": error_kind,
+        **_logged_bodies(scope),
+    }
+
+
+def _logged_bodies(scope: Scope | None) -> dict[str, Any]:
+    """Request and response bodies, when configured: redacted and capped."""
+    if scope is None or not scope.logs_bodies or scope.config.access_log is None:
+        return {}
+    settings = scope.config.access_log
+    keys = frozenset(k.lower() for k in settings.redact)
+    return {
+        "request_body": body_for_log(scope.body, keys, settings.body_max_bytes),
+        "response_body": (
+            body_for_log(scope.logged_response, keys, settings.body_max_bytes)
+            if scope.logged_response is not None
+            else None
+        ),
     }
 
 

@@ -149,6 +149,18 @@ class AccessLogConfig:
     max_bytes: int | None = 100 * MIB
     daily: bool = False
     keep: int = 7
+    #: Log request and response bodies (redacted, capped); off by default.
+    bodies: bool = False
+    body_max_bytes: int = 4096
+    #: JSON keys whose values are replaced by ``"[redacted]"`` wherever they appear.
+    redact: tuple[str, ...] = (
+        "api_key",
+        "authorization",
+        "key",
+        "password",
+        "secret",
+        "token",
+    )
 
 
 @dataclass(frozen=True)
@@ -471,11 +483,16 @@ def _access_log(section: _Section) -> AccessLogConfig | None:
     path = section.require("path", _string)
     max_bytes = section.get("max_bytes", AccessLogConfig.max_bytes, _byte_size)
     keep = section.get("keep", AccessLogConfig.keep, _count)
+    redact: list[Any] = section.get("redact", [], _list)
     config = AccessLogConfig(
         path=path,
         max_bytes=max_bytes,
         daily=section.get("daily", AccessLogConfig.daily, _boolean),
         keep=keep,
+        bodies=section.get("bodies", AccessLogConfig.bodies, _boolean),
+        body_max_bytes=section.get("body_max_bytes", AccessLogConfig.body_max_bytes, _byte_size),
+        redact=AccessLogConfig.redact
+        + tuple(_string(k, f"{section.path('redact')}[{i}]") for i, k in enumerate(redact)),
     )
     section.done()
     return config

@@ -33,6 +33,27 @@ log = Logger()
 CHECK_INTERVAL = 1.0
 
 
+REDACTED = "[redacted]"
+
+
+def redacted(value: Any, keys: frozenset[str]) -> Any:
+    """``value`` with every field named in ``keys`` (any depth) replaced."""
+    if isinstance(value, dict):
+        return {k: REDACTED if k.lower() in keys else redacted(v, keys) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(item, keys) for item in value]
+    return value
+
+
+def body_for_log(value: Any, keys: frozenset[str], cap: int) -> str:
+    """A body as JSON text for the access log: redacted, then cut to ``cap`` bytes."""
+    text = orjson.dumps(redacted(value, keys)).decode("utf-8")
+    encoded = text.encode("utf-8")
+    if len(encoded) <= cap:
+        return text
+    return encoded[:cap].decode("utf-8", "ignore") + "…[truncated]"
+
+
 class AccessLog:
     """Appends JSON lines to the access log; reopens it after a rotation."""
 

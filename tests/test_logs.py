@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import task
 
 from oproxy.config import AccessLogConfig, APIKey, AuthConfig, hash_key
-from oproxy.logs import AccessLog, Rotator, rotate
+from oproxy.logs import AccessLog, Rotator, redacted, rotate
 from tests.conftest import Proxy
 from tests.httputil import post_json
 
@@ -138,3 +138,51 @@ def test_json_application_log_lines() -> None:
     assert record["level"] == "error"
     assert record["log_namespace"] == "oproxy.test"
     assert "ValueError: boom" in record["traceback"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bodies_are_logged_only_when_asked_redacted_and_capped(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    quiet_path, loud_path = tmp_path / "quiet.log", tmp_path / "loud.log"
+    quiet: Proxy = proxy_factory(access_log=AccessLogConfig(path=str(quiet_path)))
+    loud: Proxy = proxy_factory(
+        access_log=AccessLogConfig(
+            path=str(loud_path), bodies=True, body_max_bytes=300, redact=("api_key", "note")
+        )
+    )
+    body = {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": "visible prompt"}],
+        "options": {"api_key": "hidden-1", "nested": {"note": "hidden-2"}},
+        "user": "x" * 1000,
+    }
+    for proxy in (quiet, loud):
+        await post_json(proxy.client, proxy.v1("chat/completions"), body)
+        await post_json(
+            proxy.client, proxy.v1("chat/completions"), {**body, "stream": True, "user": "s"}
+        )
+    (plain, plain_stream) = lines(quiet_path)
+    assert "request_body" not in plain and "request_body" not in plain_stream
+    assert "visible prompt" not in quiet_path.read_text()
+    (logged, logged_stream) = lines(loud_path)
+    assert "visible prompt" in logged["request_body"]
+    assert logged["request_body"].endswith("[truncated]")
+    assert len(logged["request_body"].encode()) <= 300 + len("…[truncated]".encode())
+    assert "You said" in logged["response_body"]
+    assert (
+        "You said" in logged_stream["response_body"]
+        or "chat.completion.chunk" in (logged_stream["response_body"])
+    )
+    text = loud_path.read_text()
+    assert "hidden-1" not in text and "hidden-2" not in text
+    assert "[redacted]" in text
+
+
+def test_redaction_reaches_every_depth() -> None:
+    keys = frozenset({"secret"})
+    value = {"a": [{"secret": 1, "b": {"SECRET": 2}}], "secret": {"deep": 3}}
+    assert redacted(value, keys) == {
+        "a": [{"secret": "[redacted]", "b": {"SECRET": "[redacted]"}}],
+        "secret": "[redacted]",
+    }

@@ -13,6 +13,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
+import orjson
+
 from oproxy.api.scope import Scope
 from oproxy.cache import cache_policy, replay
 from oproxy.routing import Route
@@ -55,11 +57,15 @@ async def answer(
             scope.app.metrics.cache.labels(scope.cache_status.lower()).inc()
     if hit is not None:
         if stream:
-            await relay_sse(request, replay(hit), scope.app.clock)
+            await relay_sse(request, _timed(scope, route_name, replay(hit)), scope.app.clock)
             return None
+        if scope.logs_bodies:
+            scope.logged_response = hit.body
         return scope.json(hit.body)
     if not stream:
         body = await produce()
+        if scope.logs_bodies:
+            scope.logged_response = body
         await cache.store(policy, body, stream=False)
         request.setHeader(OVERHEAD_HEADER, b"%.3f" % (scope.overhead() * 1000))
         return scope.json(body)
@@ -73,10 +79,18 @@ async def answer(
 async def _timed(
     scope: Scope, route_name: str, chunks: AsyncGenerator[dict[str, Any], None]
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """Pass the chunks on, noting when the first one came."""
+    """Pass the chunks on, noting when the first one came (and them, if logged)."""
     first = True
+    kept: list[Any] | None = None
+    budget = 0
+    if scope.logs_bodies and scope.config.access_log is not None:
+        kept, budget = [], scope.config.access_log.body_max_bytes
+        scope.logged_response = kept
     async with aclosing(chunks):
         async for chunk in chunks:
+            if kept is not None and budget > 0:
+                kept.append(chunk)
+                budget -= len(orjson.dumps(chunk))
             if first:
                 first = False
                 scope.first_token_seconds = scope.app.clock.seconds() - scope.started

@@ -48,6 +48,12 @@ class Scope:
     completion_tokens: int | None = None
     first_token_seconds: float | None = None
     upstream_time: UpstreamTime = field(default_factory=UpstreamTime)
+    #: The answer, kept only when the access log records bodies.
+    logged_response: Any = None
+
+    @property
+    def logs_bodies(self) -> bool:
+        return self.config.access_log is not None and self.config.access_log.bodies
 
     def overhead(self) -> float:
         """Seconds so far not spent waiting for an upstream."""
