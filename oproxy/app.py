@@ -54,6 +54,9 @@ from oproxy.security.auth import authenticate
 
 log = Logger()
 
+#: Refusals counted as rejections: keys, permissions, body size, limits, quotas.
+REJECTION_STATUSES = frozenset((401, 403, 413, 429))
+
 #: Failures that say something about a backend, counted per backend and kind.
 UPSTREAM_FAILURES = (UpstreamError, UpstreamUnavailable, UpstreamBusy, UpstreamTimeout)
 
@@ -192,6 +195,8 @@ class ProxyApp:
             return await handler(scope)
         except OProxyError as e:
             error_kind = e.code or e.error_type
+            if e.status in REJECTION_STATUSES:
+                self.metrics.rejections.labels(error_kind).inc()
             if isinstance(e, UPSTREAM_FAILURES):
                 backend = scope.backend_label if scope is not None else "-"
                 self.metrics.upstream_errors.labels(backend, e.code or "error").inc()

@@ -12,14 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
+from twisted.application import service
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from oproxy import __version__
 from oproxy.backends.base import Backend
 from oproxy.errors import OProxyError
 from oproxy.metrics import Metrics
 from oproxy.upstream import DeadlineExceeded, within
+
+log = Logger()
 
 #: How long one backend probe may take before it counts as unreachable.
 PROBE_TIMEOUT = 2.0
@@ -109,3 +113,35 @@ def report(
         "workers": workers,
         "backends": [b.to_json() for b in backends],
     }
+
+
+#: Seconds between background probes, which keep the backend gauges current
+#: for Prometheus even when nobody asks for ``/readyz``.
+PROBE_INTERVAL = 15.0
+
+
+class ProbeService(service.Service):
+    """Probe every backend in the background and record what was found."""
+
+    def __init__(self, app: Any, clock: IReactorTime, interval: float = PROBE_INTERVAL) -> None:
+        self._app = app
+        self._clock = clock
+        self._interval = interval
+        self._loop: task.LoopingCall | None = None
+
+    def _probe(self) -> defer.Deferred[Any]:
+        probing = defer.Deferred.fromCoroutine(
+            probe_all(self._app.router.backends, self._clock, self._app.metrics)
+        )
+        return probing.addErrback(lambda failure: log.failure("Probe failed", failure))
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop = task.LoopingCall(self._probe)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()

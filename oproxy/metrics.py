@@ -117,6 +117,12 @@ class Metrics:
             ["backend", "kind"],
             registry=registry,
         )
+        self.rejections = Counter(
+            "oproxy_rejections",
+            "Requests refused before reaching a backend, by reason (error code).",
+            ["reason"],
+            registry=registry,
+        )
         self.cache = Counter(
             "oproxy_cache_requests",
             "Response cache outcomes: hit, miss or bypass.",

@@ -28,6 +28,7 @@ from oproxy.app import ProxyApp
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
+from oproxy.health import ProbeService
 from oproxy.listeners import bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import MULTIPROCESS_ENV, metrics_for_this_process
@@ -198,6 +199,7 @@ def serve_here(
         ServingService(reactor, app, site, listen(site), lambda: app.config.drain_timeout)
     )
     top.addService(SignalService(reactor, signal.SIGHUP, reloader.reload))
+    top.addService(ProbeService(app, reactor))
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))

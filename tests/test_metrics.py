@@ -12,9 +12,10 @@ from typing import Any
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 
-from oproxy.config import MetricsConfig, hash_key, load_config
+from oproxy.config import APIKey, AuthConfig, MetricsConfig, hash_key, load_config
+from oproxy.health import ProbeService
 from tests.conftest import Proxy
 from tests.httputil import header, post_json
 
@@ -173,3 +174,35 @@ def test_metrics_token_config() -> None:
     config = load_config("metrics: {bearer_token: '${TOKEN}'}", {"TOKEN": "t0k"})
     assert config.metrics.token_sha256 == hash_key("t0k")
     assert load_config(None, {}).metrics.token_sha256 is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_rejections_by_reason(proxy_factory: Any) -> None:
+    keys = AuthConfig(keys=(APIKey("a", hash_key("sk-a")),))
+    proxy = proxy_factory(auth=keys, max_body_bytes=64)
+    chat = proxy.v1("chat/completions")
+    await post_json(proxy.client, chat, {"model": "llama3.2", "messages": HELLO})
+    await post_json(
+        proxy.client,
+        chat,
+        {"model": "llama3.2", "messages": HELLO * 20},
+        {"Authorization": "Bearer sk-a"},
+    )
+    samples = await scrape(proxy)
+    assert value(samples, "oproxy_rejections_total", reason="invalid_api_key") == 1
+    assert value(samples, "oproxy_rejections_total", reason="request_too_large") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_background_probes_keep_backend_gauges_current(proxy: Proxy) -> None:
+    probes = ProbeService(proxy.app, reactor, interval=0.05)
+    probes.startService()
+    try:
+        for _ in range(100):
+            samples = await scrape(proxy)
+            if value(samples, "oproxy_backend_up", backend="local") == 1:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert value(samples, "oproxy_backend_up", backend="local") == 1
+    finally:
+        probes.stopService()

@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 import sentry_sdk
 from twisted.internet import threads
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -114,3 +115,23 @@ async def test_unhandled_error_is_reported_with_tags_and_nothing_private(
 
 def test_no_dsn_means_no_reporting() -> None:
     assert start_reporting(SentryConfig()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_outside_requests_are_reported(
+    receiver: tuple[EnvelopeReceiver, str],
+) -> None:
+    resource, dsn = receiver
+    observer = start_reporting(SentryConfig(dsn=dsn))
+    try:
+        try:
+            raise ZeroDivisionError("in a timer")
+        except ZeroDivisionError:
+            Logger(namespace="oproxy.somewhere").failure("Unhandled error in a timer")
+        await threads.deferToThread(sentry_sdk.flush, 10)
+    finally:
+        stop_reporting(observer)
+        sentry_sdk.get_client().close()
+    (event,) = events(resource.envelopes)
+    assert event["exception"]["values"][-1]["type"] == "ZeroDivisionError"
+    assert event["tags"]["logger"] == "oproxy.somewhere"
