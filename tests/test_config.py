@@ -225,3 +225,21 @@ def test_example_config_is_valid() -> None:
     config = load_config(example.read_text(), {"OLLAMA_HOST": "http://127.0.0.1:11434"})
     assert config.backends[0].url == "http://127.0.0.1:11434"
     assert config.auth.keys
+
+
+def test_sentry_settings_from_file_or_environment() -> None:
+    from_env = load_config(None, {"SENTRY_DSN": "https://k@sentry.example/1"})
+    assert from_env.sentry.dsn == "https://k@sentry.example/1"
+    assert from_env.sentry.environment == "production"
+    from_file = load_config(
+        "sentry: {dsn: 'http://k@127.0.0.1:9/2', environment: staging, release: r1}", {}
+    )
+    assert (from_file.sentry.dsn, from_file.sentry.environment, from_file.sentry.release) == (
+        "http://k@127.0.0.1:9/2",
+        "staging",
+        "r1",
+    )
+    assert load_config(None, {}).sentry.dsn is None
+    with pytest.raises(ConfigError) as raised:
+        load_config("sentry: {dsn: 'not a url'}", {})
+    assert raised.value.key == "sentry.dsn"
