@@ -96,12 +96,13 @@ class Options(usage.Options):
             where = f" in {self['config']}" if self["config"] else ""
             raise usage.UsageError(f"invalid configuration{where}: {e}") from None
 
-    def __str__(self) -> str:
+    def getUsage(self, width: int | None = None) -> str:
         # twistd prints the whole help before a usage error; for a bad
         # config file the one line that says what is wrong is what matters.
         if self._failed:
-            return "Usage: twistd [options] oproxy [--config FILE] (see --help)"
-        return super().__str__()
+            return "Usage: twistd [options] oproxy [--config FILE] (see --help)\n"
+        usage_text: str = super().getUsage(width)  # type: ignore[no-untyped-call]
+        return usage_text
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
