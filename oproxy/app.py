@@ -22,13 +22,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
-from twisted.web.static import Data, File
+from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
 from oproxy import __version__
 from oproxy.api import chat, completions, embeddings, models
+from oproxy.api.access import access_record
+from oproxy.api.docs import OPENAPI_JSON, SWAGGER_PAGE, swagger_ui_files
 from oproxy.api.scope import Scope
 from oproxy.cache import ResponseCache
 from oproxy.config import APIKey, Config
@@ -46,9 +47,8 @@ from oproxy.errors import (
     render_error,
 )
 from oproxy.health import probe_all, report
-from oproxy.logs import AccessLog, body_for_log
+from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
-from oproxy.openapi import openapi_document
 from oproxy.routing import Router
 from oproxy.security.auth import authenticate
 
@@ -63,55 +63,6 @@ UPSTREAM_FAILURES = (UpstreamError, UpstreamUnavailable, UpstreamBusy, UpstreamT
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Handler = Callable[[Scope], Awaitable[bytes | None]]
-
-
-_OPENAPI = orjson.dumps(openapi_document())
-
-SWAGGER_PAGE = b"""<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <title>oproxy API</title>
-  <link rel="stylesheet" href="/docs/swagger-ui.css">
-</head>
-<body>
-  <div id="swagger-ui"></div>
-  <script src="/docs/swagger-ui-bundle.js"></script>
-  <script src="/docs/swagger-ui-standalone-preset.js"></script>
-  <script src="/docs/oproxy-init.js"></script>
-</body>
-</html>
-"""
-
-SWAGGER_INIT = b"""window.onload = function () {
-  window.ui = SwaggerUIBundle({
-    url: "/openapi.json",
-    dom_id: "#swagger-ui",
-    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
-    layout: "StandaloneLayout",
-  });
-};
-"""
-
-
-def swagger_ui_files() -> IResource:
-    """Swagger UI's files, plus the script that points it at our document."""
-    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
-
-    files = File(str(swagger_ui_path))
-    files.childNotFound = _JSONNotFound()  # type: ignore[assignment,no-untyped-call]
-    files.putChild(b"oproxy-init.js", Data(SWAGGER_INIT, "text/javascript"))
-    return files
-
-
-class _JSONNotFound(Resource):
-    """A missing documentation asset: a JSON 404 like every other route."""
-
-    isLeaf = True
-
-    def render(self, request: IRequest) -> bytes:
-        path = request.path.decode("latin-1", "replace")
-        return _error_response(request, NotFound(f"Unknown request URL: {path}."))
 
 
 def new_request_id() -> str:
@@ -241,7 +192,9 @@ class ProxyApp:
             )
         if self.access_log is not None:
             self.access_log.write(
-                access_record(request, scope, status, started, elapsed, error_kind)
+                access_record(
+                    request, _request_id(request), scope, status, started, elapsed, error_kind
+                )
             )
 
     # -- OpenAI routes -----------------------------------------------------
@@ -338,7 +291,7 @@ class ProxyApp:
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return _OPENAPI
+        return OPENAPI_JSON
 
     @app.route("/docs", methods=["GET"])
     def docs(self, request: IRequest) -> bytes:
@@ -377,58 +330,6 @@ class ProxyApp:
         return _error_response(
             request, MethodNotAllowed(f"Method {method} is not allowed on this route.")
         )
-
-
-def access_record(
-    request: IRequest,
-    scope: Scope | None,
-    status: int,
-    started: float,
-    elapsed: float,
-    error_kind: str | None,
-) -> dict[str, Any]:
-    """
-    One access log line.  The key's name, never the key; no bodies.
-    """
-    address = request.getClientAddress()
-    return {
-        "time": started,
-        "request_id": _request_id(request),
-        "key": scope.key.name if scope is not None and scope.key is not None else None,
-        "client": getattr(address, "host", None),
-        "method": request.method.decode("latin-1"),
-        "path": request.path.decode("latin-1"),
-        "model": scope.model_label if scope is not None else None,
-        "backend": scope.backend_label if scope is not None else None,
-        "status": status,
-        "latency_seconds": round(elapsed, 6),
-        "first_token_seconds": (
-            round(scope.first_token_seconds, 6)
-            if scope is not None and scope.first_token_seconds is not None
-            else None
-        ),
-        "prompt_tokens": scope.prompt_tokens if scope is not None else None,
-        "completion_tokens": scope.completion_tokens if scope is not None else None,
-        "cache": scope.cache_status if scope is not None else None,
-        "error": error_kind,
-        **_logged_bodies(scope),
-    }
-
-
-def _logged_bodies(scope: Scope | None) -> dict[str, Any]:
-    """Request and response bodies, when configured: redacted and capped."""
-    if scope is None or not scope.logs_bodies or scope.config.access_log is None:
-        return {}
-    settings = scope.config.access_log
-    keys = frozenset(k.lower() for k in settings.redact)
-    return {
-        "request_body": body_for_log(scope.body, keys, settings.body_max_bytes),
-        "response_body": (
-            body_for_log(scope.logged_response, keys, settings.body_max_bytes)
-            if scope.logged_response is not None
-            else None
-        ),
-    }
 
 
 def _request_id(request: IRequest) -> str:
