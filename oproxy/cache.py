@@ -344,6 +344,9 @@ class ICacheStore(Interface):
     async def set(key: str, value: bytes, ttl: float) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds."""
 
+    async def close() -> None:
+        """Let go of what the store holds (entries, connections)."""
+
 
 @implementer(ICacheStore)
 class MemoryStore:
@@ -385,6 +388,10 @@ class MemoryStore:
         while self.size > self.max_bytes:
             oldest = next(iter(self._entries))
             self._remove(oldest)
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self.size = 0
 
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key, None)
@@ -449,6 +456,9 @@ class RedisStore:
             return
         self._answered()
 
+    async def close(self) -> None:
+        await self._client.close()
+
     def _failed(self, command: str, error: Exception) -> None:
         if self._healthy:
             self._healthy = False
@@ -485,6 +495,10 @@ class ResponseCache:
     def __init__(self, store: ICacheStore, clock: IReactorTime) -> None:
         self.store_backend = store
         self._clock = clock
+
+    async def close(self) -> None:
+        """Let go of the store; used when a reload replaces this cache."""
+        await self.store_backend.close()
 
     async def lookup(self, policy: CachePolicy) -> CachedAnswer | None:
         """The stored answer the policy lets us serve, if there is one."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from oproxy.app import ProxyApp
@@ -50,7 +51,12 @@ class Reloader:
         old = self._app.config
         if config.listen != old.listen or config.workers != old.workers:
             log.warn("listen and workers changes take effect at the next restart")
-        cache = self._app.cache if config.cache == old.cache else self._build_cache(config)
+        previous = self._app.cache
+        cache = previous if config.cache == old.cache else self._build_cache(config)
         self._app.swap(config, self._build_router(config), cache)
+        if cache is not previous:
+            # Requests still using the old cache see a failing store: a miss.
+            closing = defer.Deferred.fromCoroutine(previous.close())
+            closing.addErrback(lambda failure: log.failure("Closing the old cache", failure))
         log.info("Configuration reloaded")
         return True
