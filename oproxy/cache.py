@@ -42,8 +42,6 @@ log = Logger()
 KEY_VERSION = "v1"
 REDIS_PREFIX = b"oproxy:cache:"
 
-ROUTES = ("chat", "completions", "embeddings")
-
 #: Body fields that say who asked or how to bill, not what to answer.
 IGNORED_FIELDS = frozenset(
     {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}

@@ -131,11 +131,6 @@ class WorkerPool(service.Service):
         self._stopping = False
         self._all_gone: defer.Deferred[None] | None = None
 
-    @property
-    def pids(self) -> dict[int, int]:
-        """Worker index → pid of the running process."""
-        return {i: p.pid for i, p in self._processes.items() if p.pid is not None}
-
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         for index in range(self._count):
