@@ -3,8 +3,8 @@ The route table: one thin handler per API route.
 
 Every handler goes through :meth:`ProxyApp._serve`, which gives the
 response its request id, checks the caller's key, parses the JSON body and
-turns any exception into an OpenAI error object.  Handlers themselves only
-parse, delegate and render.
+turns any exception into an OpenAI error object (an Ollama one on Ollama's
+native routes).  Handlers themselves only parse, delegate and render.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
-from oproxy import __version__
-from oproxy.api import chat, completions, embeddings, models
+from oproxy.api import admin, chat, completions, embeddings, models, native, native_models
 from oproxy.api.access import access_record
 from oproxy.api.docs import OPENAPI_JSON, SWAGGER_PAGE, swagger_ui_files
 from oproxy.api.scope import Scope
 from oproxy.cache import ResponseCache
-from oproxy.config import APIKey, Config
+from oproxy.config import Config
 from oproxy.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -49,8 +48,8 @@ from oproxy.errors import (
 from oproxy.health import probe_all, report
 from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
-from oproxy.routing import Router
-from oproxy.security.auth import authenticate
+from oproxy.routing.router import Router
+from oproxy.security.guard import Guard, require_token
 
 log = Logger()
 
@@ -63,6 +62,8 @@ UPSTREAM_FAILURES = (UpstreamError, UpstreamUnavailable, UpstreamBusy, UpstreamT
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Handler = Callable[[Scope], Awaitable[bytes | None]]
+#: Renders an error for the client: OpenAI's error object, or Ollama's.
+ErrorRenderer = Callable[[IRequest, OProxyError], bytes]
 
 
 def new_request_id() -> str:
@@ -71,7 +72,8 @@ def new_request_id() -> str:
 
 class ProxyApp:
     """
-    The OpenAI API, served by Klein in front of a :class:`Router`.
+    The OpenAI API (and Ollama's native one, for Ollama's clients), served
+    by Klein in front of a :class:`Router`.
     """
 
     app = Klein()
@@ -85,9 +87,11 @@ class ProxyApp:
         http_client: treq.client.HTTPClient,
         cache: ResponseCache,
         metrics: Metrics,
+        guard: Guard,
         access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
+        self.guard = guard
         self.metrics = metrics
         self.access_log = access_log
         self.router = router
@@ -114,7 +118,13 @@ class ProxyApp:
         json_body: bool,
         auth: bool = True,
         route: str = "-",
+        errors: ErrorRenderer | None = None,
     ) -> bytes | None:
+        """
+        :param errors: how errors are rendered; OpenAI's error object unless
+            the route speaks another API (Ollama's native routes).
+        """
+        render = errors or _error_response
         config, router = self.config, self.router
         started = self.clock.seconds()
         request_id = _request_id(request)
@@ -125,10 +135,13 @@ class ProxyApp:
             request.requestHeaders.setRawHeaders(b"connection", [b"close"])
         scope: Scope | None = None
         error_kind: str | None = None
+        abandoned = False
         self.metrics.in_flight.inc()
         try:
-            key = (
-                authenticate(config.auth.keys, request.getHeader(b"authorization"))
+            caller = (
+                await self.guard.identify(
+                    config.auth, request.getHeader(b"authorization"), client_address(request)
+                )
                 if auth
                 else None
             )
@@ -139,7 +152,7 @@ class ProxyApp:
                 request_id=request_id,
                 config=config,
                 router=router,
-                key=key,
+                caller=caller,
                 body=body,
                 started=started,
             )
@@ -151,8 +164,9 @@ class ProxyApp:
             if isinstance(e, UPSTREAM_FAILURES):
                 backend = scope.backend_label if scope is not None else "-"
                 self.metrics.upstream_errors.labels(backend, e.code or "error").inc()
-            return _error_response(request, e)
+            return render(request, e)
         except defer.CancelledError:
+            abandoned = True
             raise
         except Exception:
             log.failure(
@@ -165,9 +179,13 @@ class ProxyApp:
                 backend=scope.backend_label if scope is not None else None,
             )
             error_kind = "server_error"
-            return _error_response(request, ServerError())
+            return render(request, ServerError())
         finally:
             self.metrics.in_flight.dec()
+            if scope is not None:
+                scope.release()
+            if scope is not None and scope.ticket is not None:
+                self.guard.settle(scope.ticket, scope.tokens_used(abandoned))
             self._count(request, route, scope, started, error_kind)
 
     def _count(
@@ -228,6 +246,40 @@ class ProxyApp:
 
         return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False))
 
+    # -- key management (admin keys only) ------------------------------------
+
+    @app.route("/admin/keys", methods=["GET"])
+    def admin_list_keys(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, admin.list_keys, json_body=False, route="/admin/keys")
+        )
+
+    @app.route("/admin/keys", methods=["POST"])
+    def admin_create_key(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, admin.create_key, json_body=True, route="/admin/keys")
+        )
+
+    @app.route("/admin/keys/<key_id>", methods=["GET", "DELETE"])
+    def admin_key(self, request: IRequest, key_id: str) -> defer.Deferred[bytes | None]:
+        action = admin.show_key if request.method == b"GET" else admin.revoke_key
+
+        async def handler(scope: Scope) -> bytes | None:
+            return await action(scope, key_id)
+
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, handler, json_body=False, route="/admin/keys/{id}")
+        )
+
+    @app.route("/admin/keys/<key_id>/rotate", methods=["POST"])
+    def admin_rotate_key(self, request: IRequest, key_id: str) -> defer.Deferred[bytes | None]:
+        async def handler(scope: Scope) -> bytes | None:
+            return await admin.rotate_key(scope, key_id)
+
+        return defer.Deferred.fromCoroutine(
+            self._serve(request, handler, json_body=False, route="/admin/keys/{id}/rotate")
+        )
+
     # -- health ----------------------------------------------------------------
 
     @app.route("/healthz", methods=["GET", "HEAD"])
@@ -243,14 +295,21 @@ class ProxyApp:
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     def readiness(self, request: IRequest) -> defer.Deferred[bytes | None]:
-        """Readiness: at least one backend answers its probe."""
+        """Readiness: a backend answers, and the state store does (or the proxy fails open)."""
 
         async def handler(scope: Scope) -> bytes | None:
             found = await probe_all(scope.router.backends, self.clock, self.metrics)
+            scope.router.note_probes(found)
             reachable = sum(1 for b in found if b.reachable)
+            store = await self.guard.check()
+            ready = reachable > 0 and (store["reachable"] or store["on_unavailable"] == "open")
             return scope.json(
-                {"status": "ready" if reachable else "not ready", "backends_reachable": reachable},
-                status=200 if reachable else 503,
+                {
+                    "status": "ready" if ready else "not ready",
+                    "backends_reachable": reachable,
+                    "state_store_reachable": store["reachable"],
+                },
+                status=200 if ready else 503,
             )
 
         return defer.Deferred.fromCoroutine(
@@ -267,6 +326,7 @@ class ProxyApp:
                 found,
                 uptime_seconds=self.clock.seconds() - self.started,
                 workers=scope.config.workers or os.cpu_count() or 1,
+                state_store=await self.guard.check(),
             )
             return scope.json(document, status=503 if document["status"] == "unavailable" else 200)
 
@@ -278,9 +338,7 @@ class ProxyApp:
         token = self.config.metrics.token_sha256
         if token is not None:
             try:
-                authenticate(
-                    (APIKey(name="metrics", sha256=token),), request.getHeader(b"authorization")
-                )
+                require_token(token, request.getHeader(b"authorization"))
             except OProxyError as e:
                 return _error_response(request, e)
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
@@ -305,12 +363,74 @@ class ProxyApp:
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> defer.Deferred[bytes | None]:
-        async def handler(scope: Scope) -> bytes | None:
-            return scope.json({"name": "oproxy", "version": __version__, "api": "/v1"})
-
+        """``Ollama is running``, as Ollama clients expect; JSON when asked for."""
         return defer.Deferred.fromCoroutine(
-            self._serve(request, handler, json_body=False, auth=False)
+            self._serve(request, native_models.banner, json_body=False, auth=False)
         )
+
+    # -- Ollama's native API -------------------------------------------------
+
+    def _native(
+        self, request: IRequest, handler: Handler, route: str, *, json_body: bool = True
+    ) -> defer.Deferred[bytes | None]:
+        """Serve a native route: like the others, but errors are Ollama's."""
+        return defer.Deferred.fromCoroutine(
+            self._serve(
+                request, handler, json_body=json_body, route=route, errors=native.render_error
+            )
+        )
+
+    @app.route("/api/chat", methods=["POST"])
+    def ollama_chat(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native.chat, "/api/chat")
+
+    @app.route("/api/generate", methods=["POST"])
+    def ollama_generate(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native.generate, "/api/generate")
+
+    @app.route("/api/embed", methods=["POST"])
+    def ollama_embed(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native.embed, "/api/embed")
+
+    @app.route("/api/embeddings", methods=["POST"])
+    def ollama_embeddings(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native.embeddings, "/api/embeddings")
+
+    @app.route("/api/show", methods=["POST"])
+    def ollama_show(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native.show, "/api/show")
+
+    @app.route("/api/tags", methods=["GET", "HEAD"])
+    def ollama_tags(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.tags, "/api/tags", json_body=False)
+
+    @app.route("/api/ps", methods=["GET"])
+    def ollama_ps(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.ps, "/api/ps", json_body=False)
+
+    @app.route("/api/version", methods=["GET", "HEAD"])
+    def ollama_version(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.version, "/api/version", json_body=False)
+
+    @app.route("/api/pull", methods=["POST"])
+    def ollama_pull(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.pull, "/api/pull")
+
+    @app.route("/api/push", methods=["POST"])
+    def ollama_push(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.push, "/api/push")
+
+    @app.route("/api/create", methods=["POST"])
+    def ollama_create(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.create, "/api/create")
+
+    @app.route("/api/delete", methods=["DELETE"])
+    def ollama_delete(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.delete, "/api/delete")
+
+    @app.route("/api/copy", methods=["POST"])
+    def ollama_copy(self, request: IRequest) -> defer.Deferred[bytes | None]:
+        return self._native(request, native_models.copy, "/api/copy")
 
     # -- errors Klein raises before a handler runs -------------------------
 
@@ -330,6 +450,11 @@ class ProxyApp:
         return _error_response(
             request, MethodNotAllowed(f"Method {method} is not allowed on this route.")
         )
+
+
+def client_address(request: IRequest) -> str:
+    """The peer's IP address (``unix`` for a Unix socket peer)."""
+    return getattr(request.getClientAddress(), "host", None) or "unix"
 
 
 def _request_id(request: IRequest) -> str:

@@ -9,32 +9,38 @@ a security hole in a gateway) and every error names the key at fault.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
+from oproxy.routing.settings import RoutingConfig, parse_routing
+from oproxy.security.settings import (
+    AuthConfig,
+    StateConfig,
+    hash_key,
+    parse_auth,
+    parse_state,
+)
+from oproxy.validation import (
+    MIB,
+    Section,
+    as_boolean,
+    as_byte_size,
+    as_count,
+    as_list,
+    as_seconds,
+    as_string,
+    join_key,
+)
+from oproxy.validation import ConfigError as ConfigError
+
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
-MIB = 1024 * 1024
-
-T = TypeVar("T")
-
-
-class ConfigError(Exception):
-    """
-    The configuration is not valid; ``str()`` names the key and the problem.
-    """
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
-        self.key = key
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -54,31 +60,23 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    """One upstream model server."""
+    """
+    One upstream model server.
+
+    :ivar type: ``ollama`` (its native API, translated) or ``openai`` (any
+        OpenAI-compatible server, passed through).
+    :ivar api_key: sent upstream as ``Authorization: Bearer`` (never shown
+        in a ``repr``, so never in a log line).
+    :ivar weight: its share of requests when several backends serve a model.
+    """
 
     name: str
     type: str
     url: str
     host_header: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
-
-
-@dataclass(frozen=True)
-class APIKey:
-    """
-    A key allowed to call the proxy, kept only as the SHA-256 of its secret.
-    """
-
-    name: str
-    sha256: bytes
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """Who may call: listed keys, and whether anonymous callers are allowed."""
-
-    keys: tuple[APIKey, ...] = ()
-    anonymous: bool = False
+    api_key: str | None = field(default=None, repr=False)
+    weight: int = 1
 
 
 @dataclass(frozen=True)
@@ -164,6 +162,34 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class ReloadConfig:
+    """
+    Whether the daemon reloads by itself when its ``--config`` file changes,
+    and how often it looks (``SIGHUP`` reloads either way).
+    """
+
+    watch: bool = True
+    interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """
+    Keep-alives for a stream whose first chunk is slow to come (a model
+    loading): after ``keepalive_after`` seconds the stream is committed and
+    an SSE comment sent every ``keepalive_interval`` seconds.
+
+    Two seconds is longer than a warm model takes to its first token, so
+    only a load commits early (earlier errors stay HTTP errors), and shorter
+    than any usual client read timeout; four seconds between comments stays
+    under the shortest common one, httpx's default of five.
+    """
+
+    keepalive_after: float = 2.0
+    keepalive_interval: float = 4.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration: one immutable snapshot."""
 
@@ -184,6 +210,10 @@ class Config:
     access_log: AccessLogConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sentry: SentryConfig = field(default_factory=SentryConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -218,105 +248,8 @@ def _interpolate_tree(node: Any, environ: Mapping[str, str], key: str) -> Any:
     if isinstance(node, list):
         return [_interpolate_tree(v, environ, f"{key}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _interpolate_tree(v, environ, _join(key, str(k))) for k, v in node.items()}
+        return {k: _interpolate_tree(v, environ, join_key(key, str(k))) for k, v in node.items()}
     return node
-
-
-def _join(parent: str, child: str) -> str:
-    return f"{parent}.{child}" if parent else child
-
-
-class _Section:
-    """
-    A mapping being validated, which remembers its path and which keys were used.
-    """
-
-    def __init__(self, node: Any, key: str) -> None:
-        if node is None:
-            node = {}
-        if not isinstance(node, dict):
-            raise ConfigError(key, f"must be a mapping, not {_kind(node)}")
-        self.node: dict[Any, Any] = node
-        self.key = key
-        self.used: set[str] = set()
-
-    def path(self, name: str) -> str:
-        return _join(self.key, name)
-
-    def get(self, name: str, default: T, convert: Callable[[Any, str], T]) -> T:
-        self.used.add(name)
-        if name not in self.node or self.node[name] is None:
-            return default
-        return convert(self.node[name], self.path(name))
-
-    def require(self, name: str, convert: Callable[[Any, str], T]) -> T:
-        self.used.add(name)
-        if name not in self.node or self.node[name] is None:
-            raise ConfigError(self.path(name), "is required")
-        return convert(self.node[name], self.path(name))
-
-    def section(self, name: str) -> _Section:
-        self.used.add(name)
-        return _Section(self.node.get(name), self.path(name))
-
-    def done(self) -> None:
-        unknown = sorted(str(k) for k in self.node if str(k) not in self.used)
-        if unknown:
-            raise ConfigError(self.path(unknown[0]), "is not a known setting")
-
-
-def _kind(value: Any) -> str:
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
-
-
-def _string(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"must be a non-empty string, not {_kind(value)}")
-    return value
-
-
-def _boolean(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be true or false, not {_kind(value)}")
-    return value
-
-
-def _positive_number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(key, f"must be a positive number of seconds, not {value!r}")
-    return float(value)
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
-
-
-def _byte_size(value: Any, key: str) -> int:
-    """
-    Accept ``1048576``, ``"512KiB"``, ``"32MiB"`` or ``"1GB"`` (binary units).
-    """
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ConfigError(key, f"must be a positive size such as 32MiB, not {value!r}")
-    unit = (match.group(2) or "B")[0].upper()
-    size = int(match.group(1)) * {"B": 1, "K": 1024, "M": MIB, "G": 1024 * MIB}[unit]
-    if size <= 0:
-        raise ConfigError(key, "must be larger than zero")
-    return size
-
-
-def _list(value: Any, key: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(key, f"must be a list, not {_kind(value)}")
-    return value
 
 
 def normalise_ollama_url(value: str, key: str = "") -> str:
@@ -341,39 +274,54 @@ def normalise_ollama_url(value: str, key: str = "") -> str:
 
 
 def _url(value: Any, key: str) -> str:
-    return normalise_ollama_url(_string(value, key), key)
+    return normalise_ollama_url(as_string(value, key), key)
 
 
-def _timeouts(section: _Section, default: Timeouts) -> Timeouts:
+def _api_url(value: Any, key: str) -> str:
+    """An OpenAI-compatible server's base URL, as an SDK's ``base_url`` takes it."""
+    text = as_string(value, key).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"must be an http(s) URL, not {text!r}")
+    if parts.username or parts.password:
+        raise ConfigError(key, "must not hold credentials; put the key in api_key")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, "must not have a query or fragment")
+    return text.rstrip("/")
+
+
+def _timeouts(section: Section, default: Timeouts) -> Timeouts:
     timeouts = Timeouts(
-        connect=section.get("connect", default.connect, _positive_number),
-        first_byte=section.get("first_byte", default.first_byte, _positive_number),
-        between_chunks=section.get("between_chunks", default.between_chunks, _positive_number),
+        connect=section.get("connect", default.connect, as_seconds),
+        first_byte=section.get("first_byte", default.first_byte, as_seconds),
+        between_chunks=section.get("between_chunks", default.between_chunks, as_seconds),
     )
     section.done()
     return timeouts
 
 
-BACKEND_TYPES = ("ollama",)
+BACKEND_TYPES = ("ollama", "openai")
 
 
 def _backends(value: Any, key: str, default_timeouts: Timeouts) -> tuple[BackendConfig, ...]:
-    items = _list(value, key)
+    items = as_list(value, key)
     if not items:
         raise ConfigError(key, "must list at least one backend")
     backends = []
     for index, item in enumerate(items):
-        section = _Section(item, f"{key}[{index}]")
-        kind = section.get("type", "ollama", _string)
+        section = Section(item, f"{key}[{index}]")
+        kind = section.get("type", "ollama", as_string)
         if kind not in BACKEND_TYPES:
             raise ConfigError(section.path("type"), f"must be one of {', '.join(BACKEND_TYPES)}")
         backends.append(
             BackendConfig(
-                name=section.get("name", f"backend{index}", _string),
+                name=section.get("name", f"backend{index}", as_string),
                 type=kind,
-                url=section.require("url", _url),
-                host_header=section.get("host_header", None, _string),
+                url=section.require("url", _url if kind == "ollama" else _api_url),
+                host_header=section.get("host_header", None, as_string),
                 timeouts=_timeouts(section.section("timeouts"), default_timeouts),
+                api_key=section.get("api_key", None, as_string),
+                weight=section.get("weight", 1, as_count),
             )
         )
         section.done()
@@ -384,86 +332,44 @@ def _backends(value: Any, key: str, default_timeouts: Timeouts) -> tuple[Backend
     return tuple(backends)
 
 
-def hash_key(secret: str) -> bytes:
-    """
-    The SHA-256 digest under which a key is kept and compared.
-
-    API keys are long random strings, not passwords: a fast hash is the
-    right tool, and it means the plain secret is never held after loading.
-    """
-    return hashlib.sha256(secret.encode("utf-8")).digest()
-
-
-def _api_key(value: Any, key: str) -> APIKey:
-    section = _Section(value, key)
-    name = section.require("name", _string)
-    plain = section.get("key", None, _string)
-    digest = section.get("key_sha256", None, _string)
-    section.done()
-    if (plain is None) == (digest is None):
-        raise ConfigError(key, "needs exactly one of key or key_sha256")
-    if plain is not None:
-        return APIKey(name=name, sha256=hash_key(plain))
-    assert digest is not None
-    try:
-        raw = bytes.fromhex(digest)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise ConfigError(section.path("key_sha256"), "must be 64 hexadecimal digits")
-    return APIKey(name=name, sha256=raw)
-
-
-def _auth(section: _Section) -> AuthConfig:
-    listed: list[Any] = section.get("keys", [], _list)
-    keys = tuple(_api_key(item, f"{section.path('keys')}[{i}]") for i, item in enumerate(listed))
-    names = [k.name for k in keys]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(section.path("keys"), f"key name {duplicates[0]!r} is used twice")
-    auth = AuthConfig(keys=keys, anonymous=section.get("anonymous", False, _boolean))
-    section.done()
-    return auth
-
-
-def _images(section: _Section) -> ImagesConfig:
+def _images(section: Section) -> ImagesConfig:
     default = ImagesConfig()
     images = ImagesConfig(
-        fetch_remote=section.get("fetch_remote", default.fetch_remote, _boolean),
-        max_bytes=section.get("max_bytes", default.max_bytes, _byte_size),
-        timeout=section.get("timeout", default.timeout, _positive_number),
+        fetch_remote=section.get("fetch_remote", default.fetch_remote, as_boolean),
+        max_bytes=section.get("max_bytes", default.max_bytes, as_byte_size),
+        timeout=section.get("timeout", default.timeout, as_seconds),
         allow_private_networks=section.get(
-            "allow_private_networks", default.allow_private_networks, _boolean
+            "allow_private_networks", default.allow_private_networks, as_boolean
         ),
     )
     section.done()
     return images
 
 
-def _cache(section: _Section) -> CacheConfig:
+def _cache(section: Section) -> CacheConfig:
     default = CacheConfig()
-    backend = section.get("backend", default.backend, _string)
+    backend = section.get("backend", default.backend, as_string)
     if backend not in ("memory", "redis"):
         raise ConfigError(section.path("backend"), "must be memory or redis")
     cache = CacheConfig(
-        enabled=section.get("enabled", default.enabled, _boolean),
+        enabled=section.get("enabled", default.enabled, as_boolean),
         backend=backend,
-        max_bytes=section.get("max_bytes", default.max_bytes, _byte_size),
-        ttl=section.get("ttl", default.ttl, _positive_number),
+        max_bytes=section.get("max_bytes", default.max_bytes, as_byte_size),
+        ttl=section.get("ttl", default.ttl, as_seconds),
         redis_url=section.get("redis_url", default.redis_url, _redis_url),
-        share_across_keys=section.get("share_across_keys", default.share_across_keys, _boolean),
+        share_across_keys=section.get("share_across_keys", default.share_across_keys, as_boolean),
     )
     section.done()
     return cache
 
 
-def _sentry(section: _Section, environ: Mapping[str, str]) -> SentryConfig:
+def _sentry(section: Section, environ: Mapping[str, str]) -> SentryConfig:
     config = SentryConfig(
-        dsn=section.get("dsn", environ.get("SENTRY_DSN") or None, _string),
+        dsn=section.get("dsn", environ.get("SENTRY_DSN") or None, as_string),
         environment=section.get(
-            "environment", environ.get("SENTRY_ENVIRONMENT") or "production", _string
+            "environment", environ.get("SENTRY_ENVIRONMENT") or "production", as_string
         ),
-        release=section.get("release", None, _string),
+        release=section.get("release", None, as_string),
     )
     section.done()
     if config.dsn is not None and urlsplit(config.dsn).scheme not in ("http", "https"):
@@ -471,41 +377,55 @@ def _sentry(section: _Section, environ: Mapping[str, str]) -> SentryConfig:
     return config
 
 
-def _metrics(section: _Section) -> MetricsConfig:
-    token = section.get("bearer_token", None, _string)
+def _streaming(section: Section) -> StreamingConfig:
+    streaming = StreamingConfig(
+        keepalive_after=section.get("keepalive_after", StreamingConfig.keepalive_after, as_seconds),
+        keepalive_interval=section.get(
+            "keepalive_interval", StreamingConfig.keepalive_interval, as_seconds
+        ),
+    )
+    section.done()
+    return streaming
+
+
+def _metrics(section: Section) -> MetricsConfig:
+    token = section.get("bearer_token", None, as_string)
     section.done()
     return MetricsConfig(token_sha256=hash_key(token) if token is not None else None)
 
 
-def _access_log(section: _Section) -> AccessLogConfig | None:
+def _access_log(section: Section) -> AccessLogConfig | None:
     if not section.node:
         return None
-    path = section.require("path", _string)
-    max_bytes = section.get("max_bytes", AccessLogConfig.max_bytes, _byte_size)
-    keep = section.get("keep", AccessLogConfig.keep, _count)
-    redact: list[Any] = section.get("redact", [], _list)
+    path = section.require("path", as_string)
+    max_bytes = section.get("max_bytes", AccessLogConfig.max_bytes, as_byte_size)
+    keep = section.get("keep", AccessLogConfig.keep, as_count)
+    redact: list[Any] = section.get("redact", [], as_list)
     config = AccessLogConfig(
         path=path,
         max_bytes=max_bytes,
-        daily=section.get("daily", AccessLogConfig.daily, _boolean),
+        daily=section.get("daily", AccessLogConfig.daily, as_boolean),
         keep=keep,
-        bodies=section.get("bodies", AccessLogConfig.bodies, _boolean),
-        body_max_bytes=section.get("body_max_bytes", AccessLogConfig.body_max_bytes, _byte_size),
+        bodies=section.get("bodies", AccessLogConfig.bodies, as_boolean),
+        body_max_bytes=section.get("body_max_bytes", AccessLogConfig.body_max_bytes, as_byte_size),
         redact=AccessLogConfig.redact
-        + tuple(_string(k, f"{section.path('redact')}[{i}]") for i, k in enumerate(redact)),
+        + tuple(as_string(k, f"{section.path('redact')}[{i}]") for i, k in enumerate(redact)),
     )
     section.done()
     return config
 
 
-def _count(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, f"must be a positive whole number, not {value!r}")
-    return value
+def _reload(section: Section) -> ReloadConfig:
+    config = ReloadConfig(
+        watch=section.get("watch", ReloadConfig.watch, as_boolean),
+        interval=section.get("interval", ReloadConfig.interval, as_seconds),
+    )
+    section.done()
+    return config
 
 
 def _redis_url(value: Any, key: str) -> str:
-    text = _string(value, key)
+    text = as_string(value, key)
     if urlsplit(text).scheme not in ("redis", "unix"):
         raise ConfigError(key, f"must be a redis:// or unix:// URL, not {text!r}")
     return text
@@ -522,7 +442,7 @@ def _workers(value: Any, key: str) -> int | None:
 def _listen(value: Any, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
-    items = tuple(_string(item, f"{key}[{i}]") for i, item in enumerate(_list(value, key)))
+    items = tuple(as_string(item, f"{key}[{i}]") for i, item in enumerate(as_list(value, key)))
     if not items:
         raise ConfigError(key, "must name at least one endpoint")
     return items
@@ -532,9 +452,9 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
     """
     Validate parsed YAML (after ``${ENV}`` interpolation) into a :class:`Config`.
     """
-    root = _Section(_interpolate_tree(data, environ, ""), "")
+    root = Section(_interpolate_tree(data, environ, ""), "")
     timeouts = _timeouts(root.section("timeouts"), Timeouts())
-    default_backends = (
+    default_backends: tuple[BackendConfig, ...] = (
         BackendConfig(
             name="local",
             type="ollama",
@@ -545,21 +465,32 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         ),
     )
     limits = root.section("limits")
-    max_body = limits.get("max_body_bytes", Config.max_body_bytes, _byte_size)
+    max_body = limits.get("max_body_bytes", Config.max_body_bytes, as_byte_size)
     limits.done()
+    backends = root.get("backends", default_backends, lambda v, k: _backends(v, k, timeouts))
+    routing = parse_routing(
+        root.section("routing"),
+        root.get("models", None, lambda v, k: v),
+        "models",
+        tuple(b.name for b in backends),
+    )
     config = Config(
         listen=root.get("listen", (DEFAULT_LISTEN,), _listen),
-        backends=root.get("backends", default_backends, lambda v, k: _backends(v, k, timeouts)),
-        auth=_auth(root.section("auth")),
+        backends=backends,
+        routing=routing,
+        auth=parse_auth(root.section("auth")),
+        state=parse_state(root.section("state"), environ),
         max_body_bytes=max_body,
         timeouts=timeouts,
         images=_images(root.section("images")),
         cache=_cache(root.section("cache")),
         workers=root.get("workers", Config.workers, _workers),
-        drain_timeout=root.get("drain_timeout", Config.drain_timeout, _positive_number),
+        drain_timeout=root.get("drain_timeout", Config.drain_timeout, as_seconds),
         access_log=_access_log(root.section("access_log")),
         metrics=_metrics(root.section("metrics")),
         sentry=_sentry(root.section("sentry"), environ),
+        streaming=_streaming(root.section("streaming")),
+        reload=_reload(root.section("reload")),
     )
     root.done()
     return check_exposure(config)
@@ -635,10 +566,13 @@ def check_exposure(config: Config) -> Config:
     default was open; ours is closed.
     """
     exposed = [e for e in config.listen if not endpoint_is_loopback(e)]
-    if exposed and not config.auth.keys and not config.auth.anonymous:
+    auth = config.auth
+    if exposed and not auth.keys and not auth.require_keys and not auth.anonymous:
         raise ConfigError(
             "auth",
             f"listening on {exposed[0]!r} (beyond loopback) with no API keys; "
-            "add auth.keys, or set auth.anonymous: true to allow anyone who can connect",
+            "add auth.keys, set auth.require_keys: true (keys made with "
+            "'oproxy keys create'), or set auth.anonymous: true to allow anyone "
+            "who can connect",
         )
     return config

@@ -128,6 +128,12 @@ class RateLimited(OProxyError):
     default_code = "rate_limit_exceeded"
 
 
+class TokenRateLimited(RateLimited):
+    """Too many tokens per minute (OpenAI says ``tokens`` where requests say ``requests``)."""
+
+    error_type = "tokens"
+
+
 class UpstreamError(OProxyError):
     """The upstream answered with an error it did not explain as the client's fault."""
 
@@ -160,6 +166,10 @@ class UpstreamTimeout(OProxyError):
     default_code = "upstream_timeout"
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The upstream did not accept a connection in time: another backend may."""
+
+
 class ServerError(OProxyError):
     """Something unexpected; details are in the log under the request id."""
 
@@ -187,3 +197,35 @@ def render_stream_error(error: OProxyError) -> bytes:
     it sees an event whose JSON has an ``error`` key.
     """
     return b"data: " + render_error(error) + b"\n\n"
+
+
+class QuotaExceeded(OProxyError):
+    """A token quota is used up until its period ends: retrying sooner cannot help."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class StoreUnavailable(OProxyError):
+    """The state store (keys, limits, quotas) did not answer, and the proxy fails closed."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "state_store_unavailable"
+
+
+class BackendsDown(OProxyError):
+    """Every backend serving a model is out (circuit open): fail fast, say when to retry."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "backends_unavailable"
+
+    def __init__(self, model: str, backends: list[str], retry_after: float) -> None:
+        seconds = max(1, int(retry_after + 0.999))
+        super().__init__(
+            f"Every backend serving the model `{model}` is down "
+            f"({', '.join(sorted(set(backends)))}). Please try again in {seconds}s.",
+            headers={"retry-after": str(seconds)},
+        )

@@ -8,7 +8,7 @@ completion, so a health check can never load a model or cost GPU time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,20 +98,29 @@ async def probe_all(
 
 
 def report(
-    backends: Sequence[BackendHealth], *, uptime_seconds: float, workers: int
+    backends: Sequence[BackendHealth],
+    *,
+    uptime_seconds: float,
+    workers: int,
+    state_store: Mapping[str, Any],
 ) -> dict[str, Any]:
     """
-    The ``/v1/health`` document: ``ok`` when every backend answers,
-    ``degraded`` when some do, ``unavailable`` when none does.
+    The ``/v1/health`` document: ``ok`` when every backend and the state
+    store answer, ``degraded`` when some backend does not or the store is
+    down but the proxy fails open, ``unavailable`` when no backend answers
+    or the store is down and the proxy fails closed.
     """
     reachable = sum(1 for b in backends if b.reachable)
     status = "ok" if reachable == len(backends) else "degraded" if reachable else "unavailable"
+    if not state_store["reachable"] and status != "unavailable":
+        status = "degraded" if state_store["on_unavailable"] == "open" else "unavailable"
     return {
         "status": status,
         "version": __version__,
         "uptime_seconds": round(uptime_seconds, 3),
         "workers": workers,
         "backends": [b.to_json() for b in backends],
+        "state_store": dict(state_store),
     }
 
 
@@ -121,7 +130,12 @@ PROBE_INTERVAL = 15.0
 
 
 class ProbeService(service.Service):
-    """Probe every backend in the background and record what was found."""
+    """
+    Probe every backend in the background and record what was found: in
+    metrics, in the circuit breakers (a dead backend is skipped before a
+    request fails on it) and in routing's view of loaded models; refresh
+    model lists that have grown old.
+    """
 
     def __init__(self, app: Any, clock: IReactorTime, interval: float = PROBE_INTERVAL) -> None:
         self._app = app
@@ -130,9 +144,12 @@ class ProbeService(service.Service):
         self._loop: task.LoopingCall | None = None
 
     def _probe(self) -> defer.Deferred[Any]:
-        probing = defer.Deferred.fromCoroutine(
-            probe_all(self._app.router.backends, self._clock, self._app.metrics)
-        )
+        async def probe_and_learn() -> None:
+            router = self._app.router
+            router.note_probes(await probe_all(router.backends, self._clock, self._app.metrics))
+            await router.refresh_models()
+
+        probing = defer.Deferred.fromCoroutine(probe_and_learn())
         return probing.addErrback(lambda failure: log.failure("Probe failed", failure))
 
     def startService(self) -> None:

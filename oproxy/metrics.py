@@ -144,6 +144,19 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+        self.state_up = Gauge(
+            "oproxy_state_store_up",
+            "Whether the state store (keys, limits, quotas) answered its last use (1) or not (0).",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.state_errors = Counter(
+            "oproxy_state_store_errors",
+            "State store operations that failed, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+
     def count_tokens(self, usage: Mapping[str, int], *, model: str, key: str | None) -> None:
         key_label = key or "-"
         self.tokens.labels("prompt", model, key_label).inc(usage.get("prompt_tokens", 0))

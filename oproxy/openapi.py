@@ -17,8 +17,10 @@ _ERROR = {"$ref": "#/components/responses/Error"}
 _COMMON_ERRORS = {
     "400": _ERROR,
     "401": _ERROR,
+    "403": _ERROR,
     "404": _ERROR,
     "413": _ERROR,
+    "429": _ERROR,
     "500": _ERROR,
     "502": _ERROR,
     "503": _ERROR,
@@ -245,7 +247,192 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status"],
         "properties": {"status": {"type": "string"}},
     },
+    "Key": {
+        "type": "object",
+        "required": ["id", "name", "status", "created", "policy"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "status": {"type": "string", "enum": ["active", "expired", "revoked"]},
+            "created": {"type": "string", "format": "date-time"},
+            "revoked": {"type": ["string", "null"], "format": "date-time"},
+            "policy": {"type": "object"},
+            "key": {"type": "string", "description": "Only when created or rotated."},
+        },
+    },
+    "KeyList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}},
+        },
+    },
+    "KeyRequest": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "models": {"type": "array", "items": {"type": "string"}},
+            "networks": {"type": "array", "items": {"type": "string"}},
+            "expires": {"type": ["number", "string"]},
+            "limits": {
+                "type": "object",
+                "properties": {
+                    name: {"type": "integer", "minimum": 1}
+                    for name in ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
+                },
+                "additionalProperties": False,
+            },
+            "model_limits": {"type": "object"},
+            "admin": {"type": "boolean"},
+        },
+        "additionalProperties": False,
+    },
 }
+
+
+def _admin_paths() -> dict[str, Any]:
+    """Key management: the same operations as ``oproxy keys``, for admin keys."""
+    key_id = {
+        "name": "key_id",
+        "in": "path",
+        "required": True,
+        "description": "The key's public id (the part after `sk-oproxy-`).",
+        "schema": {"type": "string"},
+    }
+
+    def operation(summary: str, status: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "tags": ["Admin"],
+            "responses": {
+                status: {"description": "OK", "content": _json(_ref("Key"))},
+                **_COMMON_ERRORS,
+            },
+            **extra,
+        }
+
+    return {
+        "/admin/keys": {
+            "get": {
+                **operation("List keys (never their secrets)", "200"),
+                "responses": {
+                    "200": {"description": "OK", "content": _json(_ref("KeyList"))},
+                    **_COMMON_ERRORS,
+                },
+            },
+            "post": operation(
+                "Create a key; the answer holds it, once",
+                "201",
+                requestBody={"required": True, "content": _json(_ref("KeyRequest"))},
+            ),
+        },
+        "/admin/keys/{key_id}": {
+            "parameters": [key_id],
+            "get": operation("Show a key", "200"),
+            "delete": operation("Revoke a key", "200"),
+        },
+        "/admin/keys/{key_id}/rotate": {
+            "parameters": [key_id],
+            "post": operation("Give a key a new secret; the answer holds it, once", "200"),
+        },
+    }
+
+
+_OLLAMA_ERROR = {"$ref": "#/components/responses/OllamaError"}
+
+_OLLAMA_ERRORS = {
+    status: _OLLAMA_ERROR
+    for status in ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504")
+}
+
+_OLLAMA_BODY = {
+    "type": "object",
+    "description": "Ollama's own request body, passed through; `model` is routed.",
+    "additionalProperties": True,
+}
+
+_OLLAMA_MODELS = {
+    "type": "object",
+    "required": ["models"],
+    "properties": {"models": {"type": "array", "items": {"type": "object"}}},
+}
+
+
+def _ollama_operation(
+    summary: str,
+    *,
+    body: dict[str, Any] | None = None,
+    streams: bool = False,
+    admin: bool = False,
+    answer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One native route, described in Ollama's terms (its errors: ``{"error": "..."}``)."""
+    content: dict[str, Any] = _json(answer or {"type": "object"})
+    if streams:
+        content["application/x-ndjson"] = {
+            "schema": {
+                "type": "string",
+                "description": "One JSON object a line (the default unless `stream` is false).",
+            }
+        }
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "tags": ["Ollama"],
+        "responses": {"200": {"description": "As Ollama answers.", "content": content}},
+    }
+    operation["responses"].update(_OLLAMA_ERRORS)
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": _json(body)}
+    if admin:
+        operation["description"] = (
+            "Admin keys only. The `x-oproxy-backend` header picks the backend; without it, "
+            "the only Ollama backend, or each one the model's rule allows, in turn."
+        )
+        operation["parameters"] = [
+            {
+                "name": "x-oproxy-backend",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "The name of the Ollama backend to manage.",
+            }
+        ]
+    return operation
+
+
+def _ollama_paths() -> dict[str, Any]:
+    """Ollama's native API, for Ollama's clients, under the same keys and limits."""
+    body = _OLLAMA_BODY
+
+    def post(summary: str, **extra: Any) -> dict[str, Any]:
+        return {"post": _ollama_operation(summary, body=body, **extra)}
+
+    return {
+        "/api/chat": post("Chat (Ollama)", streams=True),
+        "/api/generate": post("Generate (Ollama)", streams=True),
+        "/api/embed": post("Embed (Ollama)"),
+        "/api/embeddings": post("Embeddings, the legacy route (Ollama)"),
+        "/api/show": post("Show a model (Ollama)"),
+        "/api/tags": {
+            "get": _ollama_operation("Models of every backend, and aliases", answer=_OLLAMA_MODELS)
+        },
+        "/api/ps": {"get": _ollama_operation("Loaded models", answer=_OLLAMA_MODELS)},
+        "/api/version": {
+            "get": _ollama_operation(
+                "The first reachable Ollama backend's version",
+                answer={"type": "object", "properties": {"version": {"type": "string"}}},
+            )
+        },
+        "/api/pull": post("Pull a model", streams=True, admin=True),
+        "/api/push": post("Push a model", streams=True, admin=True),
+        "/api/create": post("Create a model", streams=True, admin=True),
+        "/api/delete": {
+            "delete": _ollama_operation("Delete a model", body=body, admin=True, answer={})
+        },
+        "/api/copy": post("Copy a model", admin=True, answer={}),
+    }
 
 
 def openapi_document() -> dict[str, Any]:
@@ -315,6 +502,8 @@ def openapi_document() -> dict[str, Any]:
             "/openapi.json": _get(
                 "This document", {"type": "object"}, tag="Operations", secured=False
             ),
+            **_admin_paths(),
+            **_ollama_paths(),
         },
         "components": {
             "schemas": SCHEMAS,
@@ -322,7 +511,17 @@ def openapi_document() -> dict[str, Any]:
                 "Error": {
                     "description": "An OpenAI error object.",
                     "content": _json(_ref("Error")),
-                }
+                },
+                "OllamaError": {
+                    "description": 'An Ollama error: `{"error": "..."}`.',
+                    "content": _json(
+                        {
+                            "type": "object",
+                            "required": ["error"],
+                            "properties": {"error": {"type": "string"}},
+                        }
+                    ),
+                },
             },
             "securitySchemes": {
                 "bearer": {

@@ -4,7 +4,8 @@ Reloading the configuration without a restart.
 A new file is validated in full before anything changes; then the app's
 snapshot and router are swapped together.  A request in flight keeps the
 snapshot it started with.  A bad file is reported and ignored: the running
-configuration stays.
+configuration stays.  ``SIGHUP`` and a change of the file on disk
+(:mod:`oproxy.watch`) both end up in :meth:`Reloader.reload`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from twisted.logger import Logger
 from oproxy.app import ProxyApp
 from oproxy.cache import ResponseCache
 from oproxy.config import Config, ConfigError
-from oproxy.routing import Router
+from oproxy.routing.router import Router
 
 log = Logger()
 
@@ -31,8 +32,14 @@ class Reloader:
         load: Callable[[], Config],
         build_router: Callable[[Config], Router],
         build_cache: Callable[[Config], ResponseCache],
+        source: str | None = None,
     ) -> None:
+        """
+        :param source: the file ``load`` reads, named in the log so that an
+            operator who edited it sees which file was refused and why.
+        """
         self._app = app
+        self._source = source or "(embedded defaults)"
         self._load = load
         self._build_router = build_router
         self._build_cache = build_cache
@@ -45,12 +52,16 @@ class Reloader:
             config = self._load()
         except (ConfigError, OSError) as e:
             log.error(
-                "Configuration not reloaded, keeping the running one: {reason}", reason=str(e)
+                "Configuration {source} not reloaded, keeping the running one: {reason}",
+                source=self._source,
+                reason=str(e),
             )
             return False
         old = self._app.config
         if config.listen != old.listen or config.workers != old.workers:
             log.warn("listen and workers changes take effect at the next restart")
+        if config.reload != old.reload:
+            log.warn("reload (file watch) changes take effect at the next restart")
         previous = self._app.cache
         cache = previous if config.cache == old.cache else self._build_cache(config)
         self._app.swap(config, self._build_router(config), cache)
@@ -58,5 +69,5 @@ class Reloader:
             # Requests still using the old cache see a failing store: a miss.
             closing = defer.Deferred.fromCoroutine(previous.close())
             closing.addErrback(lambda failure: log.failure("Closing the old cache", failure))
-        log.info("Configuration reloaded")
+        log.info("Configuration reloaded from {source}", source=self._source)
         return True

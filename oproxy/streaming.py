@@ -6,17 +6,22 @@ that fails early gets a proper HTTP error.  After that, each chunk is
 written as it arrives (never buffered), the client's own backpressure pauses
 the relay, and a failure half-way is sent as an OpenAI error event followed
 by the end of the stream, never a silent truncation.
+
+A model that is still loading sends nothing at all for many seconds;
+:func:`relay_sse_with_keepalive` commits to the stream once the wait is
+clearly long and writes SSE comments meanwhile, so that clients with a read
+timeout wait for the answer rather than give up on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar, cast
 
 import orjson
 from twisted.internet import defer
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
@@ -108,35 +113,157 @@ async def relay_sse(
         first = await anext(chunks, None)
         if first is None:
             raise UpstreamError("the backend sent an empty stream")
-        for name, value in SSE_HEADERS.items():
-            request.setHeader(name, value)
-        pacer = ClientPacer()
-        consumer = cast(IConsumer, request)
-        consumer.registerProducer(pacer, True)
+        _commit(request)
+        await _relay_from(request, first, chunks, clock)
+
+
+def _commit(request: IRequest) -> None:
+    """Set the event-stream headers; they leave with the first write."""
+    for name, value in SSE_HEADERS.items():
+        request.setHeader(name, value)
+
+
+async def _relay_from(
+    request: IRequest, first: Any, chunks: AsyncGenerator[Any, None], clock: IReactorTime
+) -> None:
+    """
+    Write ``first`` and the rest of ``chunks`` once the stream is committed:
+    from here on a failure can only be reported inside the stream.
+    """
+    pacer = ClientPacer()
+    consumer = cast(IConsumer, request)
+    consumer.registerProducer(pacer, True)
+    try:
+        request.write(sse_event(first))
+        await _flush(clock)
         try:
-            request.write(sse_event(first))
-            await _flush(clock)
-            try:
-                written = 0
-                async for chunk in chunks:
-                    request.write(sse_event(chunk))
-                    written += 1
-                    if pacer.paused:
-                        await pacer.drained()
-                    elif written % FLUSH_EVERY == 0:
-                        await _flush(clock)
-            except OProxyError as e:
-                request.write(render_stream_error(e))
-                return
-            except defer.CancelledError:
-                raise
-            except Exception:
-                log.failure("Stream failed after it began")
-                request.write(render_stream_error(ServerError()))
-                return
-            request.write(DONE)
-        finally:
-            consumer.unregisterProducer()
+            written = 0
+            async for chunk in chunks:
+                request.write(sse_event(chunk))
+                written += 1
+                if pacer.paused:
+                    await pacer.drained()
+                elif written % FLUSH_EVERY == 0:
+                    await _flush(clock)
+        except OProxyError as e:
+            request.write(render_stream_error(e))
+            return
+        except defer.CancelledError:
+            raise
+        except Exception:
+            log.failure("Stream failed after it began")
+            request.write(render_stream_error(ServerError()))
+            return
+        request.write(DONE)
+    finally:
+        consumer.unregisterProducer()
+
+
+#: What a client reads while the model loads: an SSE comment, which every
+#: conforming parser (the official SDKs included) skips, but which is bytes
+#: on the socket, so the client's read timeout starts again.
+KEEPALIVE = b": loading\n\n"
+
+
+class _KeepAlive:
+    """
+    The timers of the wait for a stream's first chunk.
+
+    After ``after`` seconds the response is committed (200, event-stream
+    headers) and a :data:`KEEPALIVE` comment written, then another every
+    ``interval`` seconds, until :meth:`stop`.
+    """
+
+    def __init__(
+        self, request: IRequest, clock: IReactorTime, after: float, interval: float
+    ) -> None:
+        self._request = request
+        self._clock = clock
+        self._interval = interval
+        self.committed = False
+        self._call: IDelayedCall = clock.callLater(after, self._beat)
+
+    def _beat(self) -> None:
+        if not self.committed:
+            self.committed = True
+            _commit(self._request)
+        self._request.write(KEEPALIVE)
+        self._call = self._clock.callLater(self._interval, self._beat)
+
+    def stop(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+async def _opened(
+    open_stream: Callable[[], Awaitable[AsyncGenerator[Any, None]]],
+) -> tuple[AsyncGenerator[Any, None], Any]:
+    """
+    Open the stream and wait for its first chunk (``None``: it was empty).
+
+    A failure out of ``anext`` has already finished the generator, closing
+    the upstream: there is nothing left to close here.
+    """
+    chunks = await open_stream()
+    return chunks, await anext(chunks, None)
+
+
+async def relay_sse_with_keepalive(
+    request: IRequest,
+    open_stream: Callable[[], Awaitable[AsyncGenerator[Any, None]]],
+    clock: IReactorTime,
+    *,
+    after: float,
+    interval: float,
+) -> None:
+    """
+    :func:`relay_sse`, but with SSE comments while the first chunk is awaited.
+
+    Ollama sends nothing, not even headers, while it loads a model, which
+    can take longer than a client's read timeout; the client would give up
+    on an answer that is on its way.  So the wait is watched: a first chunk
+    within ``after`` seconds is relayed exactly as :func:`relay_sse` does,
+    and an early failure is still raised, to become a proper HTTP error.
+    Past ``after``, the response is committed to a 200 event stream and
+    :data:`KEEPALIVE` is written every ``interval`` seconds; from then on a
+    failure (the first-byte timeout included) is an error event in the
+    stream, as for a failure half-way.
+
+    :param open_stream: connects upstream and returns the chunks; the time
+        it takes (the upstream's headers wait for the load) is watched too.
+    :param after: seconds of silence before committing; a warm model's
+        first token comes well within it, so its errors stay HTTP errors.
+    :param interval: seconds between comments; below the shortest read
+        timeout a client is likely to use.
+
+    Cancelling (the client went away) cancels the wait, which closes the
+    upstream connection, in the keep-alive phase as in the relay.
+    """
+    keepalive = _KeepAlive(request, clock, after, interval)
+    try:
+        chunks, first = await defer.Deferred.fromCoroutine(_opened(open_stream))
+    except defer.CancelledError:
+        raise
+    except Exception as e:
+        if not keepalive.committed:
+            raise
+        if not isinstance(e, OProxyError):
+            log.failure("Stream failed while its first chunk was awaited")
+            e = ServerError()
+        request.write(render_stream_error(e))
+        return
+    finally:
+        keepalive.stop()
+    async with aclosing(chunks):
+        if first is None:
+            empty = UpstreamError("the backend sent an empty stream")
+            if not keepalive.committed:
+                raise empty
+            request.write(render_stream_error(empty))
+            return
+        if not keepalive.committed:
+            _commit(request)
+        await _relay_from(request, first, chunks, clock)
 
 
 async def merge(iterators: list[AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:

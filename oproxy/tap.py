@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import treq
@@ -25,19 +25,24 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from oproxy import __version__
 from oproxy.app import ProxyApp
+from oproxy.backends.base import Backend
 from oproxy.backends.ollama import OllamaBackend
+from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
 from oproxy.health import ProbeService
 from oproxy.listeners import bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
-from oproxy.metrics import MULTIPROCESS_ENV, metrics_for_this_process
+from oproxy.metrics import MULTIPROCESS_ENV, Metrics, metrics_for_this_process
 from oproxy.reload import Reloader
 from oproxy.reporting import start_reporting, stop_reporting
-from oproxy.routing import Router
+from oproxy.routing.router import Router, RoutingState
+from oproxy.security.guard import Guard
 from oproxy.serving import ServingService, SignalService
 from oproxy.site import ProxySite
+from oproxy.state.opening import open_store
 from oproxy.upstream import ReusedEndpoints, Upstream
+from oproxy.watch import ConfigWatcher
 from oproxy.workers import WorkerPool, WorkerSpec
 
 #: Listening sockets handed to workers start at this descriptor number.
@@ -125,16 +130,30 @@ def connection_pool(reactor: Any) -> HTTPConnectionPool:
     return pool
 
 
-def build_router(config: Config, reactor: Any, pool: HTTPConnectionPool) -> Router:
-    """One upstream client per backend, over the shared pool."""
+def build_router(
+    config: Config, reactor: Any, pool: HTTPConnectionPool, state: RoutingState | None = None
+) -> Router:
+    """
+    One upstream client per backend, over the shared pool.
+
+    :param state: what routing learnt so far (circuits, model lists, load),
+        handed on by a reload; backends the new config dropped are forgotten.
+    """
     clock: IReactorTime = reactor
-    backends = []
+    backends: list[Backend] = []
     for backend_config in config.backends:
         endpoints = ReusedEndpoints(reactor, backend_config.timeouts.connect)
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-        upstream = Upstream(backend_config, agent, clock)
-        backends.append(OllamaBackend(upstream))
-    return Router(backends)
+        if backend_config.type == "openai":
+            backends.append(
+                OpenAIBackend(backend_config, agent, clock, api_key=backend_config.api_key)
+            )
+        else:
+            backends.append(OllamaBackend(Upstream(backend_config, agent, clock)))
+    if state is None:
+        state = RoutingState.new(clock, config.routing)
+    state.catalog.forget(b.name for b in backends)
+    return Router(backends, config.routing, state)
 
 
 def build_response_cache(config: Config, reactor: Any) -> ResponseCache:
@@ -152,15 +171,30 @@ def build_app(
     images_client = treq.client.HTTPClient(
         Agent(reactor, pool=pool, connectTimeout=config.images.timeout)
     )
+    metrics = metrics_for_this_process()
     return ProxyApp(
         config,
         build_router(config, reactor, pool),
         clock=reactor,
         http_client=images_client,
         cache=build_response_cache(config, reactor),
-        metrics=metrics_for_this_process(),
+        metrics=metrics,
+        guard=build_guard(config, reactor, metrics),
         access_log=access_log,
     )
+
+
+def build_guard(config: Config, reactor: Any, metrics: Metrics) -> Guard:
+    """
+    Keys, limits and quotas over the configured state store.
+
+    The store is opened here (a SQLite file is created on first use) and
+    closed when the reactor stops.  Changing ``state:`` needs a restart.
+    """
+    guard = Guard(open_store(config.state, reactor), reactor, metrics, config.state)
+    guard.start()
+    reactor.addSystemEventTrigger("before", "shutdown", guard.stop)
+    return guard
 
 
 def build_site(app: ProxyApp) -> ProxySite:
@@ -178,11 +212,13 @@ def serve_here(
     config: Config,
     listen: Any,
     rotate_access_log: bool = True,
+    watch_config: bool = True,
 ) -> service.MultiService:
     """
     The serving side, for a single process or a worker: the app, its site on
     the listeners ``listen(site)`` returns, graceful drain, ``SIGHUP``
-    reloads, and the access log (rotated here unless a master does it).
+    reloads, reloads when the file changes (unless a master watches it), and
+    the access log (rotated here unless a master does it).
     """
     pool = connection_pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
@@ -192,19 +228,37 @@ def serve_here(
     reloader = Reloader(
         app,
         lambda: load_configuration(path, overrides, backend_url),
-        lambda new: build_router(new, reactor, pool),
+        lambda new: build_router(new, reactor, pool, app.router.state),
         lambda new: build_response_cache(new, reactor),
+        source=path,
     )
     top = service.MultiService()
     top.addService(
         ServingService(reactor, app, site, listen(site), lambda: app.config.drain_timeout)
     )
     top.addService(SignalService(reactor, signal.SIGHUP, reloader.reload))
+    if watch_config:
+        add_config_watcher(top, path, config, reactor, reloader.reload)
     top.addService(ProbeService(app, reactor))
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))
     return top
+
+
+def add_config_watcher(
+    top: service.MultiService,
+    path: str | None,
+    config: Config,
+    reactor: Any,
+    reload: Callable[[], object],
+) -> None:
+    """
+    Reload through ``reload`` (what ``SIGHUP`` runs) when the ``--config``
+    file changes, unless there is no file or ``reload.watch`` is off.
+    """
+    if path and config.reload.watch:
+        top.addService(ConfigWatcher(path, reload, reactor, config.reload.interval))
 
 
 def report_errors(reactor: Any, config: Config) -> None:
@@ -272,6 +326,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     )
     top.addService(pool)
     top.addService(SignalService(reactor, signal.SIGHUP, pool.reload))
+    # One watcher, here: the workers are told the way SIGHUP tells them.
+    add_config_watcher(top, origin[0], config, reactor, pool.reload)
     if config.access_log is not None:
         # Workers write; only the master rotates.
         top.addService(AccessLogService(reactor, None, Rotator(config.access_log, reactor)))

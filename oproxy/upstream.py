@@ -29,14 +29,25 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
+from twisted.web.client import (
+    URI,
+    BrowserLikePolicyForHTTPS,
+    ResponseDone,
+    ResponseNeverReceived,
+)
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from oproxy.config import BackendConfig
-from oproxy.errors import OProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from oproxy.errors import (
+    OProxyError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -48,6 +59,12 @@ MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 #: The most of an upstream *error* body worth reading.
 MAX_ERROR_BYTES = 64 * 1024
+
+#: Seconds to wait, after an event stream's ``data: [DONE]``, for the body to
+#: end: long enough for the closing chunk to arrive (so the connection goes
+#: back to the pool), short enough that a server which keeps the body open
+#: does not hold back the client's own ``[DONE]``.
+AFTER_DONE_GRACE = 1.0
 
 
 @implementer(IBodyProducer)
@@ -291,7 +308,18 @@ class Upstream:
     offers nothing an API call to a model server needs.
     """
 
-    def __init__(self, backend: BackendConfig, agent: IAgent, clock: IReactorTime):
+    def __init__(
+        self,
+        backend: BackendConfig,
+        agent: IAgent,
+        clock: IReactorTime,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+    ):
+        """
+        :param extra_headers: sent with every request, e.g. the backend's own
+            ``Authorization``; built once here, not per request.
+        """
         self.backend = backend
         self._agent = agent
         self._clock = clock
@@ -299,6 +327,8 @@ class Upstream:
         headers = {b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]}
         if backend.host_header:
             headers[b"Host"] = [backend.host_header.encode("ascii")]
+        for name, value in (extra_headers or {}).items():
+            headers[name.encode("ascii")] = [value.encode("latin-1")]
         self._headers = Headers(headers)
 
     @property
@@ -322,12 +352,19 @@ class Upstream:
                 f"{self.backend.timeouts.first_byte:g} seconds"
             ) from None
         except error.TimeoutError:
-            raise UpstreamTimeout(
+            raise UpstreamConnectTimeout(
                 f"backend {self.name!r} did not accept a connection within "
                 f"{self.backend.timeouts.connect:g} seconds"
             ) from None
         except defer.CancelledError:
             raise
+        except ResponseNeverReceived as e:
+            if all(reason.check(defer.CancelledError) for reason in e.reasons):
+                # The client left before the answer began: not the backend's fault.
+                raise defer.CancelledError() from None
+            raise UpstreamUnavailable(
+                f"backend {self.name!r} at {self.backend.url} is unreachable: {_describe(e)}"
+            ) from None
         except Exception as e:
             raise UpstreamUnavailable(
                 f"backend {self.name!r} at {self.backend.url} is unreachable: {_describe(e)}"
@@ -393,6 +430,110 @@ class Upstream:
                     yield _decode(line, self.name)
         finally:
             reader.abort()
+
+    async def send_json(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        timer: UpstreamTime | None = None,
+    ) -> tuple[int, Headers, Any]:
+        """
+        :meth:`request_json`, with the answer's headers too: an error's
+        ``Retry-After`` is worth passing on to the client.
+        """
+        body = orjson.dumps(payload) if payload is not None else None
+        started = self._clock.seconds()
+        try:
+            response = await self._send(method, path, body)
+            limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
+            raw = await self._reader(response, limit).read_all()
+        finally:
+            if timer is not None:
+                timer.seconds += self._clock.seconds() - started
+        return response.code, response.headers, _decode(raw, self.name)
+
+    async def stream_events(
+        self, path: str, payload: Mapping[str, Any], timer: UpstreamTime | None = None
+    ) -> tuple[int, Headers, AsyncGenerator[Any, None]]:
+        """
+        Send a JSON request whose answer is an OpenAI event stream; iterate
+        over the decoded ``data:`` payloads up to ``data: [DONE]``.
+
+        Every OpenAI-compatible server writes one JSON object per ``data:``
+        line, so lines are decoded one by one; comments (``: keep-alive``) and
+        ``event:``/``id:`` lines are skipped.  A body that ends without
+        ``[DONE]`` was cut short and raises :class:`UpstreamError`.  A non-200
+        status is returned with an iterator over its one (JSON) body.
+        """
+        timer = timer if timer is not None else UpstreamTime()
+        started = self._clock.seconds()
+        try:
+            response = await self._send("POST", path, orjson.dumps(payload))
+        finally:
+            timer.seconds += self._clock.seconds() - started
+        if response.code != 200:
+            reader = self._reader(response, MAX_ERROR_BYTES)
+            return response.code, response.headers, self._whole_body(reader, timer)
+        reader = self._reader(response, MAX_RESPONSE_BYTES)
+        return response.code, response.headers, self._events(reader, timer)
+
+    async def _whole_body(
+        self, reader: BodyReader, timer: UpstreamTime
+    ) -> AsyncGenerator[Any, None]:
+        """An error answer, whole: OpenAI's bodies are pretty-printed JSON."""
+        started = self._clock.seconds()
+        try:
+            raw = await reader.read_all()
+        finally:
+            timer.seconds += self._clock.seconds() - started
+            reader.abort()
+        yield _decode(raw, self.name)
+
+    async def _events(self, reader: BodyReader, timer: UpstreamTime) -> AsyncGenerator[Any, None]:
+        try:
+            while True:
+                waiting = self._clock.seconds()
+                batch = await reader.next_lines()
+                timer.seconds += self._clock.seconds() - waiting
+                if not batch:
+                    raise UpstreamError(
+                        f"backend {self.name!r} ended the stream before it was complete"
+                    )
+                for line in batch:
+                    data = sse_data(line)
+                    if data is None:
+                        continue
+                    if data.startswith(b"[DONE]"):
+                        await self._end_of_body(reader)
+                        return
+                    yield _decode(data, self.name)
+        finally:
+            reader.abort()
+
+    async def _end_of_body(self, reader: BodyReader) -> None:
+        """
+        Read on to the end of the body after ``[DONE]``, briefly, so that the
+        connection can be reused rather than aborted.
+        """
+        try:
+            while await within(
+                defer.Deferred.fromCoroutine(reader.next_lines()), AFTER_DONE_GRACE, self._clock
+            ):
+                pass
+        except (DeadlineExceeded, OProxyError):
+            pass  # the answer is complete; the connection is closed instead
+
+
+def sse_data(line: bytes) -> bytes | None:
+    """
+    The payload of one server-sent-events line if it is a ``data:`` field
+    (one leading space dropped, as the SSE specification says), else ``None``.
+    """
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].rstrip(b"\r")
+    return data[1:] if data.startswith(b" ") else data
 
 
 def _decode(raw: bytes, backend: str) -> Any:

@@ -72,6 +72,7 @@ def main() -> None:
             adopt(reactor, description, fd, site) for fd, description in spec["listeners"]
         ],
         rotate_access_log=False,  # the master rotates
+        watch_config=False,  # the master watches the file and signals us
     )
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

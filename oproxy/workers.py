@@ -6,7 +6,8 @@ The master binds every listener once, then starts ``N`` worker processes
 that dies is restarted with exponential backoff.  On stop the master sends
 ``SIGTERM`` to every worker (each stops accepting and drains), waits up to
 the drain deadline plus a grace period, and kills what is left.  ``SIGHUP``
-is passed on, so each worker reloads its configuration.
+is passed on, so each worker reloads its configuration; so is a change of
+the config file, which only the master watches (:mod:`oproxy.watch`).
 """
 
 from __future__ import annotations
@@ -186,7 +187,10 @@ class WorkerPool(service.Service):
                 process.signalProcess(signum)
 
     def reload(self) -> None:
-        """Ask every worker to reload its configuration (``SIGHUP``)."""
+        """
+        Ask every worker to reload its configuration (``SIGHUP``): on a
+        ``SIGHUP`` to the master, and when the master sees the file change.
+        """
         # A worker still starting reads the file anyway, and has no SIGHUP
         # handler yet: the signal's default action would kill it.
         log.info("Reloading configuration in {count} worker(s)", count=len(self._processes))

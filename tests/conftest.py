@@ -5,6 +5,7 @@ inside the test process, driven by the real reactor.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,6 +35,21 @@ class Running:
 def listen(site: Site) -> Running:
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     return Running(url=f"http://127.0.0.1:{port.getHost().port}", port=port)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """
+    Keep every proxy's default state store (and every daemon's the tests
+    start) out of the home directory.
+    """
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
 
 
 @pytest.fixture
@@ -94,6 +110,7 @@ def proxy_factory(fake_ollama: tuple[FakeOllama, str]) -> Iterator[Any]:
         access_log = AccessLog(config.access_log.path) if config.access_log else None
         app = build_app(config, reactor, pool, access_log)
         running = listen(build_site(app))
+        cleanups.append(app.guard.stop)
         cleanups.append(running.port.stopListening)
         cleanups.append(pool.closeCachedConnections)
         return Proxy(url=running.url, app=app, fake=fake, fake_url=fake_url, client=client)

@@ -60,15 +60,21 @@ class RawClient(Protocol):
         self.received += data
 
 
-async def raw_post(url: str, path: str, body: Any) -> RawClient:
+async def raw_post(
+    url: str, path: str, body: Any, headers: dict[str, str] | None = None
+) -> RawClient:
     parts = urlsplit(url)
     endpoint = TCP4ClientEndpoint(reactor, parts.hostname, parts.port)
     client = RawClient()
     await connectProtocol(endpoint, client)
     payload = orjson.dumps(body)
+    extra = b"".join(f"{k}: {v}\r\n".encode() for k, v in (headers or {}).items())
     client.transport.write(
-        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: test\r\n"
-        b"Content-Type: application/json\r\nContent-Length: "
+        b"POST "
+        + path.encode()
+        + b" HTTP/1.1\r\nHost: test\r\n"
+        + extra
+        + b"Content-Type: application/json\r\nContent-Length: "
         + str(len(payload)).encode()
         + b"\r\n\r\n"
         + payload

@@ -15,8 +15,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from oproxy import __version__
-from oproxy.config import APIKey, AuthConfig, BackendConfig, hash_key
+from oproxy.config import BackendConfig
 from oproxy.health import BackendHealth, probe
+from oproxy.security.settings import APIKey, AuthConfig, hash_key
 from tests.conftest import Proxy, listen
 from tests.httputil import post_json
 
@@ -31,7 +32,7 @@ async def test_liveness_and_readiness(proxy: Proxy) -> None:
     assert await get(proxy, "/healthz") == (200, {"status": "ok"})
     code, body = await get(proxy, "/readyz")
     assert code == 200
-    assert body == {"status": "ready", "backends_reachable": 1}
+    assert body == {"status": "ready", "backends_reachable": 1, "state_store_reachable": True}
 
 
 @pytest_twisted.ensureDeferred

@@ -11,8 +11,9 @@ import orjson
 import pytest_twisted
 from twisted.internet import task
 
-from oproxy.config import AccessLogConfig, APIKey, AuthConfig, hash_key
+from oproxy.config import AccessLogConfig
 from oproxy.logs import AccessLog, Rotator, redacted, rotate
+from oproxy.security.settings import APIKey, AuthConfig, hash_key
 from tests.conftest import Proxy
 from tests.httputil import post_json
 
@@ -105,7 +106,7 @@ async def test_one_json_line_per_request_without_secrets(
     assert first["error"] is None
     assert streamed["first_token_seconds"] > 0
     assert streamed["completion_tokens"] > 0
-    assert missing["status"] == 400 and missing["error"]
+    assert missing["status"] == 404 and missing["error"] == "model_not_found"
     assert anonymous["status"] == 401 and anonymous["error"] == "invalid_api_key"
     text = path.read_text()
     assert "sk-very-secret" not in text

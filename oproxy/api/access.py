@@ -31,7 +31,7 @@ def access_record(
     return {
         "time": started,
         "request_id": request_id,
-        "key": scope.key.name if scope is not None and scope.key is not None else None,
+        "key": scope.key_name if scope is not None else None,
         "client": getattr(address, "host", None),
         "method": request.method.decode("latin-1"),
         "path": request.path.decode("latin-1"),

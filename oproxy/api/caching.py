@@ -9,16 +9,17 @@ relayed and stored once it has ended normally.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
 import orjson
 
+from oproxy.api.dispatch import first_answer, first_stream
 from oproxy.api.scope import Scope
 from oproxy.cache import cache_policy, replay
-from oproxy.routing import Route
-from oproxy.streaming import relay_sse
+from oproxy.routing.router import Route
+from oproxy.streaming import relay_sse, relay_sse_with_keepalive
 
 #: The proxy's own share of a non-streamed answer's time, in milliseconds.
 OVERHEAD_HEADER = b"x-oproxy-overhead-ms"
@@ -27,28 +28,34 @@ OVERHEAD_HEADER = b"x-oproxy-overhead-ms"
 async def answer(
     scope: Scope,
     route_name: str,
-    route: Route,
+    model: str,
+    routes: Sequence[Route],
     *,
     stream: bool,
-    produce: Callable[[], Awaitable[dict[str, Any]]],
-    produce_stream: Callable[[], Awaitable[AsyncGenerator[dict[str, Any], None]]],
+    produce: Callable[[Route], Awaitable[dict[str, Any]]],
+    produce_stream: Callable[[Route], Awaitable[AsyncGenerator[dict[str, Any], None]]],
 ) -> bytes | None:
     """
-    Serve from the cache when allowed and present; otherwise produce, relay, store.
+    Serve from the cache when allowed and present; otherwise produce from
+    the first route that answers, relay, store.
+
+    The cache key names the pool of backends the model is routed over, not
+    the one that happens to answer: any of them gives the same answer.
     """
     request = scope.request
     cache = scope.app.cache
+    first = routes[0]
     policy = cache_policy(
         route_name,
         scope.body,
-        model=route.upstream_model,
-        backend=route.backend.name,
-        key_name=scope.key.name if scope.key else None,
+        model=first.upstream_model,
+        backend=scope.router.pool_name(model),
+        key_name=scope.caller.subject if scope.caller and scope.caller.name else None,
         cache_control=b", ".join(request.requestHeaders.getRawHeaders(b"cache-control", []))
         or None,
         config=scope.config.cache,
     )
-    scope.model_label, scope.backend_label = route.upstream_model, route.backend.name
+    scope.model_label, scope.backend_label = first.upstream_model, first.backend.name
     hit = await cache.lookup(policy)
     for name, value in cache.headers(policy, hit).items():
         request.setHeader(name, value)
@@ -63,15 +70,24 @@ async def answer(
             scope.logged_response = hit.body
         return scope.json(hit.body)
     if not stream:
-        body = await produce()
+        body = await first_answer(scope, routes, produce)
         if scope.logs_bodies:
             scope.logged_response = body
         await cache.store(policy, body, stream=False)
         request.setHeader(OVERHEAD_HEADER, b"%.3f" % (scope.overhead() * 1000))
         return scope.json(body)
-    chunks = await produce_stream()
-    await relay_sse(
-        request, _timed(scope, route_name, cache.recording(policy, chunks)), scope.app.clock
+
+    async def opened() -> AsyncGenerator[dict[str, Any], None]:
+        chunks = await first_stream(scope, routes, produce_stream)
+        return _timed(scope, route_name, cache.recording(policy, chunks))
+
+    streaming = scope.config.streaming
+    await relay_sse_with_keepalive(
+        request,
+        opened,
+        scope.app.clock,
+        after=streaming.keepalive_after,
+        interval=streaming.keepalive_interval,
     )
     return None
 

@@ -9,22 +9,24 @@ from typing import Any
 
 from oproxy.api.caching import answer
 from oproxy.api.scope import Scope
+from oproxy.routing.router import Route
 
 
 async def create(scope: Scope) -> bytes | None:
-    model = scope.model()
-    route = scope.route(model)
+    model, routes = await scope.admitted_routes("completions")
 
-    async def produce() -> dict[str, Any]:
-        return await route.backend.completion(await scope.call(model, route), scope.body)
+    async def produce(route: Route) -> dict[str, Any]:
+        return await route.backend.completion(await scope.call(route), route.body(scope.body))
 
-    async def produce_stream() -> AsyncGenerator[dict[str, Any], None]:
-        return await route.backend.completion_stream(await scope.call(model, route), scope.body)
+    async def produce_stream(route: Route) -> AsyncGenerator[dict[str, Any], None]:
+        call = await scope.call(route)
+        return await route.backend.completion_stream(call, route.body(scope.body))
 
     return await answer(
         scope,
         "completions",
-        route,
+        model,
+        routes,
         stream=scope.stream(),
         produce=produce,
         produce_stream=produce_stream,

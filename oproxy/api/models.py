@@ -1,23 +1,46 @@
 """
 ``GET /v1/models`` and ``GET /v1/models/{model}``.
+
+The list is the union of what every healthy backend serves (each model
+``owned_by`` the first backend that lists it), plus the aliases the
+config defines, filtered by what the caller's key may use.
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote
 
+from oproxy.api.dispatch import first_answer
 from oproxy.api.scope import Scope
+from oproxy.errors import ModelNotFound
+from oproxy.routing.router import Route
 
 
 async def list_all(scope: Scope) -> bytes | None:
-    data = []
-    seen = set()
-    for backend in scope.router.backends:
-        for model in await backend.list_models():
-            if model["id"] not in seen:
-                seen.add(model["id"])
+    router = scope.router
+    catalog = router.state.catalog
+    stale = [b for b in router.backends if catalog.age(b.name) > router.config.discovery_interval]
+    if stale:
+        await catalog.refresh(stale)
+    data: list[dict[str, Any]] = []
+    listed: dict[str, dict[str, Any]] = {}
+    for backend in router.backends:
+        if router.state.breaker.is_open(backend.name):
+            continue
+        for model in catalog.models(backend.name):
+            if model["id"] not in listed:
+                listed[model["id"]] = model
                 data.append(model)
-    return scope.json({"object": "list", "data": data})
+    for rule in router.config.models:
+        if rule.is_glob or rule.pattern in listed or rule.target is None:
+            continue
+        target = listed.get(rule.target) or listed.get(rule.target + ":latest")
+        if target is not None:
+            alias = {**target, "id": rule.pattern}
+            listed[rule.pattern] = alias
+            data.append(alias)
+    return scope.json({"object": "list", "data": [m for m in data if scope.may_use(m["id"])]})
 
 
 async def retrieve(scope: Scope, model_id: str) -> bytes | None:
@@ -25,5 +48,13 @@ async def retrieve(scope: Scope, model_id: str) -> bytes | None:
     Look one model up; ids may hold ``:`` and ``/``, raw or percent-encoded.
     """
     model_id = unquote(model_id)
-    route = scope.route(model_id)
-    return scope.json(await route.backend.retrieve_model(route.upstream_model))
+    if not scope.may_use(model_id):
+        raise ModelNotFound(model_id)
+    routes = await scope.router.routes(model_id)
+    routes = [r for r in routes if r.client_model == model_id]  # not a fallback's
+
+    async def look_up(route: Route) -> dict[str, Any]:
+        found = await route.backend.retrieve_model(route.upstream_model)
+        return {**found, "id": model_id}
+
+    return scope.json(await first_answer(scope, routes, look_up))

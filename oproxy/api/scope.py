@@ -12,10 +12,12 @@ import orjson
 from twisted.web.iweb import IRequest
 
 from oproxy.backends.base import Call
-from oproxy.config import APIKey, Config
+from oproxy.config import Config
 from oproxy.errors import InvalidRequest
 from oproxy.images import fetch_images
-from oproxy.routing import Route, Router
+from oproxy.routing.router import Route, Router
+from oproxy.security.guard import Ticket
+from oproxy.security.limits import Caller
 from oproxy.upstream import UpstreamTime
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ class Scope:
     request_id: str
     config: Config
     router: Router
-    key: APIKey | None
+    #: Who is calling; ``None`` on routes that do not authenticate.
+    caller: Caller | None
     body: dict[str, Any]
     #: When the request reached the app (the reactor's clock).
     started: float = 0.0
@@ -50,6 +53,12 @@ class Scope:
     upstream_time: UpstreamTime = field(default_factory=UpstreamTime)
     #: The answer, kept only when the access log records bodies.
     logged_response: Any = None
+    #: The request's limits and quotas, charged on admission, settled at the end.
+    ticket: Ticket | None = None
+    #: Completion tokens of a stream cut short, counted from what was generated.
+    partial_completion_tokens: int = 0
+    #: The route being tried or answering, counted as busy until the request ends.
+    route_in_use: Route | None = None
 
     @property
     def logs_bodies(self) -> bool:
@@ -90,23 +99,89 @@ class Scope:
             raise InvalidRequest("stream must be a boolean", param="stream", code="invalid_type")
         return stream
 
-    def route(self, model: str) -> Route:
-        return self.router.route(model)
+    @property
+    def key_name(self) -> str | None:
+        return self.caller.name if self.caller is not None else None
 
-    async def call(self, model: str, route: Route, image_urls: list[str] | None = None) -> Call:
+    def may_use(self, model: str) -> bool:
+        """Whether the caller's key allows ``model`` (lists show only those)."""
+        return self.caller is None or self.caller.policy.allows_model(model)
+
+    async def admitted_routes(self, route_name: str) -> tuple[str, list[Route]]:
+        """
+        The body's model, once the caller may use it and its limits have
+        room, and the routes to try for it, best first.
+
+        The permission check comes before routing, so a key cannot learn
+        which models exist beyond those it may use.
+        """
+        model = self.model()
+        if self.caller is not None:
+            self.ticket = await self.app.guard.admit(
+                self.caller, model, route_name, self.body, self.request_id
+            )
+            if self.ticket is not None:
+                for name, value in self.ticket.headers.items():
+                    self.request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        return model, await self.router.routes(model)
+
+    # -- what dispatch tells the request about its routes -------------------------
+
+    def trying(self, route: Route) -> None:
+        self.release()
+        self.route_in_use = route
+        self.router.started(route)
+        self.model_label, self.backend_label = route.upstream_model, route.backend.name
+
+    def gave_up(self, route: Route) -> None:
+        self.release()
+
+    def answered_by(self, route: Route) -> None:
+        self.request.setHeader(b"x-oproxy-backend", route.backend.name.encode("utf-8"))
+
+    def release(self) -> None:
+        """The request no longer keeps its backend busy."""
+        if self.route_in_use is not None:
+            self.router.finished(self.route_in_use)
+            self.route_in_use = None
+
+    def tokens_used(self, abandoned: bool) -> int | None:
+        """
+        What to settle the request's token reservation at: the backend's
+        usage when it gave one, else what a cut stream generated, else
+        nothing for a failure or a cache hit.  ``None`` (keep the estimate)
+        when the client left before anything could be counted: the backend
+        may have worked regardless.
+        """
+        if self.prompt_tokens is not None or self.completion_tokens is not None:
+            return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+        if self.partial_completion_tokens and self.ticket is not None:
+            return self.ticket.plan.prompt_estimate + self.partial_completion_tokens
+        if abandoned and self.cache_status != "HIT":
+            return None
+        return 0
+
+    async def call(self, route: Route, image_urls: list[str] | None = None) -> Call:
         """The routed call, with any remote images fetched."""
+        model = route.client_model
         images = await fetch_images(
-            image_urls or [],
+            (image_urls or []) if route.backend.kind == "ollama" else [],
             client=self.app.http_client,
             clock=self.app.clock,
             config=self.config.images,
         )
-        key_name = self.key.name if self.key else None
+        key_name = self.key_name
 
         def count(usage: Mapping[str, int]) -> None:
             self.prompt_tokens = usage.get("prompt_tokens", 0)
             self.completion_tokens = usage.get("completion_tokens", 0)
             self.app.metrics.count_tokens(usage, model=model, key=key_name)
+
+        def count_partial(generated: int) -> None:
+            self.partial_completion_tokens += generated
+            self.app.metrics.count_tokens(
+                {"completion_tokens": generated}, model=model, key=key_name
+            )
 
         return Call(
             client_model=model,
@@ -114,5 +189,6 @@ class Scope:
             created=int(self.app.clock.seconds()),
             images=images,
             on_usage=count,
+            on_cut_short=count_partial,
             upstream_time=self.upstream_time,
         )

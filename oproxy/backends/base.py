@@ -28,6 +28,9 @@ class Call:
     :ivar on_usage: told the token counts once the backend has given them,
         streams included, so that accounting never depends on the client
         asking for a usage chunk.
+    :ivar on_cut_short: told how many completion tokens a stream generated
+        when it ends without the backend's usage (the client left, or the
+        backend failed midway), so that what was generated is still counted.
     """
 
     client_model: str
@@ -35,11 +38,17 @@ class Call:
     created: int
     images: Mapping[str, str] = field(default_factory=dict)
     on_usage: Callable[[Mapping[str, int]], None] = lambda usage: None
+    on_cut_short: Callable[[int], None] = lambda generated: None
     upstream_time: UpstreamTime = field(default_factory=UpstreamTime)
 
 
 class Backend(Protocol):
     """An upstream model server, seen through the OpenAI API."""
+
+    #: ``ollama`` or ``openai``: what the server speaks natively.
+    kind: str
+    #: Its share of requests when several backends serve a model.
+    weight: int
 
     @property
     def name(self) -> str: ...

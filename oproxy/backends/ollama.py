@@ -61,12 +61,20 @@ class OllamaBackend:
     An Ollama server, spoken to in its native API.
     """
 
+    kind = "ollama"
+
     def __init__(self, upstream: Upstream) -> None:
         self._upstream = upstream
+        self.weight = upstream.backend.weight
 
     @property
     def name(self) -> str:
         return self._upstream.name
+
+    @property
+    def upstream(self) -> Upstream:
+        """The HTTP client to this server, for the native API passed through as is."""
+        return self._upstream
 
     async def _post(self, path: str, payload: Mapping[str, Any], call: Call) -> Any:
         status, body = await self._upstream.request_json("POST", path, payload, call.upstream_time)
@@ -119,6 +127,7 @@ class OllamaBackend:
             lambda: translator.done,
             self.name,
             lambda: call.on_usage(translator.usage or {}),
+            call.on_cut_short,
         )
 
     async def _one_completion(
@@ -183,7 +192,13 @@ class OllamaBackend:
         )
         merged = merge(
             [
-                _translated(lines, t.feed, lambda t=t: t.done, self.name)  # type: ignore[misc]
+                _translated(
+                    lines,
+                    t.feed,
+                    lambda t=t: t.done,  # type: ignore[misc]
+                    self.name,
+                    cut_short=call.on_cut_short,
+                )
                 for lines, t in zip(streams, translators, strict=True)
             ]
         )
@@ -266,21 +281,31 @@ async def _translated(
     is_done: Any,
     backend: str,
     finished: Callable[[], object] = lambda: None,
+    cut_short: Callable[[int], object] = lambda generated: None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """
     Feed native NDJSON lines to a stream translator and yield its chunks.
 
     A stream that ends without Ollama's ``done`` line was cut short: say so
-    rather than let the client believe the answer is complete.
+    rather than let the client believe the answer is complete.  Either way
+    (the client left, the backend failed), ``cut_short`` hears how many
+    tokens were generated: Ollama streams one token a line.
     """
-    async with aclosing(lines):
-        async for line in lines:
-            if not isinstance(line, dict):
-                continue
-            for chunk in feed(line):
-                yield chunk
-    if not is_done():
-        raise UpstreamError(f"backend {backend!r} ended the stream before it was complete")
+    generated = 0
+    try:
+        async with aclosing(lines):
+            async for line in lines:
+                if not isinstance(line, dict):
+                    continue
+                if line.get("done") is not True:
+                    generated += 1
+                for chunk in feed(line):
+                    yield chunk
+        if not is_done():
+            raise UpstreamError(f"backend {backend!r} ended the stream before it was complete")
+    finally:
+        if not is_done() and generated:
+            cut_short(generated)
     finished()
 
 

@@ -16,6 +16,13 @@ deterministic answers and a few deliberately misbehaving models
 
 Run it as a process with ``python -m oproxy.testing.fake_ollama --port N``,
 or with ``twistd`` through :mod:`oproxy.testing.fake_ollama_tap`.
+
+:class:`FakeOpenAI` does the same for an OpenAI-compatible server (OpenAI,
+vLLM, llama.cpp, LM Studio): the ``/v1`` routes, SSE streams with
+``include_usage``, OpenAI's errors, a bearer key, failure injection (see
+:mod:`oproxy.testing.fake_openai`).  Run it with ``python -m
+oproxy.testing.fake_openai --port N`` or through
+:mod:`oproxy.testing.fake_openai_tap`.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -32,6 +39,7 @@ from oproxy.testing.fake_stream import GenerationStats
 
 if TYPE_CHECKING:
     from oproxy.testing.fake_ollama import FakeOllama
+    from oproxy.testing.fake_openai import FakeOpenAI
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +50,10 @@ def __getattr__(name: str) -> Any:
         from oproxy.testing.fake_ollama import FakeOllama
 
         return FakeOllama
+    if name == "FakeOpenAI":
+        from oproxy.testing.fake_openai import FakeOpenAI
+
+        return FakeOpenAI
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -51,6 +63,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "FakeModel",
     "FakeOllama",
+    "FakeOpenAI",
     "GenerationStats",
     "ModelName",
     "answer_text",

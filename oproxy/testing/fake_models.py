@@ -29,6 +29,9 @@ BROKEN_ERROR: Final = "an error was encountered while running the model: unexpec
 CRASH_ERROR: Final = "llama runner process has terminated: exit status 2"
 """The error ``crash:latest`` answers with, status 500, before any byte."""
 
+COLD_LOAD_SECONDS: Final = 1.0
+"""How long ``cold:latest`` takes to load when it is not in memory."""
+
 DEFAULT_KEEP_ALIVE: Final = 300.0
 """Seconds a model stays loaded without ``keep_alive`` (``OLLAMA_KEEP_ALIVE``)."""
 
@@ -158,6 +161,11 @@ class FakeModel:
         stream with this ``{"error": ...}`` line (500 when not streaming).
     :ivar load_error: fail every inference with a 500 and this message
         before any byte, as a crashing runner does.
+    :ivar load_delay: seconds the model takes to load when it is not in
+        memory (not listed by ``/api/ps``).  Like Ollama's scheduler, the
+        fake sends nothing, not even headers, until it is loaded, and
+        reports the wait as ``load_duration``; requests that come during
+        the load wait for the same load.
     """
 
     name: str
@@ -180,6 +188,7 @@ class FakeModel:
     midstream_error: str | None = None
     tokens_before_error: int = 3
     load_error: str | None = None
+    load_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.digest:
@@ -407,12 +416,14 @@ DEFAULT_MODELS: Final[tuple[FakeModel, ...]] = (
         midstream_error=BROKEN_ERROR,
     ),
     _test_model("crash:latest", "2024-11-01T10:00:00.4-07:00", load_error=CRASH_ERROR),
+    _test_model("cold:latest", "2024-11-01T10:00:00.5-07:00", load_delay=COLD_LOAD_SECONDS),
 )
 """
 The catalogue a :class:`~oproxy.testing.FakeOllama` starts with by default:
-ordinary models with distinct capabilities, and four misbehaving ones
-(``slow``, ``stall``, ``broken``, ``crash``) for timeout, cancellation and
-error-path tests.
+ordinary models with distinct capabilities, and five misbehaving ones
+(``slow``, ``stall``, ``broken``, ``crash``, and ``cold``, which takes
+:data:`COLD_LOAD_SECONDS` to load) for timeout, cancellation, keep-alive
+and error-path tests.
 """
 
 

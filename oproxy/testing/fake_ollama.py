@@ -8,7 +8,8 @@ and error messages, status codes, omitted zero metrics, nanosecond
 timestamps, the ``Host`` check.  Its "models" answer deterministically (see
 :mod:`oproxy.testing.fake_generation`), and a few of them misbehave on
 purpose (``slow``, ``stall``, ``broken``, ``crash``) so that timeouts,
-cancellation and error paths can be tested.
+cancellation and error paths can be tested; ``cold`` takes a while to load,
+sending nothing meanwhile, as a model that is not in memory does.
 
 Time comes only from the injected clock: pass a
 :class:`twisted.internet.task.Clock` to drive streams token by token.
@@ -170,6 +171,8 @@ class FakeOllama:
         self.loaded = LoadedModels()
         self._failures: deque[tuple[int, str]] = deque()
         self._running: set[Generation] = set()
+        #: When each model that took time to load was (or will be) ready.
+        self._ready_at: dict[str, float] = {}
         self.app = Klein()
         self._add_routes()
 
@@ -201,6 +204,7 @@ class FakeOllama:
         self.stats.reset(in_flight=len(self._running))
         self.models.replace_all(self._initial)
         self.loaded.clear()
+        self._ready_at.clear()
         self._failures.clear()
 
     def pending_timers(self) -> int:
@@ -301,17 +305,50 @@ class FakeOllama:
             raise RequestError(status, not_found)
         return model
 
-    def _schedule(self, model: FakeModel, keep_alive: float | None, options: Options) -> None:
+    def _schedule(self, model: FakeModel, keep_alive: float | None, options: Options) -> float:
         """
         What Ollama's scheduler does before a runner answers: injected
         failures, a crashing runner, then the model counts as loaded.
+
+        :return: seconds until the model is ready: its ``load_delay`` when
+            it was not in memory, what is left of a load under way, else 0.
         """
         if self._failures:
             status, message = self._failures.popleft()
             raise RequestError(status, message)
         if model.load_error is not None:
             raise RequestError(500, model.load_error)
+        now, key = self.clock.seconds(), model.parsed.key
+        in_memory = any(entry.model.parsed.key == key for entry in self.loaded.live(self._now_ns()))
+        if not in_memory and model.load_delay > 0:
+            self._ready_at[key] = now + model.load_delay
         self.loaded.touch(model, self._now_ns(), keep_alive, options.num_ctx)
+        return max(0.0, self._ready_at.get(key, now) - now)
+
+    def _when_loaded(
+        self, request: Request, wait: float, answer: Callable[[], bytes]
+    ) -> bytes | Deferred[bytes | None]:
+        """
+        ``answer()`` once ``wait`` seconds of loading are over, sending
+        nothing before; a client that leaves meanwhile cancels it.
+        """
+        if wait <= 0:
+            return answer()
+
+        def ready() -> None:
+            try:
+                body = answer()
+            except RequestError as fail:
+                body = error_response(request, fail.status, fail.message)
+            loaded.callback(body)
+
+        def cancel(_: Deferred[bytes | None]) -> None:
+            if call.active():
+                call.cancel()
+
+        loaded: Deferred[bytes | None] = Deferred(cancel)
+        call = self.clock.callLater(wait, ready)
+        return loaded
 
     # ------------------------------------------------------------------
     # Chat and generate
@@ -335,12 +372,16 @@ class FakeOllama:
         tools = [t or {} for t in req.get("tools", [])]
         require_capabilities(model, name, "chat", ["tools"] if tools else [])
         options = request_options(req)
-        self._schedule(model, keep_alive, options)
+        wait = self._schedule(model, keep_alive, options)
         if not messages:
-            return json_response(request, 200, shape.load("load", created_at(self.clock)))
+            return self._when_loaded(
+                request,
+                wait,
+                lambda: json_response(request, 200, shape.load("load", created_at(self.clock))),
+            )
         check_format(req.get("format"))
         plan = build_plan(self._chat_input(req, model, messages, tools, think, options))
-        return self._run(request, req, model, plan, shape)
+        return self._run(request, req, model, plan, shape, wait)
 
     @staticmethod
     def _chat_input(
@@ -389,9 +430,13 @@ class FakeOllama:
         suffix: str = req.get("suffix", "")
         require_capabilities(model, name, "generate", ["insert"] if suffix else [])
         options = request_options(req)
-        self._schedule(model, keep_alive, options)
+        wait = self._schedule(model, keep_alive, options)
         if not prompt:
-            return json_response(request, 200, shape.load("load", created_at(self.clock)))
+            return self._when_loaded(
+                request,
+                wait,
+                lambda: json_response(request, 200, shape.load("load", created_at(self.clock))),
+            )
         check_format(req.get("format"))
         inp = GenerationInput(
             model=model,
@@ -406,7 +451,7 @@ class FakeOllama:
             top_logprobs=req.get("top_logprobs", 0),
             seed_text=prompt,
         )
-        return self._run(request, req, model, build_plan(inp), shape)
+        return self._run(request, req, model, build_plan(inp), shape, wait)
 
     def _run(
         self,
@@ -415,9 +460,11 @@ class FakeOllama:
         model: FakeModel,
         plan: Plan,
         shape: ChatShape | GenerateShape,
+        load_delay: float = 0.0,
     ) -> Deferred[bytes | None]:
         """
-        Start a generation: stream it, or pace it and answer once.
+        Start a generation: stream it, or pace it and answer once, after
+        ``load_delay`` seconds of loading.
         """
         keep_alive: float | None = req.get("keep_alive")
 
@@ -434,6 +481,7 @@ class FakeOllama:
             delay=max(self.token_delay, model.min_token_delay),
             stats=self.stats,
             on_end=ended,
+            load_delay=load_delay,
         )
         self._running.add(generation)
         return generation.start()
@@ -441,7 +489,7 @@ class FakeOllama:
     # ------------------------------------------------------------------
     # Embeddings
 
-    def _embed(self, request: Request) -> bytes:
+    def _embed(self, request: Request) -> bytes | Deferred[bytes | None]:
         req = self._read(request, "/api/embed", EMBED_REQUEST)
         inputs = embed_inputs(req.get("input"))
         name: str = req.get("model", "")
@@ -449,36 +497,43 @@ class FakeOllama:
             raise RequestError(404, f"model '{name}' not found")
         model = self._find(name, f"model {go_quote(name)} not found, try pulling it first")
         options = request_options(req)
-        self._schedule(model, req.get("keep_alive"), options)
-        if not inputs:
-            return json_response(request, 200, {"model": name, "embeddings": []})
-        context = min(options.num_ctx or model.context_length, model.context_length)
-        counts = [count_words(text) for text in inputs]
-        if req.get("truncate", True) is False and max(counts) > context:
-            raise RequestError(400, "the input length exceeds the context length")
-        dims = model.embedding_length
-        cut = req.get("dimensions", 0)
-        vectors = [embed_vector(text, dims, cut) for text in inputs]
-        total = sum(min(count, context) for count in counts)
-        body = {
-            "model": name,
-            "embeddings": vectors,
-            "total_duration": 2_000_000 + 1_000_000 * total,
-            "load_duration": 1_000_000,
-            "prompt_eval_count": total,
-        }
-        return json_response(request, 200, body)
+        wait = self._schedule(model, req.get("keep_alive"), options)
+        load_ns = seconds_to_ns(wait) or 1_000_000
 
-    def _embeddings(self, request: Request) -> bytes:
+        def answer() -> bytes:
+            if not inputs:
+                return json_response(request, 200, {"model": name, "embeddings": []})
+            context = min(options.num_ctx or model.context_length, model.context_length)
+            counts = [count_words(text) for text in inputs]
+            if req.get("truncate", True) is False and max(counts) > context:
+                raise RequestError(400, "the input length exceeds the context length")
+            dims = model.embedding_length
+            cut = req.get("dimensions", 0)
+            vectors = [embed_vector(text, dims, cut) for text in inputs]
+            total = sum(min(count, context) for count in counts)
+            body = {
+                "model": name,
+                "embeddings": vectors,
+                "total_duration": 1_000_000 + load_ns + 1_000_000 * total,
+                "load_duration": load_ns,
+                "prompt_eval_count": total,
+            }
+            return json_response(request, 200, body)
+
+        return self._when_loaded(request, wait, answer)
+
+    def _embeddings(self, request: Request) -> bytes | Deferred[bytes | None]:
         req = self._read(request, "/api/embeddings", EMBEDDING_REQUEST)
         name: str = req.get("model", "")
         if not ModelName.parse(name).is_valid():
             raise RequestError(400, "model is required")
         model = self._find(name, f"model {go_quote(name)} not found, try pulling it first")
-        self._schedule(model, req.get("keep_alive"), request_options(req))
+        wait = self._schedule(model, req.get("keep_alive"), request_options(req))
         prompt: str = req.get("prompt", "")
         vector = raw_embedding(prompt, model.embedding_length) if prompt else []
-        return json_response(request, 200, {"embedding": vector})
+        return self._when_loaded(
+            request, wait, lambda: json_response(request, 200, {"embedding": vector})
+        )
 
     # ------------------------------------------------------------------
     # Model management

@@ -170,13 +170,21 @@ class Ticker:
         self._over = False
         self.deferred: Deferred[bytes | None] = Deferred(lambda _: self.abort())
 
-    def start(self, request: Request, *, stall: bool = False) -> Deferred[bytes | None]:
+    def start(
+        self, request: Request, *, stall: bool = False, load_delay: float = 0.0
+    ) -> Deferred[bytes | None]:
         """
-        Begin (unless ``stall``: then wait for the client to give up).
+        Begin after ``load_delay`` seconds, the model's load (unless
+        ``stall``: then wait for the client to give up).  Pacing counts
+        from the end of the load, as the runner only starts then.
         """
         request.notifyFinish().addErrback(self._lost)
-        self._started = self._clock.seconds()
-        if not stall:
+        self._started = self._clock.seconds() + load_delay
+        if stall:
+            return self.deferred
+        if load_delay > 0:
+            self._call = self._clock.callLater(load_delay, self._loaded)
+        else:
             self._advance()
         return self.deferred
 
@@ -208,6 +216,11 @@ class Ticker:
         step = self._steps[self._index]
         self._index += 1
         step()
+
+    def _loaded(self) -> None:
+        self._call = None
+        if not self._over:
+            self._advance()
 
     def _tick(self) -> None:
         self._call = None
@@ -241,17 +254,22 @@ def created_at(clock: IReactorTime) -> str:
     return rfc3339_nano(seconds_to_ns(clock.seconds()))
 
 
-def metrics(plan: Plan, elapsed_ns: int) -> dict[str, int]:
+def metrics(plan: Plan, elapsed_ns: int, load_ns: int = 0) -> dict[str, int]:
     """
     The done-line metrics in Go's field order, zeros omitted.  Durations are
     synthetic (per token) but never less than the time the clock says the
     generation took, so they are non-zero even on a frozen test clock.
+
+    :param load_ns: how long the request waited for its model to load
+        (Ollama's ``load_duration`` is that wait); a model already in
+        memory reports a small synthetic scheduling time instead.
     """
     prompt_ns = plan.prompt_tokens * _PROMPT_NS_PER_TOKEN
     eval_ns = max(elapsed_ns, plan.eval_count * _EVAL_NS_PER_TOKEN, _EVAL_NS_PER_TOKEN)
+    load_ns = load_ns or _LOAD_NS
     values = {
-        "total_duration": _LOAD_NS + prompt_ns + eval_ns + _OVERHEAD_NS,
-        "load_duration": _LOAD_NS,
+        "total_duration": load_ns + prompt_ns + eval_ns + _OVERHEAD_NS,
+        "load_duration": load_ns,
         "prompt_eval_count": plan.prompt_tokens,
         "prompt_eval_duration": prompt_ns,
         "eval_count": plan.eval_count,
@@ -406,6 +424,8 @@ class Generation:
 
     :param on_end: called once when the run ends in any way (done, error
         or abort), so the server can forget it and refresh ``/api/ps``.
+    :param load_delay: seconds until the model is loaded; nothing is
+        written before (a client leaving meanwhile aborts the run).
     """
 
     def __init__(
@@ -419,6 +439,7 @@ class Generation:
         delay: float,
         stats: GenerationStats,
         on_end: Callable[[Generation], None],
+        load_delay: float = 0.0,
     ) -> None:
         self._clock = clock
         self._request = request
@@ -427,7 +448,9 @@ class Generation:
         self._stream = stream
         self._stats = stats
         self._on_end = on_end
-        self._started_ns = seconds_to_ns(clock.seconds())
+        self._load_delay = load_delay
+        self._load_ns = seconds_to_ns(load_delay)
+        self._started_ns = seconds_to_ns(clock.seconds()) + self._load_ns
         self._written = False
         steps = [self._emitter(piece) for piece in plan.pieces]
         self.ticker = Ticker(clock, delay, steps, self._finish, self._aborted)
@@ -439,7 +462,7 @@ class Generation:
         self._stats.started += 1
         if self._stream:
             start_ndjson(self._request)
-        return self.ticker.start(self._request, stall=self._plan.stall)
+        return self.ticker.start(self._request, stall=self._plan.stall, load_delay=self._load_delay)
 
     def _emitter(self, piece: Piece) -> Callable[[], None]:
         def emit() -> None:
@@ -457,7 +480,7 @@ class Generation:
             return self._fail(self._plan.error)
         self._stats.completed += 1
         elapsed = seconds_to_ns(self._clock.seconds()) - self._started_ns
-        stats = metrics(self._plan, elapsed)
+        stats = metrics(self._plan, elapsed, self._load_ns)
         now = created_at(self._clock)
         if not self._stream:
             return json_response(self._request, 200, self._shape.whole(self._plan, stats, now))

@@ -94,6 +94,7 @@ listen: ["tcp:{port}:interface=127.0.0.1"]
 backends: [{{name: local, url: "{fake.url}"}}]
 workers: 2
 drain_timeout: 20
+reload: {{watch: false}}  # the SIGHUP tests must see SIGHUP reload, not the file watch
 {extra}
 """
     )

@@ -1,0 +1,101 @@
+"""
+``/admin/keys``: key management over HTTP, for admin keys only.
+
+The same operations as ``oproxy keys`` on the command line, on the same
+store: list, create (the key is in the answer, once), show, revoke, rotate.
+"""
+
+from __future__ import annotations
+
+from oproxy.api.scope import Scope
+from oproxy.errors import InvalidRequest, NotFound, PermissionDenied
+from oproxy.security.keys import issue, looks_like_key_id
+from oproxy.security.policy import PolicyError, policy_from_json, policy_to_json
+from oproxy.security.records import describe, new_key
+from oproxy.security.settings import parse_expiry
+from oproxy.state.base import KeyRecord
+
+
+def require_admin(scope: Scope) -> None:
+    """Only an admin key may manage keys and models."""
+    if scope.caller is None or not scope.caller.policy.admin:
+        raise PermissionDenied("This operation needs an admin API key.", code="admin_key_required")
+
+
+async def list_keys(scope: Scope) -> bytes | None:
+    require_admin(scope)
+    now = scope.app.clock.seconds()
+    records = await scope.app.guard.store.list_keys()
+    return scope.json({"object": "list", "data": [describe(r, now) for r in records]})
+
+
+async def create_key(scope: Scope) -> bytes | None:
+    """
+    ``POST /admin/keys`` with ``{"name": ..., "models": [...], "limits": {...}, ...}``:
+    the policy fields as the store keeps them; ``expires`` may be a date.
+    """
+    require_admin(scope)
+    body = dict(scope.body)
+    name = body.pop("name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("name must be a non-empty string", param="name")
+    if isinstance(body.get("expires"), str):
+        try:
+            body["expires"] = parse_expiry(body["expires"])
+        except ValueError:
+            raise InvalidRequest("expires must be a date or time", param="expires") from None
+    try:
+        policy = policy_from_json(body)
+    except PolicyError as e:
+        raise InvalidRequest(str(e)) from None
+    store = scope.app.guard.store
+    if any(r.name == name for r in await store.list_keys()):
+        raise InvalidRequest(f"a key named {name!r} already exists", param="name")
+    now = scope.app.clock.seconds()
+    issued, record = new_key(name, policy, now)
+    await store.add_key(record)
+    scope.app.guard.stored_keys = True
+    return scope.json({**describe(record, now), "key": issued.token}, status=201)
+
+
+async def show_key(scope: Scope, key_id: str) -> bytes | None:
+    require_admin(scope)
+    record = await _find(scope, key_id)
+    return scope.json(describe(record, scope.app.clock.seconds()))
+
+
+async def revoke_key(scope: Scope, key_id: str) -> bytes | None:
+    require_admin(scope)
+    record = await _find(scope, key_id)
+    now = scope.app.clock.seconds()
+    if record.revoked is None:
+        record = KeyRecord(
+            record.key_id, record.name, record.secret_sha256, record.created, record.policy, now
+        )
+        await scope.app.guard.store.save_key(record)
+    return scope.json(describe(record, now))
+
+
+async def rotate_key(scope: Scope, key_id: str) -> bytes | None:
+    require_admin(scope)
+    record = await _find(scope, key_id)
+    if record.revoked is not None:
+        raise InvalidRequest("a revoked key cannot be rotated; create a new one")
+    issued = issue(record.key_id)
+    rotated = KeyRecord(
+        record.key_id,
+        record.name,
+        issued.secret_sha256,
+        record.created,
+        policy_to_json(policy_from_json(record.policy)),
+    )
+    await scope.app.guard.store.save_key(rotated)
+    now = scope.app.clock.seconds()
+    return scope.json({**describe(rotated, now), "key": issued.token})
+
+
+async def _find(scope: Scope, key_id: str) -> KeyRecord:
+    record = await scope.app.guard.store.get_key(key_id) if looks_like_key_id(key_id) else None
+    if record is None:
+        raise NotFound(f"No key with the id {key_id!r}.")
+    return record

@@ -1,0 +1,266 @@
+"""
+From a public model name to an ordered list of routes to try.
+
+The order is the whole decision: the API layer tries the first route and
+moves on to the next only while nothing has reached the client (see
+:mod:`oproxy.api.dispatch`).  Candidates are the backends allowed by the
+model's rule that serve its target model and whose circuit is closed,
+ordered by the strategy; the routes of the fallback models follow.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from oproxy.backends.base import Backend
+from oproxy.errors import BackendsDown, ModelNotFound
+from oproxy.health import BackendHealth
+from oproxy.routing.breaker import Breaker
+from oproxy.routing.catalog import Catalog
+from oproxy.routing.settings import ModelRule, RoutingConfig
+
+#: A model list older than this is refreshed before a name is declared unknown.
+STALE_SECONDS = 5.0
+
+#: Top-level OpenAI fields a model's ``options`` may default; the rest are
+#: Ollama runtime options (``num_ctx``, ``top_k``...), sent to Ollama only.
+OPENAI_FIELDS = frozenset(
+    (
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "reasoning_effort",
+        "keep_alive",
+    )
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    One way to answer: a backend, the model name it knows, and the defaults
+    to merge under the client's request.
+
+    :ivar client_model: the name the answer carries: what the client asked
+        for, or the fallback model that answered instead.
+    """
+
+    backend: Backend
+    upstream_model: str
+    client_model: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def body(self, sent: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The client's body with the model's defaults underneath."""
+        if not self.options:
+            return sent
+        merged = dict(sent)
+        native = dict(sent.get("options") or {}) if isinstance(sent.get("options"), dict) else {}
+        for name, value in self.options:
+            if name in OPENAI_FIELDS:
+                merged.setdefault(name, value)
+            elif self.backend.kind == "ollama":
+                native.setdefault(name, value)
+        if native:
+            merged["options"] = native
+        return merged
+
+
+@dataclass
+class RoutingState:
+    """
+    What routing learns as it runs; kept across reloads, so a reload does
+    not forget which backends are down or busy.
+    """
+
+    breaker: Breaker
+    catalog: Catalog
+    busy: Counter[str] = field(default_factory=Counter)
+    turns: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def new(cls, clock: IReactorTime, config: RoutingConfig) -> RoutingState:
+        return cls(Breaker(clock, config.breaker_failures, config.breaker_cooldown), Catalog(clock))
+
+
+class Router:
+    """Map public model names to the routes to try, in order."""
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        config: RoutingConfig | None = None,
+        state: RoutingState | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if not backends:
+            raise ValueError("a router needs at least one backend")
+        if state is None:
+            if clock is None:
+                from twisted.internet import reactor as clock  # type: ignore[assignment]
+            state = RoutingState.new(clock, config or RoutingConfig())  # type: ignore[arg-type]
+        self.backends = tuple(backends)
+        self.config = config or RoutingConfig()
+        self.state = state
+        self.state.breaker.configure(self.config.breaker_failures, self.config.breaker_cooldown)
+
+    # -- the decision -----------------------------------------------------------
+
+    async def routes(self, model: str) -> list[Route]:
+        """
+        Every route to try for ``model``, best first, fallbacks after.
+
+        :raises ModelNotFound: no backend serves it (after a fresh look).
+        :raises BackendsDown: backends serve it, but every one is out.
+        """
+        found: list[Route] = []
+        down: list[str] = []
+        await self._collect(model, found, down, seen=set())
+        if found:
+            return found
+        if down:
+            wait = min(self.state.breaker.retry_after(name) for name in down)
+            raise BackendsDown(model, down, wait)
+        raise ModelNotFound(model)
+
+    async def _collect(
+        self, model: str, found: list[Route], down: list[str], seen: set[str]
+    ) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        rule = self.config.rule_for(model)
+        target = (rule.target if rule and rule.target else None) or model
+        allowed = [b for b in self.backends if _allowed(rule, b.name)]
+        serving = await self._serving(allowed, target, explicit=bool(rule and rule.backends))
+        breaker = self.state.breaker
+        healthy = [b for b in serving if not breaker.is_open(b.name)]
+        down.extend(b.name for b in serving if breaker.is_open(b.name))
+        strategy = (rule.strategy if rule else None) or self.config.strategy
+        options = rule.options if rule else ()
+        for backend in self._order(healthy, target, strategy):
+            found.append(Route(backend, target, model, options))
+        for fallback in rule.fallbacks if rule else ():
+            await self._collect(fallback, found, down, seen)
+
+    async def _serving(
+        self, allowed: list[Backend], target: str, *, explicit: bool
+    ) -> list[Backend]:
+        """
+        The allowed backends that list ``target``.  Lists older than a few
+        seconds are re-read before giving up, so a model pulled a moment
+        ago is found.  Backends whose list is unknown (unreachable so far)
+        are kept: their own answer will tell.
+        """
+        catalog = self.state.catalog
+        serving = [b for b in allowed if catalog.serves(b.name, target) is not False]
+        if not serving or any(not catalog.known(b.name) for b in allowed):
+            stale = [b for b in allowed if catalog.age(b.name) > STALE_SECONDS]
+            if stale:
+                await catalog.refresh(stale)
+                serving = [b for b in allowed if catalog.serves(b.name, target) is not False]
+        if not serving and explicit:
+            return allowed  # the config says these serve it: let them answer
+        return serving
+
+    def _order(self, backends: list[Backend], model: str, strategy: str) -> list[Backend]:
+        if len(backends) < 2:
+            return backends
+        busy = self.state.busy
+        turn = self.state.turns[model]
+        self.state.turns[model] += 1
+        rotation = _weighted_rotation(backends, turn)
+        position = {b.name: i for i, b in enumerate(rotation)}
+        if strategy == "round-robin":
+            return rotation
+        if strategy == "least-busy":
+            return sorted(backends, key=lambda b: (busy[b.name] / _weight(b), position[b.name]))
+        catalog = self.state.catalog
+        return sorted(
+            backends,
+            key=lambda b: (
+                not catalog.loaded(b.name, model),
+                busy[b.name] / _weight(b),
+                position[b.name],
+            ),
+        )
+
+    def pool_name(self, model: str) -> str:
+        """
+        Which backends a model's answers come from, for the response cache:
+        the same request answered by any of them is the same answer.
+        """
+        rule = self.config.rule_for(model)
+        target = (rule.target if rule and rule.target else None) or model
+        names = sorted(b.name for b in self.backends if _allowed(rule, b.name))
+        return f"{target}@{','.join(names)}"
+
+    # -- what probes and discovery report ---------------------------------------------
+
+    def note_probes(self, found: Iterable[BackendHealth]) -> None:
+        """Active probes feed the circuits and the list of loaded models."""
+        for health in found:
+            self.state.breaker.probed(health.name, health.reachable)
+            if health.reachable:
+                self.state.catalog.note_loaded(health.name, health.models_loaded)
+
+    async def refresh_models(self) -> None:
+        """Re-read the model lists older than ``discovery_interval``."""
+        catalog = self.state.catalog
+        stale = [b for b in self.backends if catalog.age(b.name) >= self.config.discovery_interval]
+        if stale:
+            await catalog.refresh(stale)
+
+    # -- what the API layer reports back ----------------------------------------------
+
+    def started(self, route: Route) -> None:
+        self.state.busy[route.backend.name] += 1
+
+    def finished(self, route: Route) -> None:
+        self.state.busy[route.backend.name] -= 1
+        if self.state.busy[route.backend.name] <= 0:
+            del self.state.busy[route.backend.name]
+
+    def succeeded(self, route: Route) -> None:
+        self.state.breaker.succeeded(route.backend.name)
+        self.state.catalog.mark_loaded(route.backend.name, route.upstream_model)
+
+    def failed(self, route: Route) -> None:
+        self.state.breaker.failed(route.backend.name)
+
+
+def _allowed(rule: ModelRule | None, backend: str) -> bool:
+    return rule is None or not rule.backends or any(fnmatchcase(backend, p) for p in rule.backends)
+
+
+def _weight(backend: Backend) -> int:
+    return max(1, getattr(backend, "weight", 1))
+
+
+def _weighted_rotation(backends: list[Backend], turn: int) -> list[Backend]:
+    """
+    The backends in the order of this turn: over ``sum(weights)`` turns each
+    comes first ``weight`` times, interleaved (smooth weighted round robin).
+    """
+    total = sum(_weight(b) for b in backends)
+    current = {b.name: 0 for b in backends}
+    first = backends[0]
+    for _ in range(turn % total + 1):
+        for b in backends:
+            current[b.name] += _weight(b)
+        first = max(backends, key=lambda b: current[b.name])
+        current[first.name] -= total
+    rest = [b for b in backends if b is not first]
+    start = turn % len(rest) if rest else 0
+    return [first, *rest[start:], *rest[:start]]

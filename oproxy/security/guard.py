@@ -1,0 +1,346 @@
+"""
+The door: who is calling, may they use this model, and is there room.
+
+:class:`Guard` joins the pure parts (key format, policies, the limit
+arithmetic in :mod:`oproxy.security.limits`) to the state store.  It is
+built once per process; the config snapshot a request started with is
+passed in, so a reload changes keys and limits for the next request only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from oproxy.errors import PermissionDenied, StoreUnavailable, Unauthorized
+from oproxy.metrics import Metrics
+from oproxy.security.keys import parse_token, secret_digest
+from oproxy.security.limits import (
+    LEASE_SECONDS,
+    Caller,
+    Plan,
+    corrections,
+    estimate_completion_tokens,
+    estimate_prompt_tokens,
+    plan,
+    rate_headers,
+    refusal_error,
+)
+from oproxy.security.policy import KeyPolicy, PolicyError, policy_from_json
+from oproxy.security.settings import AuthConfig, StateConfig
+from oproxy.state.base import IStateStore, Lease, StateUnavailable
+
+log = Logger()
+
+NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an "
+    "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+BAD_KEY = "Incorrect API key provided."
+#: Compared against when a key id is unknown, so a miss costs what a hit does.
+_NOWHERE = secret_digest("")
+#: How often stored-key presence is re-read and parallel leases renewed.
+REFRESH_SECONDS = 5.0
+
+
+def bearer_token(authorization: bytes | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if there is one."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def require_token(digest: bytes, authorization: bytes | None) -> None:
+    """
+    Check a single shared token (the ``/metrics`` bearer token), in constant time.
+
+    :raises Unauthorized: the token is missing or wrong.
+    """
+    token = bearer_token(authorization)
+    if token is None:
+        raise Unauthorized(NO_KEY)
+    if not hmac.compare_digest(digest, secret_digest(token)):
+        raise Unauthorized(BAD_KEY)
+
+
+@dataclass
+class Ticket:
+    """An admitted request's charges, to be settled when it ends."""
+
+    caller: Caller
+    plan: Plan
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+class Guard:
+    """
+    Authentication, permissions, rate limits and quotas for one process.
+
+    :param store: where stored keys, buckets and counters live.
+    :param state: how to behave when the store is down.
+    """
+
+    def __init__(
+        self,
+        store: IStateStore,
+        clock: IReactorTime,
+        metrics: Metrics,
+        state: StateConfig,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self.fail_open = state.on_unavailable == "open"
+        #: Whether the store holds a key that is not revoked; refreshed in the background.
+        self.stored_keys = False
+        #: Whether the store answered its last use.
+        self.store_up = True
+        self._leases: dict[str, Lease] = {}
+        self._refresher: task.LoopingCall | None = None
+
+    # -- who ------------------------------------------------------------------
+
+    async def identify(self, auth: AuthConfig, authorization: bytes | None, address: str) -> Caller:
+        """
+        The caller, from its bearer token and address.
+
+        While no key exists anywhere (and ``auth.require_keys`` is off),
+        callers are anonymous unless they present a valid key, and any other
+        token is ignored: clients such as the OpenAI SDK insist on sending
+        one.  Once a key exists, a token must be right; callers without one
+        are served only when ``auth.anonymous`` says so.
+
+        :raises Unauthorized: missing, wrong, revoked or expired key.
+        :raises PermissionDenied: the key may not be used from this address.
+        """
+        token = bearer_token(authorization)
+        keys_exist = bool(auth.keys) or auth.require_keys or self.stored_keys
+        if token is None:
+            if keys_exist and not auth.anonymous:
+                raise Unauthorized(NO_KEY)
+            return anonymous(address, auth)
+        caller = _listed(auth, token) or await self._stored(token, keys_exist)
+        if caller is None:
+            if keys_exist:
+                raise Unauthorized(BAD_KEY)
+            return anonymous(address, auth)
+        if caller.policy.expired(self.clock.seconds()):
+            raise Unauthorized("This API key has expired.")
+        if not caller.policy.allows_address(address):
+            raise PermissionDenied(
+                f"This API key may not be used from your address ({address}).",
+                code="ip_not_allowed",
+            )
+        return caller
+
+    async def _stored(self, token: str, keys_exist: bool) -> Caller | None:
+        """
+        The stored key ``token`` names, looked up even before the background
+        refresh has noticed that stored keys exist, so a new key works (and
+        is limited) at once.
+        """
+        parsed = parse_token(token)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        try:
+            record = await self._use(self.store.get_key(key_id), "get_key")
+        except StateUnavailable:
+            if not keys_exist:
+                return None  # nobody needs a key: serve as anonymous
+            # Without the store a stored key cannot be checked, open or not.
+            raise StoreUnavailable(
+                "The key store is unavailable, so your API key cannot be checked. "
+                "Please try again shortly.",
+                headers={"retry-after": "1"},
+            ) from None
+        expected = record.secret_sha256 if record is not None else _NOWHERE
+        if not hmac.compare_digest(expected, secret_digest(secret)) or record is None:
+            return None
+        if record.revoked is not None:
+            raise Unauthorized("This API key has been revoked.")
+        try:
+            policy = policy_from_json(record.policy)
+        except PolicyError:
+            log.error("Stored key {key_id} has an unreadable policy; refusing it", key_id=key_id)
+            return None
+        return Caller(subject=f"key:{key_id}", name=record.name, policy=policy)
+
+    # -- may they, and is there room ---------------------------------------------
+
+    async def admit(
+        self,
+        caller: Caller,
+        model: str | None,
+        route: str,
+        body: Mapping[str, Any],
+        request_id: str,
+    ) -> Ticket | None:
+        """
+        Check the model, then charge every limit and quota at once.
+
+        Returns ``None`` when nothing limits the caller (nothing to settle).
+
+        :raises PermissionDenied: the key may not use ``model``.
+        :raises RateLimited: a rate or parallel limit is full (``Retry-After`` set).
+        :raises QuotaExceeded: a token quota is used up.
+        :raises StoreUnavailable: the store is down and the proxy fails closed.
+        """
+        if model is not None and not caller.policy.allows_model(model):
+            raise PermissionDenied(
+                f"This API key may not use the model '{model}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+        if not caller.policy.limited:
+            return None
+        now = self.clock.seconds()
+        spent = plan(
+            caller,
+            model,
+            prompt_estimate=estimate_prompt_tokens(route, body),
+            completion_estimate=estimate_completion_tokens(route, body),
+            now=now,
+            lease_id=request_id,
+        )
+        try:
+            admission = await self._use(
+                self.store.admit(spent.rates, spent.quotas, spent.leases, now), "admit"
+            )
+        except StateUnavailable:
+            if self.fail_open:
+                return None
+            raise StoreUnavailable(
+                "The rate-limit store is unavailable. Please try again shortly.",
+                headers={"retry-after": "1"},
+            ) from None
+        if admission.refusal is not None:
+            raise refusal_error(admission.refusal, caller, admission.rates)
+        for lease in spent.leases:
+            self._leases[lease.lease_id + "\0" + lease.bucket] = lease
+        return Ticket(caller, spent, rate_headers(admission.rates))
+
+    def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
+        """
+        Correct the token estimate to what was used and free parallel slots.
+
+        ``None`` keeps the estimate (nothing better is known).  Runs in the
+        background: the answer has already gone, and a store that fails here
+        only costs accuracy, which the failure metric shows.
+        """
+        if ticket.settled:
+            return
+        ticket.settled = True
+        spent = ticket.plan
+        for lease in spent.leases:
+            self._leases.pop(lease.lease_id + "\0" + lease.bucket, None)
+        rates, quotas = corrections(
+            spent, spent.estimate if actual_tokens is None else actual_tokens
+        )
+        if not (rates or quotas or spent.leases):
+            return
+        done = self._use(
+            self.store.settle(rates, quotas, spent.leases, self.clock.seconds()), "settle"
+        )
+        done.addErrback(lambda f: f.trap(StateUnavailable))
+
+    # -- upkeep -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Refresh stored-key presence and renew leases every few seconds."""
+        self._refresher = task.LoopingCall(self.refresh)
+        self._refresher.clock = self.clock
+        self._refresher.start(REFRESH_SECONDS, now=True).addErrback(
+            lambda f: log.failure("Guard upkeep stopped", f)
+        )
+
+    def stop(self) -> defer.Deferred[None]:
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+        return self.store.close()
+
+    def refresh(self) -> defer.Deferred[None]:
+        """Re-read whether stored keys exist; push back the expiry of held leases."""
+        now = self.clock.seconds()
+
+        async def run() -> None:
+            try:
+                self.stored_keys = await self._use(self.store.has_active_keys(), "has_active_keys")
+                if self._leases:
+                    renewed = [
+                        Lease(lease.bucket, lease.lease_id, lease.limit, now + LEASE_SECONDS)
+                        for lease in self._leases.values()
+                    ]
+                    await self._use(self.store.renew(renewed, now), "renew")
+            except StateUnavailable:
+                pass
+
+        return defer.Deferred.fromCoroutine(run())
+
+    async def check(self) -> dict[str, Any]:
+        """
+        The store's health for ``/readyz`` and ``/v1/health``: whether it
+        answers now, and whether the proxy can serve when it does not.
+        """
+        with contextlib.suppress(StateUnavailable):
+            await self._use(self.store.ping(), "ping")
+        return {
+            "reachable": self.store_up,
+            "on_unavailable": "open" if self.fail_open else "closed",
+        }
+
+    def _use(self, operation: defer.Deferred[Any], name: str) -> defer.Deferred[Any]:
+        """Note in metrics whether the store answered."""
+
+        def answered(result: Any) -> Any:
+            self.store_up = True
+            self.metrics.state_up.set(1)
+            return result
+
+        def failed(failure: Any) -> Any:
+            if failure.check(StateUnavailable):
+                self.store_up = False
+                self.metrics.state_up.set(0)
+                self.metrics.state_errors.labels(name).inc()
+                log.warn(
+                    "State store {operation} failed: {reason}",
+                    operation=name,
+                    reason=failure.getErrorMessage(),
+                )
+            return failure
+
+        return operation.addCallbacks(answered, failed)
+
+
+def anonymous(address: str, auth: AuthConfig) -> Caller:
+    """A caller without a key, limited (if at all) per client address."""
+    return Caller(
+        subject=f"ip:{address}", name=None, policy=KeyPolicy(limits=auth.anonymous_limits)
+    )
+
+
+def _listed(auth: AuthConfig, token: str) -> Caller | None:
+    """
+    The config-file key matching ``token``: every key is compared, in
+    constant time, so neither timing nor the loop says which one (or how
+    much of one) matched.
+    """
+    digest = secret_digest(token)
+    found = None
+    for key in auth.keys:
+        if hmac.compare_digest(key.sha256, digest):
+            found = key
+    if found is None:
+        return None
+    return Caller(subject=f"cfg:{found.name}", name=found.name, policy=found.policy)

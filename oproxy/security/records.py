@@ -1,0 +1,52 @@
+"""
+Stored keys as people see them: made, described, never with their secret.
+
+Shared by the command line and the admin API, so both say the same thing.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from oproxy.security import keys
+from oproxy.security.policy import KeyPolicy, policy_from_json, policy_to_json
+from oproxy.state.base import KeyRecord
+
+
+def new_key(name: str, policy: KeyPolicy, now: float) -> tuple[keys.IssuedKey, KeyRecord]:
+    """A new key and the record the store keeps of it (its secret's hash only)."""
+    issued = keys.issue()
+    record = KeyRecord(
+        key_id=issued.key_id,
+        name=name,
+        secret_sha256=issued.secret_sha256,
+        created=now,
+        policy=policy_to_json(policy),
+    )
+    return issued, record
+
+
+def status(record: KeyRecord, now: float) -> str:
+    if record.revoked is not None:
+        return "revoked"
+    return "expired" if policy_from_json(record.policy).expired(now) else "active"
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def describe(record: KeyRecord, now: float) -> dict[str, Any]:
+    """A JSON-ready description: id, name, status, times, policy."""
+    return {
+        "id": record.key_id,
+        "name": record.name,
+        "status": status(record, now),
+        "created": iso_time(record.created),
+        "revoked": iso_time(record.revoked),
+        "policy": dict(record.policy),
+    }

@@ -1,0 +1,316 @@
+"""
+Keys, permissions, rate limits and quotas through the proxy, with the
+embedded SQLite store in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor, task
+
+from oproxy.errors import QuotaExceeded, RateLimited
+from oproxy.metrics import Metrics
+from oproxy.security.guard import Guard
+from oproxy.security.limits import Caller, periods
+from oproxy.security.policy import KeyPolicy, Limits, policy_to_json
+from oproxy.security.records import new_key
+from oproxy.security.settings import APIKey, AuthConfig, StateConfig, hash_key
+from oproxy.state.sqlite import SQLiteStore
+from tests.conftest import Proxy
+from tests.httputil import header, post_json, raw_post
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Say hi"}]}
+
+
+def read_all(directory: Path, pattern: str) -> bytes:
+    """Every byte of the store's files (the database, its WAL, its index)."""
+    return b"".join(p.read_bytes() for p in directory.glob(pattern))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def key(name: str, secret: str, **policy: Any) -> APIKey:
+    return APIKey(name=name, sha256=hash_key(secret), policy=KeyPolicy(**policy))
+
+
+@pytest.fixture
+def guarded(proxy_factory: Any, tmp_path: Path) -> Any:
+    """A proxy with the given keys, sharing one state file per test."""
+
+    def start(*keys: APIKey, **auth: Any) -> Proxy:
+        started: Proxy = proxy_factory(
+            auth=AuthConfig(keys=keys, **auth),
+            state=StateConfig(path=str(tmp_path / "state.db")),
+        )
+        return started
+
+    return start
+
+
+async def chat(proxy: Proxy, token: str | None, body: Any = None) -> tuple[Any, Any]:
+    response, raw = await post_json(
+        proxy.client,
+        proxy.v1("chat/completions"),
+        body or CHAT,
+        bearer(token) if token else None,
+    )
+    return response, orjson.loads(raw) if raw else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_keys_any_token_is_fine(guarded: Any) -> None:
+    proxy = guarded()
+    for token in (None, "ollama", "sk-oproxy-abcdefghijkl-" + "a" * 43):
+        response, _ = await chat(proxy, token)
+        assert response.code == 200
+    assert header(response, "x-ratelimit-limit-requests") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_config_keys(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"))
+    response, body = await chat(proxy, None)
+    assert response.code == 401
+    assert body["error"]["code"] == "invalid_api_key"
+    assert "didn't provide an API key" in body["error"]["message"]
+    response, body = await chat(proxy, "sk-wrong")
+    assert (response.code, body["error"]["code"]) == (401, "invalid_api_key")
+    assert body["error"]["type"] == "invalid_request_error"
+    response, _ = await chat(proxy, "sk-alice")
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_callers_next_to_keys(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"), anonymous=True)
+    assert (await chat(proxy, None))[0].code == 200
+    assert (await chat(proxy, "sk-wrong"))[0].code == 401  # a wrong key is still wrong
+    assert (await chat(proxy, "sk-alice"))[0].code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_keys_revocation_expiry_rotation(guarded: Any) -> None:
+    proxy = guarded(require_keys=True)
+    store = proxy.app.guard.store
+    now = reactor.seconds()
+    issued, record = new_key("bob", KeyPolicy(), now)
+    await store.add_key(record)
+    response, _ = await chat(proxy, issued.token)
+    assert response.code == 200
+    # The right id with the wrong secret.
+    response, body = await chat(
+        proxy, issued.token[:-1] + ("b" if issued.token[-1] == "a" else "a")
+    )
+    assert (response.code, body["error"]["code"]) == (401, "invalid_api_key")
+
+    expiring, record = new_key("carol", KeyPolicy(expires=now - 1), now)
+    await store.add_key(record)
+    response, body = await chat(proxy, expiring.token)
+    assert response.code == 401 and "expired" in body["error"]["message"]
+
+    await store.save_key(replace((await store.get_key(issued.key_id)), revoked=now))
+    response, body = await chat(proxy, issued.token)
+    assert response.code == 401 and "revoked" in body["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_and_networks(guarded: Any) -> None:
+    proxy = guarded(
+        key("narrow", "sk-narrow", models=("llama3*",)),
+        key("remote", "sk-remote", networks=(ipaddress.ip_network("10.0.0.0/8"),)),
+    )
+    assert (await chat(proxy, "sk-narrow"))[0].code == 200
+    response, body = await chat(proxy, "sk-narrow", {**CHAT, "model": "qwen3"})
+    assert response.code == 403
+    assert (body["error"]["code"], body["error"]["param"]) == ("model_not_allowed", "model")
+    listed = await proxy.client.get(proxy.v1("models"), headers=bearer("sk-narrow"))
+    ids = [m["id"] for m in orjson.loads(await treq.content(listed))["data"]]
+    assert ids and all(i.startswith("llama3") for i in ids)
+    hidden = await proxy.client.get(proxy.v1("models/qwen3:latest"), headers=bearer("sk-narrow"))
+    assert hidden.code == 404
+    await treq.content(hidden)
+    response, body = await chat(proxy, "sk-remote")
+    assert (response.code, body["error"]["code"]) == (403, "ip_not_allowed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_per_minute(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice", limits=Limits(rpm=3)))
+    remaining = []
+    for _ in range(3):
+        response, _ = await chat(proxy, "sk-alice")
+        assert response.code == 200
+        remaining.append(header(response, "x-ratelimit-remaining-requests"))
+        assert header(response, "x-ratelimit-limit-requests") == "3"
+        assert header(response, "ratelimit-policy") == '"requests";q=3;w=60'
+    assert remaining == ["2", "1", "0"]
+    response, body = await chat(proxy, "sk-alice")
+    assert response.code == 429
+    assert (body["error"]["type"], body["error"]["code"]) == ("requests", "rate_limit_exceeded")
+    assert 1 <= int(header(response, "retry-after") or 0) <= 20
+    assert float(header(response, "retry-after-ms") or 0) > 0
+    assert header(response, "x-ratelimit-remaining-requests") == "0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_are_reserved_then_settled(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice", limits=Limits(tpm=10_000)))
+    response, body = await chat(proxy, "sk-alice", {**CHAT, "max_tokens": 1000})
+    assert response.code == 200
+    # The first answer saw its own estimate taken: at least the 1000 asked for.
+    assert int(header(response, "x-ratelimit-remaining-tokens") or 0) <= 9000
+    used = body["usage"]["total_tokens"]
+    response, _ = await chat(proxy, "sk-alice", {**CHAT, "max_tokens": 1})
+    second_estimate = 1 + 4  # max_tokens plus the tiny prompt's share
+    remaining = int(header(response, "x-ratelimit-remaining-tokens") or 0)
+    # The reservation was settled to the real usage; refill only adds.
+    assert 10_000 - used - second_estimate - 2 <= remaining <= 10_000
+    assert remaining > 9000
+    response, body = await chat(proxy, "sk-alice", {**CHAT, "max_tokens": 20_000})
+    assert response.code == 429
+    assert body["error"]["type"] == "tokens"
+    assert header(response, "x-should-retry") == "false"
+
+
+@pytest_twisted.ensureDeferred
+async def test_parallel_requests(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice", limits=Limits(max_parallel=1)))
+    slow = defer.Deferred.fromCoroutine(
+        chat(proxy, "sk-alice", {**CHAT, "model": "slow", "max_tokens": 8})
+    )
+    while proxy.fake.stats.in_flight == 0:
+        await task.deferLater(reactor, 0.01)
+    response, body = await chat(proxy, "sk-alice")
+    assert response.code == 429 and "parallel" in body["error"]["message"]
+    assert header(response, "retry-after") == "1"
+    assert (await slow)[0].code == 200
+    assert (await chat(proxy, "sk-alice"))[0].code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_callers_are_limited_per_address(guarded: Any) -> None:
+    proxy = guarded(anonymous_limits=Limits(rpm=2))
+    codes = [(await chat(proxy, None))[0].code for _ in range(3)]
+    assert codes == [200, 200, 429]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abandoned_stream_is_still_counted(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice", limits=Limits(daily_tokens=1_000_000)))
+    client = await raw_post(
+        proxy.url,
+        "/v1/chat/completions",
+        {**CHAT, "model": "slow", "stream": True, "max_tokens": 500},
+        bearer("sk-alice"),
+    )
+    while client.received.count(b"data: ") < 5:
+        await task.deferLater(reactor, 0.01)
+    client.transport.loseConnection()
+    while proxy.fake.stats.aborted == 0:
+        await task.deferLater(reactor, 0.01)
+    await task.deferLater(reactor, 0.05)
+    day = periods(reactor.seconds())[0]
+    used = await proxy.app.guard.store.quota_used(f"cfg:alice:day:{day}")
+    generated = client.received.count(b'"content"')
+    # The estimate (500 + prompt) was settled to prompt + what was generated.
+    assert 4 + generated - 2 <= used <= 4 + generated + 10
+    assert used < 500
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_never_reach_the_store_or_the_log(guarded: Any, tmp_path: Path) -> None:
+    proxy = guarded(require_keys=True)
+    issued, record = new_key("dave", KeyPolicy(limits=Limits(rpm=100)), reactor.seconds())
+    await proxy.app.guard.store.add_key(record)
+    assert (await chat(proxy, issued.token))[0].code == 200
+    stored = read_all(tmp_path, "state.db*")
+    assert issued.secret.encode() not in stored
+    assert issued.token.encode() not in stored
+
+
+# -- the guard itself, on an injected clock ---------------------------------------
+
+
+@pytest.fixture
+def clocked(tmp_path: Path) -> Any:
+    clock = task.Clock()
+    store = SQLiteStore(str(tmp_path / "clocked.db"))
+    guard = Guard(store, clock, Metrics(None), StateConfig())
+    yield clock, guard
+    pytest_twisted.blockon(store.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_daily_quota_resets_at_utc_midnight(clocked: Any) -> None:
+    clock, guard = clocked
+    day_start = 1_800_057_600.0  # 2027-01-16T00:00:00Z
+    clock.advance(day_start + 86_400 - 30)
+    caller = Caller("cfg:q", "q", KeyPolicy(limits=Limits(daily_tokens=100)))
+    body = {"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 40}
+    ticket = await guard.admit(caller, "m", "chat", body, "r1")
+    assert ticket is not None
+    guard.settle(ticket, 120)  # more than the quota: the next one is refused
+    with pytest.raises(QuotaExceeded):
+        await guard.admit(caller, "m", "chat", body, "r2")
+    clock.advance(30)  # midnight UTC: a new day, a new counter
+    assert await guard.admit(caller, "m", "chat", body, "r3") is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_monthly_quota_resets_on_the_first(clocked: Any) -> None:
+    clock, guard = clocked
+    clock.advance(1_801_439_999.0)  # 2027-01-31T23:59:59Z
+    caller = Caller("cfg:m", "m", KeyPolicy(limits=Limits(monthly_tokens=10)))
+    ticket = await guard.admit(caller, None, "embeddings", {"input": "x" * 80}, "a")
+    assert ticket is not None
+    with pytest.raises(QuotaExceeded):
+        await guard.admit(caller, None, "embeddings", {"input": "x"}, "b")
+    clock.advance(1)
+    assert await guard.admit(caller, None, "embeddings", {"input": "x"}, "c") is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_refills_on_the_clock(clocked: Any) -> None:
+    clock, guard = clocked
+    clock.advance(1_800_000_000)
+    caller = Caller("cfg:r", "r", KeyPolicy(limits=Limits(rpm=2)))
+    for request_id in ("a", "b"):
+        assert await guard.admit(caller, "m", "chat", {}, request_id) is not None
+    with pytest.raises(RateLimited) as refused:
+        await guard.admit(caller, "m", "chat", {}, "c")
+    assert refused.value.headers["retry-after"] == "30"
+    clock.advance(30)
+    assert await guard.admit(caller, "m", "chat", {}, "d") is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_of_a_dead_process_lapse(clocked: Any, tmp_path: Path) -> None:
+    clock, guard = clocked
+    clock.advance(1_800_000_000)
+    caller = Caller("cfg:p", "p", KeyPolicy(limits=Limits(max_parallel=1)))
+    assert await guard.admit(caller, "m", "chat", {}, "held") is not None
+    # Another process sharing the store (its own guard) finds the slot taken
+    # until the first one's lease lapses: it never renewed (it "died").
+    other = Guard(SQLiteStore(str(tmp_path / "clocked.db")), clock, Metrics(None), StateConfig())
+    with pytest.raises(RateLimited):
+        await other.admit(caller, "m", "chat", {}, "second")
+    clock.advance(61)
+    assert await other.admit(caller, "m", "chat", {}, "third") is not None
+    await other.store.close()
+
+
+def test_policy_json_is_what_the_store_keeps() -> None:
+    assert policy_to_json(KeyPolicy(limits=Limits(rpm=5), admin=True)) == {
+        "limits": {"rpm": 5},
+        "admin": True,
+    }
