@@ -314,3 +314,78 @@ def test_policy_json_is_what_the_store_keeps() -> None:
         "limits": {"rpm": 5},
         "admin": True,
     }
+
+
+# -- when the store is down, and the admin API --------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_store_fails_closed_or_open(proxy_factory: Any) -> None:
+    from tests.redisserver import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    limited = (key("alice", "sk-alice", limits=Limits(rpm=100)),)
+    closed = proxy_factory(
+        auth=AuthConfig(keys=limited),
+        state=StateConfig(backend="redis", url=dead, timeout=0.5),
+    )
+    response, body = await chat(closed, "sk-alice")
+    assert (response.code, body["error"]["code"]) == (503, "state_store_unavailable")
+    ready = await closed.client.get(f"{closed.url}/readyz")
+    assert ready.code == 503
+    assert orjson.loads(await treq.content(ready))["state_store_reachable"] is False
+    health = await closed.client.get(f"{closed.url}/v1/health", headers=bearer("sk-alice"))
+    report = orjson.loads(await treq.content(health))
+    assert report["state_store"] == {"reachable": False, "on_unavailable": "closed"}
+    scrape = (await treq.content(await closed.client.get(f"{closed.url}/metrics"))).decode()
+    assert "oproxy_state_store_up 0.0" in scrape
+
+    opened = proxy_factory(
+        auth=AuthConfig(keys=limited),
+        state=StateConfig(backend="redis", url=dead, timeout=0.5, on_unavailable="open"),
+    )
+    response, _ = await chat(opened, "sk-alice")
+    assert response.code == 200
+    assert header(response, "x-ratelimit-limit-requests") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_keys_manage_keys_over_http(guarded: Any) -> None:
+    proxy = guarded(key("root", "sk-root", admin=True), key("user", "sk-user"))
+    url = f"{proxy.url}/admin/keys"
+    refused = await proxy.client.get(url, headers=bearer("sk-user"))
+    body = orjson.loads(await treq.content(refused))
+    assert (refused.code, body["error"]["code"]) == (403, "admin_key_required")
+
+    response, raw = await post_json(
+        proxy.client,
+        url,
+        {"name": "ci", "models": ["llama3*"], "limits": {"rpm": 2}, "expires": "2099-01-01"},
+        bearer("sk-root"),
+    )
+    assert response.code == 201
+    made = orjson.loads(raw)
+    assert made["key"].startswith("sk-oproxy-") and made["status"] == "active"
+    codes = [(await chat(proxy, made["key"]))[0].code for _ in range(3)]
+    assert codes == [200, 200, 429]
+
+    listed = orjson.loads(
+        await treq.content(await proxy.client.get(url, headers=bearer("sk-root")))
+    )
+    assert [k["name"] for k in listed["data"]] == ["ci"]
+    assert "key" not in listed["data"][0]
+
+    rotated = await proxy.client.post(f"{url}/{made['id']}/rotate", headers=bearer("sk-root"))
+    new_key = orjson.loads(await treq.content(rotated))["key"]
+    assert (await chat(proxy, made["key"]))[0].code == 401
+    revoked = await proxy.client.delete(f"{url}/{made['id']}", headers=bearer("sk-root"))
+    assert orjson.loads(await treq.content(revoked))["status"] == "revoked"
+    response, body = await chat(proxy, new_key)
+    assert response.code == 401 and "revoked" in body["error"]["message"]
+    missing = await proxy.client.get(f"{url}/nosuchkeyxyz", headers=bearer("sk-root"))
+    assert missing.code == 404
+    await treq.content(missing)
+    bad, raw = await post_json(
+        proxy.client, url, {"name": "x", "limits": {"rpm": 0}}, bearer("sk-root")
+    )
+    assert bad.code == 400

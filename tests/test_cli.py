@@ -1,0 +1,92 @@
+"""
+The ``oproxy`` command line: ``check-config`` and ``keys``.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from oproxy.cli import check_config, keys_command, parser
+from oproxy.security.keys import parse_token
+from oproxy.security.settings import hash_key
+from oproxy.state.sqlite import SQLiteStore
+
+
+def test_check_config_accepts_a_good_file_and_names_the_bad_key(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("backends: [{name: a, url: 'http://127.0.0.1:11434'}]\n")
+    out = io.StringIO()
+    assert check_config(str(good), out) == 0
+    assert "valid" in out.getvalue()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routing: {strategy: random}\n")
+    out = io.StringIO()
+    assert check_config(str(bad), out) == 1
+    assert "routing.strategy" in out.getvalue()
+
+
+def test_check_config_is_a_console_command(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: tcp:8000\n")  # beyond loopback, no keys
+    done = subprocess.run(
+        [sys.executable, "-c", "from oproxy.cli import main; main()", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "auth" in done.stdout
+
+
+async def run(store: SQLiteStore, *argv: str) -> tuple[int, str]:
+    arguments = parser().parse_args(["keys", *argv])
+    out = io.StringIO()
+    status = await keys_command(arguments, store, 1_800_000_000.0, out)
+    return status, out.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_lifecycle(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        status, printed = await run(
+            store,
+            "create",
+            "ci",
+            "--models",
+            "llama3*",
+            "--rpm",
+            "60",
+            "--expires",
+            "30d",
+            "--model-limit",
+            "qwen*:rpm=5,tpm=100",
+        )
+        assert status == 0
+        key_id, secret = parse_token(printed.strip()) or ("", "")
+        record = await store.get_key(key_id)
+        assert record is not None and record.secret_sha256 == hash_key(secret)
+        assert record.policy["limits"] == {"rpm": 60}
+        assert record.policy["model_limits"] == {"qwen*": {"rpm": 5, "tpm": 100}}
+        assert record.policy["expires"] == 1_800_000_000.0 + 30 * 86400
+
+        status, listing = await run(store, "list")
+        assert key_id in listing and "active" in listing and secret not in listing
+        status, _ = await run(store, "rotate", "ci")
+        assert (await store.get_key(key_id)).secret_sha256 != hash_key(secret)  # type: ignore[union-attr]
+        status, printed = await run(store, "revoke", key_id)
+        assert "revoked" in printed
+        status, listing = await run(store, "list", "--json")
+        assert '"status": "revoked"' in listing
+        with pytest.raises(Exception, match="already exists"):
+            await run(store, "create", "ci")
+        with pytest.raises(Exception, match="GLOB:rpm=N"):
+            await run(store, "create", "other", "--model-limit", "qwen*:burst=5")
+    finally:
+        await store.close()

@@ -1,0 +1,188 @@
+"""
+Routing across several backends, through the proxy: two fake Ollamas and a
+fake OpenAI-compatible server on loopback.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.web.server import Site
+
+from oproxy.config import BackendConfig
+from oproxy.routing.settings import ModelRule, RoutingConfig
+from oproxy.testing.fake_ollama import FakeOllama
+from oproxy.testing.fake_openai import FakeOpenAI
+from tests.conftest import Proxy, listen
+from tests.httputil import header, post_json, sse_events
+from tests.openai_schema import assert_valid
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def fakes(fake_ollama: tuple[FakeOllama, str]) -> Iterator[dict[str, Any]]:
+    second = FakeOllama(reactor)
+    second_running = listen(Site(second.resource()))
+    openai = FakeOpenAI(reactor, api_key="sk-upstream")
+    openai_running = listen(Site(openai.resource()))
+    first, first_url = fake_ollama
+    yield {
+        "a": (first, first_url),
+        "b": (second, second_running.url),
+        "c": (openai, openai_running.url + "/v1"),
+    }
+    pytest_twisted.blockon(second_running.port.stopListening())
+    pytest_twisted.blockon(openai_running.port.stopListening())
+
+
+@pytest.fixture
+def pool(proxy_factory: Any, fakes: dict[str, Any]) -> Any:
+    def start(**routing: Any) -> Proxy:
+        backends = (
+            BackendConfig(name="a", type="ollama", url=fakes["a"][1]),
+            BackendConfig(name="b", type="ollama", url=fakes["b"][1]),
+            BackendConfig(name="c", type="openai", url=fakes["c"][1], api_key="sk-upstream"),
+        )
+        started: Proxy = proxy_factory(backends=backends, routing=RoutingConfig(**routing))
+        return started
+
+    return start
+
+
+async def chat(proxy: Proxy, model: str = "llama3.2", **extra: Any) -> tuple[Any, Any]:
+    response, raw = await post_json(
+        proxy.client, proxy.v1("chat/completions"), {"model": model, "messages": HELLO, **extra}
+    )
+    return response, raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_round_robin_spreads_and_says_who_answered(pool: Any, fakes: Any) -> None:
+    proxy = pool()
+    served = Counter()
+    for _ in range(10):
+        response, _ = await chat(proxy)
+        assert response.code == 200
+        served[header(response, "x-oproxy-backend")] += 1
+    assert served == {"a": 5, "b": 5}
+    assert fakes["a"][0].stats.started == 5 and fakes["b"][0].stats.started == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_least_busy_avoids_the_busy_backend(pool: Any) -> None:
+    proxy = pool(strategy="least-busy")
+    slow = defer.Deferred.fromCoroutine(chat(proxy, "slow", max_tokens=20))
+    while not proxy.app.router.state.busy:
+        await task.deferLater(reactor, 0.01)
+    (busy_one,) = proxy.app.router.state.busy
+    others = {header((await chat(proxy))[0], "x-oproxy-backend") for _ in range(4)}
+    assert others == {"a", "b"} - {busy_one}
+    assert (await slow)[0].code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefer_warm_sticks_to_the_loaded_backend(pool: Any) -> None:
+    proxy = pool(strategy="prefer-warm")
+    first = header((await chat(proxy))[0], "x-oproxy-backend")
+    assert [header((await chat(proxy))[0], "x-oproxy-backend") for _ in range(5)] == [first] * 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_backend_is_retried_elsewhere_then_skipped(pool: Any, fakes: Any) -> None:
+    proxy = pool(breaker_failures=1, breaker_cooldown=60)
+    fakes["a"][0].fail_next(500, "model runner crashed")
+    fakes["b"][0].fail_next(500, "model runner crashed")
+    response, raw = await chat(proxy)
+    # Both failed before answering: the client sees the last failure.
+    assert response.code == 502
+    fakes["a"][0].fail_next(500, "model runner crashed")
+    # Both circuits are open now: a fast 503 that says when to come back.
+    response, raw = await chat(proxy)
+    assert response.code == 503
+    body = orjson.loads(raw)
+    assert body["error"]["code"] == "backends_unavailable"
+    assert header(response, "retry-after") == "60"
+    # Nothing more was sent to either.
+    assert len(fakes["a"][0].stats.requests) == 1 and len(fakes["b"][0].stats.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_failure_moves_to_the_next_backend(pool: Any, fakes: Any) -> None:
+    proxy = pool()
+    for _ in range(2):  # whichever comes first fails once
+        fakes["a"][0].fail_next(503, "server busy, please try again.")
+        response, raw = await chat(proxy, stream=True)
+        assert response.code == 200
+        assert header(response, "x-oproxy-backend") == "b"
+        events = sse_events(raw)
+        assert events[-1] == "[DONE]"
+
+
+@pytest_twisted.ensureDeferred
+async def test_aliases_options_and_fallbacks(pool: Any, fakes: Any) -> None:
+    proxy = pool(
+        models=(
+            ModelRule(
+                "gpt-4o-mini",
+                target="gpt-fake",
+                backends=("c",),
+                fallbacks=("local-small",),
+            ),
+            ModelRule(
+                "local-small",
+                target="llama3.2:latest",
+                backends=("b",),
+                options=(("num_ctx", 4096), ("temperature", 0.1)),
+            ),
+        )
+    )
+    response, raw = await chat(proxy, "gpt-4o-mini")
+    assert response.code == 200 and header(response, "x-oproxy-backend") == "c"
+    answer = orjson.loads(raw)
+    assert answer["model"] == "gpt-4o-mini"
+    assert_valid("CreateChatCompletionResponse", answer)
+    seen = fakes["c"][0].stats.last_request
+    assert seen.body["model"] == "gpt-fake"
+    assert seen.headers["authorization"] == "Bearer sk-upstream"  # never the client's
+
+    fakes["c"][0].fail_next(503, times=3)
+    response, raw = await chat(proxy, "gpt-4o-mini", temperature=0.7)
+    assert response.code == 200 and header(response, "x-oproxy-backend") == "b"
+    assert orjson.loads(raw)["model"] == "local-small"  # the model that answered
+    _, sent = fakes["b"][0].stats.requests[-1]
+    assert sent["model"] == "llama3.2:latest"
+    assert sent["options"]["num_ctx"] == 4096
+    assert sent["options"]["temperature"] == 0.7  # the client's value wins
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_backend_streams_with_usage_counted(pool: Any, fakes: Any) -> None:
+    proxy = pool()
+    response, raw = await chat(proxy, "gpt-fake", stream=True)
+    assert response.code == 200 and header(response, "x-oproxy-backend") == "c"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in e or e["usage"] is None for e in events[:-1])
+    assert fakes["c"][0].stats.last_request.body["stream_options"] == {"include_usage": True}
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_are_the_union_with_owners_and_aliases(pool: Any) -> None:
+    proxy = pool(models=(ModelRule("gpt-4o-mini", target="llama3.2:latest"),))
+    response = await proxy.client.get(proxy.v1("models"))
+    listing = orjson.loads(await treq.content(response))
+    owners = {m["id"]: m["owned_by"] for m in listing["data"]}
+    assert owners["llama3.2:latest"] == "a"  # both Ollamas serve it; the first names it
+    assert owners["gpt-fake"] == "c"
+    assert owners["gpt-4o-mini"] == "a"
+    assert_valid("ListModelsResponse", listing)
+    response = await proxy.client.get(proxy.v1("models/gpt-4o-mini"))
+    assert orjson.loads(await treq.content(response))["id"] == "gpt-4o-mini"
