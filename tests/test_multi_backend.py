@@ -21,7 +21,7 @@ from oproxy.routing.settings import ModelRule, RoutingConfig
 from oproxy.testing.fake_ollama import FakeOllama
 from oproxy.testing.fake_openai import FakeOpenAI
 from tests.conftest import Proxy, listen
-from tests.httputil import header, post_json, sse_events
+from tests.httputil import header, post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -186,3 +186,33 @@ async def test_models_are_the_union_with_owners_and_aliases(pool: Any) -> None:
     assert_valid("ListModelsResponse", listing)
     response = await proxy.client.get(proxy.v1("models/gpt-4o-mini"))
     assert orjson.loads(await treq.content(response))["id"] == "gpt-4o-mini"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abandoned_openai_stream_is_counted(pool: Any, fakes: Any) -> None:
+    proxy = pool(models=(ModelRule("remote-slow", target="slow", backends=("c",)),))
+    client = await raw_post(
+        proxy.url,
+        "/v1/chat/completions",
+        {"model": "remote-slow", "messages": HELLO, "stream": True},
+    )
+    for _ in range(500):
+        if client.received.count(b'"content"') >= 4:
+            break
+        await task.deferLater(reactor, 0.01)
+    client.transport.loseConnection()
+    for _ in range(500):
+        if fakes["c"][0].stats.aborted_streams:
+            break
+        await task.deferLater(reactor, 0.01)
+    assert fakes["c"][0].stats.aborted_streams == 1
+    await task.deferLater(reactor, 0.05)
+    scrape = (await treq.content(await proxy.client.get(f"{proxy.url}/metrics"))).decode()
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line.startswith("oproxy_tokens_total{")
+        and 'direction="completion"' in line
+        and 'model="remote-slow"' in line
+    ]
+    assert counted and counted[0] >= 3  # the first chunk carries the role, not text

@@ -268,11 +268,15 @@ async def relayed(
     Pass a backend's stream chunks on, as the client asked for them.
 
     The usage the backend reports is given to ``call.on_usage`` once the
-    stream ends, or when it is abandoned after the usage came.  An in-band
+    stream ends, or when it is abandoned after the usage came; a stream cut
+    short before that reports the chunks that carried generated text to
+    ``call.on_cut_short`` (OpenAI-compatible servers stream about a token a
+    chunk), so what was generated is still counted.  An in-band
     ``{"error": ...}`` event (vLLM, sglang) is raised, so the client gets an
     error event rather than a stream that looks complete.
     """
     usage: dict[str, int] | None = None
+    generated = 0
     try:
         async with aclosing(events):
             async for chunk in events:
@@ -280,6 +284,8 @@ async def relayed(
                     raise UpstreamError("the backend sent an event that is not a JSON object")
                 raise_for_upstream_error(chunk)
                 usage = reported_usage(chunk.get("usage")) or usage
+                if any(_generated_text(choice) for choice in chunk.get("choices") or ()):
+                    generated += 1
                 chunk["model"] = call.client_model
                 if not include_usage:
                     if chunk.get("usage") is not None and not chunk.get("choices"):
@@ -289,6 +295,20 @@ async def relayed(
     finally:
         if usage is not None:
             call.on_usage(usage)
+        elif generated:
+            call.on_cut_short(generated)
+
+
+def _generated_text(choice: Any) -> bool:
+    """Whether a stream choice carries generated text (chat delta or completion text)."""
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return bool(
+            delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
+        )
+    return bool(choice.get("text"))
 
 
 def reported_usage(value: object) -> dict[str, int] | None:

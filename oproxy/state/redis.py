@@ -38,7 +38,7 @@ from oproxy.state.base import (
     Refusal,
     StateUnavailable,
 )
-from oproxy.state.sqlite import rate_refusal, rate_states, rate_states_unchanged, rate_steps
+from oproxy.state.outcomes import rate_refusal, rate_states, rate_states_unchanged, rate_steps
 
 T = TypeVar("T")
 

@@ -22,7 +22,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -36,14 +35,12 @@ from oproxy.state.base import (
     Lease,
     QuotaCharge,
     RateCharge,
-    RateState,
-    RateStep,
     Refusal,
     StateUnavailable,
     quota_fits,
     rate_settle,
-    rate_step,
 )
+from oproxy.state.outcomes import rate_refusal, rate_states, rate_states_unchanged, rate_steps
 
 T = TypeVar("T")
 
@@ -436,60 +433,6 @@ def _tat(db: sqlite3.Connection, bucket: str) -> float | None:
 def _used(db: sqlite3.Connection, bucket: str) -> int:
     found = db.execute("SELECT used FROM quota_counters WHERE bucket = ?", (bucket,)).fetchone()
     return int(found[0]) if found else 0
-
-
-# -- outcomes (the Redis store rebuilds its answers the same way) ---------------------
-
-
-def rate_steps(
-    rates: Sequence[RateCharge], stored: Sequence[float | None], now: float
-) -> list[RateStep]:
-    """
-    Each charge's GCRA step, in order, over the ``stored`` buckets.
-
-    A bucket named twice sees the first charge before the second, as it
-    would had they come one after the other.
-    """
-    taken: dict[str, float] = {}
-    steps = []
-    for charge, tat in zip(rates, stored, strict=True):
-        step = rate_step(taken.get(charge.bucket, tat), now, charge)
-        if step.allowed:
-            taken[charge.bucket] = step.tat
-        steps.append(step)
-    return steps
-
-
-def rate_refusal(rates: Sequence[RateCharge], steps: Sequence[RateStep]) -> Refusal | None:
-    """The first rate charge that does not fit, as a refusal."""
-    for charge, step in zip(rates, steps, strict=True):
-        if not step.allowed:
-            return Refusal(
-                "rate",
-                charge.bucket,
-                charge.limit,
-                step.used,
-                charge.cost,
-                family=charge.family,
-                retry_after=step.retry_after,
-            )
-    return None
-
-
-def rate_states(rates: Sequence[RateCharge], steps: Sequence[RateStep]) -> tuple[RateState, ...]:
-    """The buckets after an admission, for the response headers."""
-    return tuple(
-        RateState(charge.bucket, charge.family, charge.limit, step.remaining, step.reset)
-        for charge, step in zip(rates, steps, strict=True)
-    )
-
-
-def rate_states_unchanged(
-    rates: Sequence[RateCharge], stored: Sequence[float | None], now: float
-) -> tuple[RateState, ...]:
-    """The buckets as they stand after a refusal, which charged nothing."""
-    looks = [rate_step(tat, now, replace(c, cost=0)) for c, tat in zip(rates, stored, strict=True)]
-    return rate_states(rates, looks)
 
 
 # -- key rows ----------------------------------------------------------------------
