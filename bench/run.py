@@ -15,7 +15,8 @@ What one run does (see bench/README.rst for how to read the output):
    ports, one whose ``/api/chat`` is a non-streamed answer and one whose
    ``/api/chat`` is a ~300-line NDJSON stream (nginx cannot read the body,
    and oproxy always POSTs to ``/api/chat``).  Both serve ``/api/embed``
-   (384 floats) and ``/api/tags``.
+   (384 floats), ``/api/tags``, ``/api/version`` and ``/api/ps`` (the
+   health probe's two calls).
 2. For each target -- the upstream directly (the baseline, sent native
    Ollama requests), oproxy with ``workers: 1``, oproxy with ``workers: 2``,
    and oproxy serving response-cache hits -- starts the real daemon
@@ -438,6 +439,8 @@ def canned_answers(stream_lines: int) -> dict[str, bytes]:
         "embed": dumps(embed),
         "tags": dumps(tags),
         "version": b'{"version":"0.12.6"}',
+        # Nothing loaded: the health probe only needs Ollama's shape.
+        "ps": b'{"models":[]}',
     }
 
 
@@ -460,6 +463,7 @@ def start_nginx(procs: Processes, workdir: Path, stream_lines: int, workers: int
         (api / "embed").write_bytes(answers["embed"])
         (api / "tags").write_bytes(answers["tags"])
         (api / "version").write_bytes(answers["version"])
+        (api / "ps").write_bytes(answers["ps"])
     # Run as root, nginx's workers switch to an unprivileged user, which
     # must be able to read the answers under the temporary directory.
     for path in [workdir, *workdir.rglob("*")]:

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from oproxy import __version__
 from oproxy.backends.base import Backend
-from oproxy.errors import OProxyError
+from oproxy.errors import OProxyError, UpstreamTimeout, UpstreamUnavailable
 from oproxy.metrics import Metrics
 from oproxy.upstream import DeadlineExceeded, within
 
@@ -40,6 +40,9 @@ class BackendHealth:
     models_available: int | None = None
     models_loaded: tuple[str, ...] = ()
     error: str | None = None
+    #: The server answered HTTP, even if not as a probe wants (an older
+    #: server, or one in front of it, without the probed routes): it is up.
+    answered: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,12 +59,15 @@ class BackendHealth:
 async def probe(backend: Backend, clock: IReactorTime, deadline: float) -> BackendHealth:
     """Probe one backend; any failure is reported, never raised."""
     started = clock.seconds()
+    answered = False
     try:
         found = await within(defer.Deferred.fromCoroutine(backend.probe()), deadline, clock)
     except DeadlineExceeded:
         error = f"no answer within {deadline:g} seconds"
-    except OProxyError as e:
+    except (UpstreamUnavailable, UpstreamTimeout) as e:
         error = e.message
+    except OProxyError as e:
+        error, answered = e.message, True
     except Exception as e:
         error = str(e) or type(e).__name__
     else:
@@ -72,12 +78,14 @@ async def probe(backend: Backend, clock: IReactorTime, deadline: float) -> Backe
             version=found.get("version"),
             models_available=found.get("models_available"),
             models_loaded=tuple(found.get("models_loaded", ())),
+            answered=True,
         )
     return BackendHealth(
         name=backend.name,
         reachable=False,
         latency_seconds=clock.seconds() - started,
         error=error,
+        answered=answered,
     )
 
 

@@ -219,3 +219,36 @@ def test_bad_routing_settings_name_the_key(text: str, where: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(text, {})
     assert caught.value.key == where
+
+
+@dataclass
+class Unlisted(Stub):
+    """A backend whose model list cannot be had (an older server, a proxy in between)."""
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        self.listed += 1
+        raise RuntimeError("no /api/tags here")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_that_cannot_list_is_still_used_and_not_asked_every_time() -> None:
+    clock = task.Clock()
+    quiet = Unlisted("quiet", [])
+    r = router([quiet], clock)
+    for _ in range(20):
+        assert await names(r, "anything") == ["quiet"]  # its own answer will tell
+    assert quiet.listed == 1
+    clock.advance(6)
+    await r.routes("anything")
+    assert quiet.listed == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_probe_answered_with_an_error_keeps_the_backend() -> None:
+    a = Stub("a", ["m:latest"])
+    r = router([a])
+    r.note_probes([BackendHealth("a", False, 0.01, error="HTTP 404", answered=True)])
+    assert await names(r, "m") == ["a"]
+    r.note_probes([BackendHealth("a", False, 2.0, error="connection refused")])
+    with pytest.raises(BackendsDown):
+        await r.routes("m")

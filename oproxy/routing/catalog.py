@@ -56,6 +56,7 @@ class Catalog:
         return backend in self._served
 
     def age(self, backend: str) -> float:
+        """Seconds since the backend's list was last asked for (answered or not)."""
         refreshed = self._refreshed.get(backend)
         return float("inf") if refreshed is None else self.clock.seconds() - refreshed
 
@@ -77,6 +78,9 @@ class Catalog:
         """Re-read every backend's model list; a backend that fails keeps its last list."""
 
         async def one(backend: Backend) -> None:
+            # Noted before asking, so a backend that cannot list its models
+            # is asked again only after a while, not by every request.
+            self._refreshed[backend.name] = self.clock.seconds()
             try:
                 models = await backend.list_models()
             except Exception as e:
@@ -87,7 +91,6 @@ class Catalog:
                 )
                 return
             self._served[backend.name] = {m["id"]: m for m in models if "id" in m}
-            self._refreshed[backend.name] = self.clock.seconds()
 
         await defer.gatherResults(
             [defer.Deferred.fromCoroutine(one(b)) for b in backends], consumeErrors=True

@@ -209,9 +209,13 @@ class Router:
     # -- what probes and discovery report ---------------------------------------------
 
     def note_probes(self, found: Iterable[BackendHealth]) -> None:
-        """Active probes feed the circuits and the list of loaded models."""
+        """
+        Active probes feed the circuits and the list of loaded models.  A
+        server that answered the probe with an error is up (it may lack the
+        probed routes); only one that cannot be reached is taken out.
+        """
         for health in found:
-            self.state.breaker.probed(health.name, health.reachable)
+            self.state.breaker.probed(health.name, health.reachable or health.answered)
             if health.reachable:
                 self.state.catalog.note_loaded(health.name, health.models_loaded)
 
