@@ -164,11 +164,15 @@ class Scope:
     async def call(self, route: Route, image_urls: list[str] | None = None) -> Call:
         """The routed call, with any remote images fetched."""
         model = route.client_model
-        images = await fetch_images(
-            (image_urls or []) if route.backend.kind == "ollama" else [],
-            client=self.app.http_client,
-            clock=self.app.clock,
-            config=self.config.images,
+        images = (
+            await fetch_images(
+                image_urls,
+                client=self.app.http_client,
+                clock=self.app.clock,
+                config=self.config.images,
+            )
+            if image_urls and route.backend.kind == "ollama"
+            else {}
         )
         key_name = self.key_name
 

@@ -10,6 +10,7 @@ passed in, so a reload changes keys and limits for the next request only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from oproxy.security.limits import (
     rate_headers,
     refusal_error,
 )
-from oproxy.security.policy import KeyPolicy, PolicyError, policy_from_json
+from oproxy.security.policy import KeyPolicy, Limits, PolicyError, policy_from_json
 from oproxy.security.settings import AuthConfig, StateConfig
 from oproxy.state.base import IStateStore, Lease, StateUnavailable
 
@@ -325,9 +326,13 @@ class Guard:
 
 def anonymous(address: str, auth: AuthConfig) -> Caller:
     """A caller without a key, limited (if at all) per client address."""
-    return Caller(
-        subject=f"ip:{address}", name=None, policy=KeyPolicy(limits=auth.anonymous_limits)
-    )
+    return _anonymous(address, auth.anonymous_limits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _anonymous(address: str, limits: Limits) -> Caller:
+    # Made once per address and limits, not on every request.
+    return Caller(subject=f"ip:{address}", name=None, policy=KeyPolicy(limits=limits))
 
 
 def _listed(auth: AuthConfig, token: str) -> Caller | None:

@@ -37,7 +37,14 @@ class Limits:
 
     @property
     def empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
+        # Spelt out: asked on every request, and dataclasses.fields() is slow.
+        return (
+            self.rpm is None
+            and self.tpm is None
+            and self.max_parallel is None
+            and self.daily_tokens is None
+            and self.monthly_tokens is None
+        )
 
 
 #: Limit names that also make sense per model (the others are per caller).

@@ -20,3 +20,10 @@ oproxyFakeOllama = ServiceMaker(  # type: ignore[no-untyped-call]
     "A faithful fake Ollama server, for testing clients and oproxy itself.",
     "oproxy-fake-ollama",
 )
+
+oproxyFakeOpenAI = ServiceMaker(  # type: ignore[no-untyped-call]
+    "oproxy fake OpenAI-compatible server",
+    "oproxy.testing.fake_openai_tap",
+    "A fake OpenAI-compatible server (vLLM, llama.cpp, LM Studio), for testing.",
+    "oproxy-fake-openai",
+)
