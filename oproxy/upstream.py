@@ -388,16 +388,8 @@ class Upstream:
 
         Cancelling the caller aborts the connection, streaming or not.
         """
-        body = orjson.dumps(payload) if payload is not None else None
-        started = self._clock.seconds()
-        try:
-            response = await self._send(method, path, body)
-            limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
-            raw = await self._reader(response, limit).read_all()
-        finally:
-            if timer is not None:
-                timer.seconds += self._clock.seconds() - started
-        return response.code, _decode(raw, self.name)
+        status, _, answer = await self.send_json(method, path, payload, timer)
+        return status, answer
 
     async def stream_json_lines(
         self, path: str, payload: Mapping[str, Any], timer: UpstreamTime | None = None

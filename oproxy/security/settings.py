@@ -43,6 +43,7 @@ from oproxy.validation import (
     ConfigError,
     Section,
     as_boolean,
+    as_count,
     as_list,
     as_seconds,
     as_string,
@@ -179,7 +180,7 @@ def _api_key(value: Any, key: str) -> APIKey:
             for i, n in enumerate(_items(section, "networks"))
         ),
         expires=section.get("expires", None, _expiry),
-        limits=Limits(**{n: section.get(n, None, _positive_int) for n in LIMIT_NAMES}),
+        limits=Limits(**{n: section.get(n, None, as_count) for n in LIMIT_NAMES}),
         model_limits=section.get("model_limits", (), _model_limits),
         admin=section.get("admin", False, as_boolean),
     )
@@ -201,12 +202,6 @@ def _api_key(value: Any, key: str) -> APIKey:
 def _items(section: Section, name: str) -> list[Any]:
     items: list[Any] = section.get(name, [], as_list)
     return items
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, f"must be a positive whole number, not {value!r}")
-    return value
 
 
 def _limits(value: Any, key: str, allowed: tuple[str, ...] = LIMIT_NAMES) -> Limits:
