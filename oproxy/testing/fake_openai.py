@@ -28,7 +28,6 @@ process: ``python -m oproxy.testing.fake_openai --port N``.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,14 +36,12 @@ from urllib.parse import unquote
 
 import orjson
 from klein import Klein
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from oproxy.testing.fake_openai_output import (
@@ -84,6 +81,7 @@ from oproxy.testing.fake_openai_wire import (
     write_events,
 )
 from oproxy.testing.fake_stream import write
+from oproxy.testing.running import serve_forever
 
 __all__ = ["DEFAULT_OPENAI_MODELS", "FakeOpenAI", "FakeOpenAIModel", "FakeOpenAIStats", "main"]
 
@@ -498,12 +496,6 @@ def _nothing() -> None:
 # Standalone server
 
 
-def _listening(port: IListeningPort, interface: str) -> None:
-    address = cast(IPv4Address, port.getHost())
-    sys.stdout.write(f"fake openai listening on http://{interface}:{address.port}\n")
-    sys.stdout.flush()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """
     Serve the fake on ``127.0.0.1:PORT`` with the real reactor, printing
@@ -526,19 +518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         token_delay=args.token_delay,
         health_status=None if args.no_health else 200,
     )
-    site = Site(fake.resource())  # type: ignore[no-untyped-call]
-    endpoint = TCP4ServerEndpoint(reactor, args.port, interface=args.interface)
-    listening = endpoint.listen(site)
-    listening.addCallback(_listening, args.interface)
-    listening.addErrback(_cannot_listen)
-    reactor.run()  # type: ignore[attr-defined]
-
-
-def _cannot_listen(failure: Failure) -> None:
-    sys.stderr.write(f"fake openai cannot listen: {failure.getErrorMessage()}\n")
-    from twisted.internet import reactor
-
-    reactor.stop()  # type: ignore[attr-defined]
+    serve_forever(reactor, fake.resource(), args.port, args.interface, "fake openai")
 
 
 if __name__ == "__main__":
