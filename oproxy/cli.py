@@ -34,7 +34,7 @@ from oproxy.security.policy import (
     policy_from_json,
 )
 from oproxy.security.records import describe, new_key, status
-from oproxy.security.settings import parse_expiry
+from oproxy.security.settings import default_state_path, parse_expiry
 from oproxy.state.base import IStateStore, KeyRecord, StateUnavailable
 from oproxy.state.opening import open_store
 
@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if arguments.command == "check-config":
             sys.exit(check_config(arguments.file, sys.stdout))
         config = _config(arguments.config)
+        if config.state.backend == "sqlite":
+            check_owner(config.state.path or default_state_path(os.environ), os.geteuid())
     except CommandError as e:
         print(f"oproxy: {e}", file=sys.stderr)
         sys.exit(2)
@@ -136,6 +138,29 @@ def check_config(path: str, out: TextIO) -> int:
         file=out,
     )
     return 0
+
+
+def check_owner(database: str, euid: int) -> None:
+    """
+    Refuse to run as root on a state directory that belongs to the daemon's
+    user: a database (or its WAL file) made by root would lock the daemon out.
+    """
+    directory = os.path.dirname(os.path.abspath(database))
+    try:
+        owner = os.stat(directory).st_uid
+    except OSError:
+        return
+    if euid == 0 and owner != 0:
+        try:
+            import pwd
+
+            user = pwd.getpwuid(owner).pw_name
+        except (ImportError, KeyError):
+            user = str(owner)
+        raise CommandError(
+            f"{directory} belongs to {user}: run this as that user "
+            f"(sudo -u {user} oproxy keys ...), so the daemon can still open its database"
+        )
 
 
 def _config(path: str | None) -> Config:

@@ -90,3 +90,22 @@ async def test_keys_lifecycle(tmp_path: Path) -> None:
             await run(store, "create", "other", "--model-limit", "qwen*:burst=5")
     finally:
         await store.close()
+
+
+def test_root_is_kept_off_the_daemons_state_directory(tmp_path: Path) -> None:
+    import os
+
+    from oproxy.cli import CommandError, check_owner
+
+    database = str(tmp_path / "state.db")
+    mine = os.stat(tmp_path).st_uid
+    check_owner(database, euid=mine)  # the owner itself: fine
+    if mine != 0:
+        with pytest.raises(CommandError, match="sudo -u"):
+            check_owner(database, euid=0)
+    else:
+        os.chown(tmp_path, 12345, -1)
+        with pytest.raises(CommandError, match="sudo -u 12345"):
+            check_owner(database, euid=0)
+        os.chown(tmp_path, 0, -1)
+    check_owner(str(tmp_path / "missing" / "state.db"), euid=0)  # nothing there yet
