@@ -43,7 +43,8 @@ from oproxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from oproxy.routing.router import Router
+from oproxy.routing.router import Router, RoutingState
+from oproxy.routing.settings import RoutingConfig
 from oproxy.security.settings import APIKey, AuthConfig, hash_key
 from oproxy.testing.fake_openai import BROKEN_MESSAGE, DEFAULT_OPENAI_MODELS, FakeOpenAI
 from oproxy.upstream import sse_data
@@ -678,7 +679,8 @@ CLIENT_KEY = "sk-client-abcdefghijklmnop"
 def through_proxy(proxy_factory: Any, upstream: FakeUpstream, **changes: Any) -> Proxy:
     """The proxy under test, with every model routed to the adapter."""
     proxy: Proxy = proxy_factory(**changes)
-    proxy.app.router = Router([upstream.backend()])
+    routing = RoutingConfig()
+    proxy.app.router = Router([upstream.backend()], routing, RoutingState.new(reactor, routing))
     return proxy
 
 

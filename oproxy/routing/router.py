@@ -100,20 +100,15 @@ class Router:
     def __init__(
         self,
         backends: Sequence[Backend],
-        config: RoutingConfig | None = None,
-        state: RoutingState | None = None,
-        clock: IReactorTime | None = None,
+        config: RoutingConfig,
+        state: RoutingState,
     ) -> None:
         if not backends:
             raise ValueError("a router needs at least one backend")
-        if state is None:
-            if clock is None:
-                from twisted.internet import reactor as clock  # type: ignore[assignment]
-            state = RoutingState.new(clock, config or RoutingConfig())  # type: ignore[arg-type]
         self.backends = tuple(backends)
-        self.config = config or RoutingConfig()
+        self.config = config
         self.state = state
-        self.state.breaker.configure(self.config.breaker_failures, self.config.breaker_cooldown)
+        self.state.breaker.configure(config.breaker_failures, config.breaker_cooldown)
 
     # -- the decision -----------------------------------------------------------
 
