@@ -8,6 +8,7 @@ Host check, and cancellation.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -1206,6 +1207,237 @@ async def test_copy(ollama: Served) -> None:
         400,
         'destination "a b" is invalid',
     )
+
+
+PLAIN_JSON = [b"application/json"]  # streamResponse/waitForStream: no charset
+MARIO = {"model": "mario", "from": "llama3.2", "system": "You are Mario from Super Mario Bros."}
+
+
+def layer_status(line: dict[str, Any]) -> tuple[str, str]:
+    match = re.match(r"^(using existing|creating new) layer sha256:([0-9a-f]{64})$", line["status"])
+    assert match is not None, line
+    return match.group(1), match.group(2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_from_an_installed_model(ollama: Served) -> None:
+    reply = await ollama.post("/api/create", MARIO)
+    assert (reply.code, reply.header(b"content-type")) == (200, NDJSON_TYPE)
+    lines = reply.lines()
+    assert lines[-2:] == [{"status": "writing manifest"}, {"status": "success"}]
+    assert all(list(line) == ["status"] for line in lines)
+    layers = [layer_status(line) for line in lines[:-2]]
+    base = {layer.digest for layer in DEFAULT_MODELS[0].blob_layers()}
+    weights, template, params = DEFAULT_MODELS[0].blob_layers()
+    # The source's layers, the new system layer, then the (unchanged) params moved last.
+    system = hashlib.sha256(MARIO["system"].encode()).hexdigest()
+    assert layers == [
+        ("using existing", weights.digest),
+        ("using existing", template.digest),
+        ("creating new", system),
+        ("using existing", params.digest),
+    ]
+    assert {digest for _, digest in layers} - base == {system}
+
+    tags = (await ollama.call("GET", "/api/tags")).json()["models"]
+    assert tags[0]["name"] == "mario:latest"  # newest first
+    llama = next(m for m in tags if m["name"] == "llama3.2:latest")
+    assert tags[0]["digest"] != llama["digest"]
+    assert (tags[0]["details"], tags[0]["capabilities"]) == (
+        llama["details"],
+        ["completion", "tools"],
+    )
+    assert NANO_ANY.match(tags[0]["modified_at"])
+    shown = (await ollama.post("/api/show", {"model": "mario"})).json()
+    assert shown["system"] == MARIO["system"]
+    assert list(shown)[:5] == ["modelfile", "parameters", "template", "system", "details"]
+    assert 'SYSTEM """You are Mario' in shown["modelfile"]
+    answer = await ollama.post("/api/chat", {"model": "mario", "messages": HELLO, "stream": False})
+    assert answer.json()["message"]["content"].endswith("fake answer from mario.")
+    assert ollama.fake.stats.requests[0] == ("/api/create", MARIO)
+
+    # The same again: every blob is on disk now.
+    again = (await ollama.post("/api/create", MARIO)).lines()
+    assert [layer_status(line)[0] for line in again[:-2]] == ["using existing"] * 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_without_streaming_and_with_parameters(ollama: Served) -> None:
+    body = {
+        "model": "Calm-Llama:v1",
+        "from": "llama3.2",
+        "template": "{{ .Prompt }}",
+        "parameters": {"temperature": 0.2, "stop": ["<|eot_id|>"], "num_ctx": 8192},
+        "license": ["MIT", "Apache-2.0"],
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": False,
+    }
+    reply = await ollama.post("/api/create", body)
+    assert (reply.code, reply.body) == (200, b'{"status":"success"}')
+    assert reply.header(b"content-type") == PLAIN_JSON
+    shown = (await ollama.post("/api/show", {"model": "calm-llama:V1"})).json()
+    assert shown["template"] == "{{ .Prompt }}"
+    assert shown["parameters"].split("\n") == [
+        "stop" + " " * 27 + '"<|eot_id|>"',
+        "temperature" + " " * 20 + "0.2",
+        "num_ctx" + " " * 24 + "8192",
+    ]
+    names = [m["name"] for m in (await ollama.call("GET", "/api/tags")).json()["models"]]
+    assert names[0] == "Calm-Llama:v1"
+    # Streamed: template, licenses, params and messages are new layers, in that order.
+    lines = (await ollama.post("/api/create", {**body, "model": "other", "stream": True})).lines()
+    statuses = [layer_status(line) for line in lines[:-2]]
+    assert [kind for kind, _ in statuses] == ["using existing"] * 6
+    assert statuses[1][1] == hashlib.sha256(b"{{ .Prompt }}").hexdigest()
+    assert statuses[2][1] == hashlib.sha256(b"MIT").hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_pulls_a_source_it_does_not_have(ollama: Served) -> None:
+    lines = (await ollama.post("/api/create", {"model": "m", "from": "mistral"})).lines()
+    pulled = lines.index({"status": "success"})
+    assert lines[0] == {"status": "pulling manifest"}
+    assert lines[pulled - 2 : pulled] == [
+        {"status": "verifying sha256 digest"},
+        {"status": "writing manifest"},
+    ]
+    assert [layer_status(line)[0] for line in lines[pulled + 1 : -2]] == ["using existing"] * 3
+    assert lines[-1] == {"status": "success"}
+    assert "mistral" in ollama.fake.models and "m" in ollama.fake.models
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_errors(ollama: Served) -> None:
+    reply = await ollama.post("/api/create", {"model": "m", "from": "nonexistent-model"})
+    assert reply.code == 200
+    assert reply.lines() == [
+        {"status": "pulling manifest"},
+        {"error": "pull model manifest: file does not exist"},
+    ]
+    whole = await ollama.post(
+        "/api/create", {"model": "m", "from": "nonexistent-model", "stream": False}
+    )
+    assert (whole.code, whole.json()) == (
+        500,
+        {"error": "pull model manifest: file does not exist"},
+    )
+    assert whole.header(b"content-type") == PLAIN_JSON
+    assert "m" not in ollama.fake.models
+
+    async def refused(body: dict[str, Any], status: int, message: str, plain: bool) -> None:
+        for stream in (True, False):
+            reply = await ollama.post("/api/create", {**body, "stream": stream})
+            assert (reply.code, reply.json()) == (status, {"error": message}), body
+            assert reply.header(b"content-type") == (PLAIN_JSON if plain else JSON_TYPE)
+
+    # Before the handler starts: gin's AbortWithStatusJSON, with a charset.
+    await refused({}, 400, "invalid model name", plain=False)
+    await refused({"model": "a b", "from": "llama3.2"}, 400, "invalid model name", plain=False)
+    await refused(
+        {"model": "m", "files": {"/abs": "sha256:x"}}, 400, "file path must be relative", False
+    )
+    await refused({"model": "m", "files": {"a.gguf": ""}}, 400, "invalid digest format", False)
+    # In the handler, before any line: streamResponse's error, without one.
+    await refused({"model": "m"}, 400, "neither 'from' or 'files' was specified", plain=True)
+    await refused({"model": "m", "from": "a b"}, 400, "invalid model name", plain=True)
+    await refused({"model": "m", "files": {}}, 400, "unknown type", plain=True)
+    template = "template error: template: :2: unclosed action"
+    bad = {"model": "m", "from": "llama3.2", "template": "Hi\n{{ .Prompt"}
+    await refused(bad, 400, template, plain=True)
+    license_error = "json: cannot unmarshal number into Go value of type string"
+    await refused({"model": "m", "from": "llama3.2", "license": [1]}, 500, license_error, True)
+    gguf = {"model": "m", "files": {"model.gguf": "sha256:" + "ab" * 32}}
+    lines = (await ollama.post("/api/create", gguf)).lines()
+    missing = "open /root/.ollama/models/blobs/sha256-" + "ab" * 32 + ": no such file or directory"
+    assert lines == [{"status": "parsing GGUF"}, {"error": missing}]
+    assert "m" not in ollama.fake.models
+    await ollama.error("/api/create", None, 400, "missing request body", raw=b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_push(ollama: Served) -> None:
+    await ollama.post("/api/create", MARIO)
+    reply = await ollama.post("/api/push", {"model": "mario"})
+    assert (reply.code, reply.header(b"content-type")) == (200, NDJSON_TYPE)
+    lines = reply.lines()
+    assert lines[0] == {"status": "retrieving manifest"}
+    assert lines[-2:] == [{"status": "pushing manifest"}, {"status": "success"}]
+    blobs = lines[1:-2]
+    for line in blobs:
+        assert list(line)[:3] == ["status", "digest", "total"]
+        assert line["status"] == "pushing " + line["digest"][7:19]
+    mario = ollama.fake.models.find("mario")
+    assert mario is not None
+    digests = [f"sha256:{layer.digest}" for layer in (*mario.blob_layers(), mario.config_layer())]
+    assert list(dict.fromkeys(line["digest"] for line in blobs)) == digests
+    assert ["completed" in line for line in blobs[:3]] == [False, True, True]
+    assert blobs[2]["completed"] == blobs[2]["total"]
+    # The registry has every blob now: one complete line each.
+    again = (await ollama.post("/api/push", {"name": "mario", "stream": True})).lines()
+    assert [line.get("completed") for line in again[1:-2]] == [
+        line["total"] for line in again[1:-2]
+    ]
+    whole = await ollama.post("/api/push", {"model": "mario", "stream": False})
+    assert (whole.code, whole.body) == (200, b'{"status":"success"}')
+    assert whole.header(b"content-type") == PLAIN_JSON
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_errors(ollama: Served) -> None:
+    missing = (
+        "open /root/.ollama/models/manifests/registry.ollama.ai/library/nope/latest: "
+        "no such file or directory"
+    )
+    reply = await ollama.post("/api/push", {"model": "nope"})
+    assert reply.code == 200
+    assert reply.lines() == [
+        {"status": "retrieving manifest"},
+        {"status": "couldn't retrieve manifest"},
+        {"error": missing},
+    ]
+    whole = await ollama.post("/api/push", {"model": "nope", "stream": False})
+    assert (whole.code, whole.json()) == (500, {"error": missing})
+    assert whole.header(b"content-type") == PLAIN_JSON
+    bad = (await ollama.post("/api/push", {"model": "a b"})).lines()
+    assert bad[-1] == {"error": "unqualified name: registry.ollama.ai/library/a b:latest"}
+    await ollama.error("/api/push", {}, 400, "model is required")
+    await ollama.error(
+        "/api/push",
+        {"model": 3},
+        400,
+        ("json: cannot unmarshal number into Go struct field PushRequest.model of type string"),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_is_paced_by_the_clock_and_stops_with_the_client(
+    serve: Callable[..., Served],
+) -> None:
+    clock = Clock()
+    served = serve(clock=clock, token_delay=0.06)
+    client = await raw_post(served, "/api/create", MARIO)
+    await eventually(lambda: len(served.fake.stats.requests) == 1)
+    assert client.data == b""
+    clock.advance(0.06)
+    await eventually(lambda: client.count(b"using existing") == 1)
+    clock.advance(0.06 * 4)  # three more layers and writing manifest
+    await eventually(lambda: client.count(b"writing manifest") == 1)
+    assert "mario" not in served.fake.models
+    clock.advance(0.06)
+    await eventually(lambda: client.count(b'"success"') == 1)
+    assert "mario" in served.fake.models
+    client.transport.loseConnection()
+    await client.closed
+
+    left = await raw_post(served, "/api/create", {**MARIO, "model": "luigi"})
+    await eventually(lambda: len(served.fake.stats.requests) == 2)
+    clock.advance(0.06)
+    await eventually(lambda: left.count(b"using existing") == 1)
+    left.transport.loseConnection()
+    await left.closed
+    await eventually(lambda: clock.getDelayedCalls() == [])  # the fake saw it go
+    clock.advance(1.0)
+    assert "luigi" not in served.fake.models
 
 
 # --------------------------------------------------------------------------

@@ -398,10 +398,90 @@ async def test_pull_copy_delete_for_admin_keys_only(proxy_factory: Any, tmp_path
 
 
 @pytest_twisted.ensureDeferred
+async def test_create_and_push_for_admin_keys_only(proxy_factory: Any, tmp_path: Path) -> None:
+    proxy = proxy_factory(
+        auth=AuthConfig(keys=(key("root", "sk-root", admin=True), key("user", "sk-user"))),
+        state=StateConfig(path=str(tmp_path / "state.db")),
+    )
+    mario = {"model": "mario", "from": "llama3.2", "system": "You are Mario."}
+    refused = {"error": "This operation needs an admin API key."}
+    for path, body in (("/api/create", mario), ("/api/push", {"model": "llama3.2"})):
+        response, raw = await call(proxy, "POST", path, body, bearer("sk-user"))
+        assert (response.code, orjson.loads(raw)) == (403, refused), path
+    assert "mario" not in proxy.fake.models
+    assert [path for path, _ in proxy.fake.stats.requests] == []  # nothing went upstream
+
+    response, raw = await call(proxy, "POST", "/api/create", mario, bearer("sk-root"))
+    lines = ndjson(raw)
+    assert response.code == 200
+    assert header(response, "content-type") == "application/x-ndjson"
+    assert lines[-2:] == [{"status": "writing manifest"}, {"status": "success"}]
+    assert any(line["status"].startswith("creating new layer sha256:") for line in lines)
+    assert proxy.fake.stats.requests[-1] == ("/api/create", mario)
+    # The proxy's own listing has it at once, and it answers.
+    response, raw = await call(proxy, "GET", "/api/tags", headers=bearer("sk-user"))
+    assert "mario:latest" in [m["name"] for m in orjson.loads(raw)["models"]]
+    response, raw = await call(
+        proxy, "POST", "/api/chat", {**CHAT, "model": "mario", "stream": False}, bearer("sk-user")
+    )
+    assert response.code == 200
+    assert orjson.loads(raw)["message"]["content"].endswith("fake answer from mario.")
+
+    response, raw = await call(
+        proxy,
+        "POST",
+        "/api/create",
+        {**mario, "model": "peach", "stream": False},
+        bearer("sk-root"),
+    )
+    assert (response.code, orjson.loads(raw)) == (200, {"status": "success"})
+    response, raw = await call(
+        proxy, "POST", "/api/create", {"model": "x", "from": "nonexistent"}, bearer("sk-root")
+    )
+    assert response.code == 200
+    assert ndjson(raw) == [
+        {"status": "pulling manifest"},
+        {"error": "pull model manifest: file does not exist"},
+    ]
+    response, raw = await call(proxy, "POST", "/api/create", {"model": "x"}, bearer("sk-root"))
+    assert (response.code, orjson.loads(raw)) == (
+        400,
+        {"error": "neither 'from' or 'files' was specified"},
+    )
+
+    response, raw = await call(proxy, "POST", "/api/push", {"model": "mario"}, bearer("sk-root"))
+    lines = ndjson(raw)
+    assert response.code == 200
+    assert header(response, "content-type") == "application/x-ndjson"
+    assert lines[0] == {"status": "retrieving manifest"}
+    assert lines[-2:] == [{"status": "pushing manifest"}, {"status": "success"}]
+    blobs = [line for line in lines if "digest" in line]
+    assert blobs and all(line["status"] == "pushing " + line["digest"][7:19] for line in blobs)
+    assert blobs[-1]["completed"] == blobs[-1]["total"]
+    response, raw = await call(
+        proxy, "POST", "/api/push", {"name": "mario", "stream": False}, bearer("sk-root")
+    )
+    assert (response.code, orjson.loads(raw)) == (200, {"status": "success"})
+    response, raw = await call(
+        proxy, "POST", "/api/push", {"model": "nope", "stream": False}, bearer("sk-root")
+    )
+    missing = (
+        "open /root/.ollama/models/manifests/registry.ollama.ai/library/nope/latest: "
+        "no such file or directory"
+    )
+    assert (response.code, orjson.loads(raw)) == (500, {"error": missing})
+
+
+@pytest_twisted.ensureDeferred
 async def test_management_is_refused_without_keys(proxy: Proxy) -> None:
-    response, raw = await call(proxy, "POST", "/api/pull", {"model": "gemma3"})
-    assert response.code == 403
-    assert orjson.loads(raw) == {"error": "This operation needs an admin API key."}
+    for path, body in (
+        ("/api/pull", {"model": "gemma3"}),
+        ("/api/create", {"model": "mario", "from": "llama3.2"}),
+        ("/api/push", {"model": "llama3.2"}),
+    ):
+        response, raw = await call(proxy, "POST", path, body)
+        assert response.code == 403, path
+        assert orjson.loads(raw) == {"error": "This operation needs an admin API key."}
 
 
 @pytest_twisted.ensureDeferred

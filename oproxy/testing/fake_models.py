@@ -139,6 +139,28 @@ def _digest_for(name: str) -> str:
     return hashlib.sha256(f"fake-ollama:{name}".encode()).hexdigest()
 
 
+MODEL_MEDIA: Final = "application/vnd.ollama.image.model"
+TEMPLATE_MEDIA: Final = "application/vnd.ollama.image.template"
+SYSTEM_MEDIA: Final = "application/vnd.ollama.image.system"
+PARAMS_MEDIA: Final = "application/vnd.ollama.image.params"
+LICENSE_MEDIA: Final = "application/vnd.ollama.image.license"
+MESSAGES_MEDIA: Final = "application/vnd.ollama.image.messages"
+CONFIG_MEDIA: Final = "application/vnd.docker.container.image.v1+json"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """
+    One blob of a model's manifest.
+
+    :ivar digest: 64 hex digits, no ``sha256:`` prefix.
+    """
+
+    media_type: str
+    digest: str
+    size: int
+
+
 @dataclass(frozen=True)
 class FakeModel:
     """
@@ -166,6 +188,10 @@ class FakeModel:
         fake sends nothing, not even headers, until it is loaded, and
         reports the wait as ``load_duration``; requests that come during
         the load wait for the same load.
+    :ivar system: the system prompt a ``/api/create`` gave the model.
+    :ivar layers: the manifest's layers; when empty, three are derived
+        from ``digest`` (weights, template, params), see
+        :meth:`blob_layers`.
     """
 
     name: str
@@ -189,6 +215,8 @@ class FakeModel:
     tokens_before_error: int = 3
     load_error: str | None = None
     load_delay: float = 0.0
+    system: str = ""
+    layers: tuple[Layer, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.digest:
@@ -209,6 +237,26 @@ class FakeModel:
         The bare model part (``llama3.2``), used in generated answers.
         """
         return self.parsed.model
+
+    def blob_layers(self) -> tuple[Layer, ...]:
+        """
+        The manifest's layers: :attr:`layers`, or the weights (sharing the
+        model's digest), a template and a params blob.
+        """
+        if self.layers:
+            return self.layers
+        sizes = (max(self.size - 1500, 1), 1429, 96)
+        media = (MODEL_MEDIA, TEMPLATE_MEDIA, PARAMS_MEDIA)
+        return tuple(
+            Layer(kind, layer_digest(self, index), size)
+            for index, (kind, size) in enumerate(zip(media, sizes, strict=True))
+        )
+
+    def config_layer(self) -> Layer:
+        """
+        The manifest's config blob (pushed after the layers).
+        """
+        return Layer(CONFIG_MEDIA, _digest_for(f"{self.digest}:config"), 485)
 
     def has(self, capability: str) -> bool:
         """
@@ -287,6 +335,8 @@ class FakeModel:
             f"FROM /root/.ollama/models/blobs/sha256-{self.digest}",
             f'TEMPLATE """{self.template}"""',
         ]
+        if self.system:
+            lines.append(f'SYSTEM """{self.system}"""')
         lines += [f"PARAMETER {name} {value}" for name, value in self.parameters]
         return "\n".join(lines) + "\n"
 
@@ -601,10 +651,9 @@ def pull_progress(model: FakeModel, *, already_present: bool) -> list[dict[str, 
     start, half-way and complete line, a present one only complete), the
     digest check and the manifest write.
     """
-    sizes = (max(model.size - 1500, 1), 1429, 96)
     lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
-    for index, total in enumerate(sizes):
-        digest = layer_digest(model, index)
+    for layer in model.blob_layers():
+        digest, total = layer.digest, layer.size
         head = {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": total}
         if not already_present:
             lines += [head, {**head, "completed": max(total // 2, 1)}]

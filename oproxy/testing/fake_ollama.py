@@ -14,6 +14,10 @@ sending nothing meanwhile, as a model that is not in memory does.
 Time comes only from the injected clock: pass a
 :class:`twisted.internet.task.Clock` to drive streams token by token.
 
+Model management (``/api/pull``, ``/api/create``, ``/api/push``,
+``/api/copy``, ``/api/delete``) changes the catalogue the other routes see;
+see :mod:`oproxy.testing.fake_manage` for what create and push report.
+
 Besides Ollama's routes the fake serves two of its own, which the real
 server does not have: ``GET /_fake/stats`` (the :class:`GenerationStats`
 counters as JSON) and ``POST /_fake/reset`` (zero the counters, restore the
@@ -29,7 +33,8 @@ import argparse
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, cast
+from functools import partial
+from typing import Any, Final, cast
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -57,6 +62,15 @@ from oproxy.testing.fake_gojson import (
     parse_go_json,
     plain,
 )
+from oproxy.testing.fake_manage import (
+    NEITHER_FROM_NOR_FILES,
+    PULL_MISSING,
+    check_create_request,
+    create_model,
+    files_outcome,
+    push_missing,
+    push_progress,
+)
 from oproxy.testing.fake_models import (
     DEFAULT_MODELS,
     Catalogue,
@@ -70,11 +84,13 @@ from oproxy.testing.fake_models import (
 from oproxy.testing.fake_requests import (
     CHAT_REQUEST,
     COPY_REQUEST,
+    CREATE_REQUEST,
     DELETE_REQUEST,
     EMBED_REQUEST,
     EMBEDDING_REQUEST,
     GENERATE_REQUEST,
     PULL_REQUEST,
+    PUSH_REQUEST,
     SHOW_REQUEST,
     RequestError,
     check_format,
@@ -101,7 +117,7 @@ from oproxy.testing.fake_stream import (
     start_ndjson,
     write,
 )
-from oproxy.testing.fake_wire import go_quote, rfc3339_nano, seconds_to_ns
+from oproxy.testing.fake_wire import go_json, go_quote, rfc3339_nano, seconds_to_ns
 from oproxy.testing.running import serve_forever
 
 __all__ = ["FakeModel", "FakeOllama", "GenerationStats", "main"]
@@ -129,6 +145,18 @@ class _FakeRoot(Resource):
 
 
 _Handler = Callable[[Request], "bytes | Deferred[bytes | None]"]
+
+_Step = dict[str, Any] | Callable[[], None] | RequestError
+"""
+One step of a progress stream (create, push): a line to send, a change to
+make (installing a model) before the next line, or the error that ends it.
+"""
+
+_PLAIN_JSON: Final = b"application/json"
+"""
+What ``streamResponse`` and ``waitForStream`` set before ``c.JSON``, which
+then keeps it: their answers carry no ``charset``.
+"""
 
 
 class FakeOllama:
@@ -171,6 +199,8 @@ class FakeOllama:
         self._running: set[Generation] = set()
         #: When each model that took time to load was (or will be) ready.
         self._ready_at: dict[str, float] = {}
+        #: What the pretend registry holds: (repository, blob digest).
+        self._pushed: set[tuple[str, str]] = set()
         self.app = Klein()
         self._add_routes()
 
@@ -204,6 +234,7 @@ class FakeOllama:
         self.loaded.clear()
         self._ready_at.clear()
         self._failures.clear()
+        self._pushed.clear()
 
     def pending_timers(self) -> int:
         """
@@ -227,6 +258,8 @@ class FakeOllama:
             ("/api/embeddings", ["POST"], self._embeddings),
             ("/api/show", ["POST"], self._show),
             ("/api/pull", ["POST"], self._pull),
+            ("/api/push", ["POST"], self._push),
+            ("/api/create", ["POST"], self._create),
             ("/api/delete", ["DELETE"], self._delete),
             ("/api/copy", ["POST"], self._copy),
             ("/_fake/stats", ["GET"], self._fake_stats),
@@ -551,6 +584,8 @@ class FakeOllama:
             body["parameters"] = model.parameters_text()
         if model.template:
             body["template"] = model.template
+        if model.system:
+            body["system"] = model.system
         body["details"] = model.details()
         body["model_info"] = model.model_info()
         body["capabilities"] = list(model.capabilities)
@@ -597,6 +632,112 @@ class FakeOllama:
 
     def _modified_now(self) -> str:
         return rfc3339_nano(self._now_ns())
+
+    def _create(self, request: Request) -> bytes | Deferred[bytes | None]:
+        req = self._read(request, "/api/create", CREATE_REQUEST)
+        check_create_request(req)
+        name = ModelName.parse(first_present(req, "model", "name"))
+        if not name.is_valid():
+            raise RequestError(400, "invalid model name")
+        return self._progress(request, req.get("stream", True), self._create_steps(req, name))
+
+    def _create_steps(self, req: dict[str, Any], name: ModelName) -> list[_Step]:
+        """
+        ``CreateHandler``'s work: a ``from`` model that is not installed is
+        pulled first (its progress, ``success`` included, comes first), then
+        the new manifest's layers are listed and the model installed.
+        """
+        source: str = req.get("from", "")
+        steps: list[_Step] = []
+        if not source:
+            if "files" in req:
+                lines, error = files_outcome(req.get("files") or {})
+                return [*lines, error]
+            return [RequestError(400, NEITHER_FROM_NOR_FILES)]
+        parsed = ModelName.parse(source)
+        if not parsed.is_valid():
+            return [RequestError(400, "invalid model name")]
+        base = self.models.find(source)
+        if base is None:
+            if not registry_has(parsed):
+                return [{"status": "pulling manifest"}, RequestError(500, PULL_MISSING)]
+            known = (*self._initial, *DEFAULT_MODELS)
+            base = registry_model(parsed, known, self._modified_now())
+            steps += pull_progress(base, already_present=False)
+            steps += [partial(self.models.add, base), {"status": "success"}]
+        blobs = {layer.digest for model in (*self.models, base) for layer in model.blob_layers()}
+        try:
+            model, lines = create_model(base, name, req, blobs, self._modified_now())
+        except RequestError as fail:
+            return [*steps, fail]
+        return [*steps, *lines, partial(self.models.add, model), {"status": "success"}]
+
+    def _push(self, request: Request) -> bytes | Deferred[bytes | None]:
+        req = self._read(request, "/api/push", PUSH_REQUEST)
+        name: str = first_present(req, "model", "name")
+        if not name:
+            raise RequestError(400, "model is required")
+        steps: list[_Step] = [{"status": "retrieving manifest"}]
+        model = self.models.find(name)
+        if model is None:
+            fail = RequestError(500, push_missing(name))
+            steps += [{"status": "couldn't retrieve manifest"}, fail]
+        else:
+            lines, uploaded = push_progress(model, self._pushed)
+            steps += [*lines, partial(self._pushed.update, uploaded), {"status": "success"}]
+        return self._progress(request, req.get("stream", True), steps)
+
+    def _progress(
+        self, request: Request, stream: bool, steps: Sequence[_Step]
+    ) -> bytes | Deferred[bytes | None]:
+        """
+        Send progress the way Ollama's ``streamResponse`` does (one line a
+        tick; an error before any line is an HTTP error, after one it is the
+        last line) or, for ``"stream": false``, its ``waitForStream`` (the
+        last line alone, or the error with its status, 500 by default).
+        """
+        errors = [i for i, step in enumerate(steps) if isinstance(step, RequestError)]
+        end = cast(RequestError, steps[errors[0]]) if errors else None
+        steps = steps[: errors[0]] if errors else steps
+        if end is not None and not any(isinstance(step, dict) for step in steps):
+            return respond(request, end.status, _PLAIN_JSON, go_json({"error": end.message}))
+        ticks: list[Callable[[], None]] = []
+        effects: list[Callable[[], None]] = []
+        latest: list[dict[str, Any]] = [{"status": ""}]
+        for step in steps:
+            if isinstance(step, dict):
+                ticks.append(partial(self._progress_line, request, stream, step, effects, latest))
+                effects = []
+            elif not isinstance(step, RequestError):
+                effects.append(step)
+
+        def finish() -> bytes | None:
+            for effect in effects:
+                effect()
+            if end is not None:
+                if stream:
+                    write(request, ndjson_line({"error": end.message}))
+                    return None
+                return respond(request, end.status, _PLAIN_JSON, go_json({"error": end.message}))
+            return None if stream else respond(request, 200, _PLAIN_JSON, go_json(latest[0]))
+
+        if stream:
+            start_ndjson(request)
+        return Ticker(self.clock, self.token_delay, ticks, finish, _nothing).start(request)
+
+    @staticmethod
+    def _progress_line(
+        request: Request,
+        stream: bool,
+        line: dict[str, Any],
+        effects: Sequence[Callable[[], None]],
+        latest: list[dict[str, Any]],
+    ) -> None:
+        for effect in effects:
+            effect()
+        latest[0] = line
+        if stream:
+            write(request, ndjson_line(line))
 
     def _delete(self, request: Request) -> bytes:
         req = self._read(request, "/api/delete", DELETE_REQUEST)

@@ -214,6 +214,41 @@ PULL_REQUEST: Final = struct(
     stream=BOOL,
     name=STRING,
 )
+PUSH_REQUEST: Final = struct(
+    "PushRequest",
+    "api.PushRequest",
+    model=STRING,
+    insecure=BOOL,
+    username=STRING,
+    password=STRING,
+    stream=BOOL,
+    name=STRING,
+)
+_FILES: Final = GoType("map", "map[string]string")
+CREATE_REQUEST: Final = struct(
+    "CreateRequest",
+    "api.CreateRequest",
+    model=STRING,
+    stream=BOOL,
+    quantize=STRING,
+    draft_quantize=STRING,
+    **{"from": STRING},
+    remote_host=STRING,
+    files=_FILES,
+    draft_files=_FILES,
+    adapters=_FILES,
+    template=STRING,
+    license=ANY,
+    system=STRING,
+    parameters=OPTIONS,
+    messages=slice_of(_MESSAGE, "[]api.Message"),
+    renderer=STRING,
+    parser=STRING,
+    requires=STRING,
+    info=OPTIONS,
+    name=STRING,
+    quantization=STRING,
+)
 DELETE_REQUEST: Final = struct("DeleteRequest", "api.DeleteRequest", model=STRING, name=STRING)
 COPY_REQUEST: Final = struct("CopyRequest", "api.CopyRequest", source=STRING, destination=STRING)
 
