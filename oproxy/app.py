@@ -251,18 +251,18 @@ class ProxyApp:
     @app.route("/admin/keys", methods=["GET"])
     def admin_list_keys(self, request: IRequest) -> defer.Deferred[bytes | None]:
         return defer.Deferred.fromCoroutine(
-            self._serve(request, admin.list_keys, json_body=False, route="/admin/keys")
+            self._serve(request, admin.list_all, json_body=False, route="/admin/keys")
         )
 
     @app.route("/admin/keys", methods=["POST"])
     def admin_create_key(self, request: IRequest) -> defer.Deferred[bytes | None]:
         return defer.Deferred.fromCoroutine(
-            self._serve(request, admin.create_key, json_body=True, route="/admin/keys")
+            self._serve(request, admin.create, json_body=True, route="/admin/keys")
         )
 
     @app.route("/admin/keys/<key_id>", methods=["GET", "DELETE"])
     def admin_key(self, request: IRequest, key_id: str) -> defer.Deferred[bytes | None]:
-        action = admin.show_key if request.method == b"GET" else admin.revoke_key
+        action = admin.show if request.method == b"GET" else admin.revoke
 
         async def handler(scope: Scope) -> bytes | None:
             return await action(scope, key_id)
@@ -274,7 +274,7 @@ class ProxyApp:
     @app.route("/admin/keys/<key_id>/rotate", methods=["POST"])
     def admin_rotate_key(self, request: IRequest, key_id: str) -> defer.Deferred[bytes | None]:
         async def handler(scope: Scope) -> bytes | None:
-            return await admin.rotate_key(scope, key_id)
+            return await admin.rotate(scope, key_id)
 
         return defer.Deferred.fromCoroutine(
             self._serve(request, handler, json_body=False, route="/admin/keys/{id}/rotate")

@@ -16,7 +16,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, TextIO
 
 from twisted.internet import defer, task
@@ -33,7 +32,7 @@ from oproxy.security.policy import (
     parse_network,
     policy_from_json,
 )
-from oproxy.security.records import describe, new_key, status
+from oproxy.security.records import create_key, describe, revoke_key, rotate_key, status
 from oproxy.security.settings import default_state_path, parse_expiry
 from oproxy.state.base import IStateStore, KeyRecord, StateUnavailable
 from oproxy.state.opening import open_store
@@ -194,14 +193,13 @@ async def keys_command(
     if arguments.action == "show":
         return await _show(record, arguments.json, store, now, out)
     if arguments.action == "revoke":
-        if record.revoked is None:
-            await store.save_key(replace(record, revoked=now))
+        await revoke_key(store, record, now)
         print(f"key {record.key_id} ({record.name}) revoked", file=out)
         return 0
-    if record.revoked is not None:
-        raise CommandError(f"key {record.key_id} is revoked; create a new one")
-    issued = keys.issue(record.key_id)
-    await store.save_key(replace(record, secret_sha256=issued.secret_sha256))
+    try:
+        issued, _ = await rotate_key(store, record)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     print(issued.token, file=out)
     _note(f"key {record.key_id} ({record.name}) rotated; the old secret no longer works")
     return 0
@@ -211,10 +209,10 @@ async def _create(
     arguments: argparse.Namespace, store: IStateStore, now: float, out: TextIO
 ) -> int:
     policy = policy_from_arguments(arguments, now)
-    if any(r.name == arguments.name for r in await store.list_keys()):
-        raise CommandError(f"a key named {arguments.name!r} already exists")
-    issued, record = new_key(arguments.name, policy, now)
-    await store.add_key(record)
+    try:
+        issued, _ = await create_key(store, arguments.name, policy, now)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     print(issued.token, file=out)
     _note(f"key {issued.key_id} ({arguments.name}) created; it is shown only this once")
     return 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from oproxy.api.scope import Scope
 from oproxy.errors import InvalidRequest, NotFound, PermissionDenied
-from oproxy.security.keys import issue, looks_like_key_id
-from oproxy.security.policy import PolicyError, policy_from_json, policy_to_json
-from oproxy.security.records import describe, new_key
+from oproxy.security.keys import looks_like_key_id
+from oproxy.security.policy import PolicyError, policy_from_json
+from oproxy.security.records import create_key, describe, revoke_key, rotate_key
 from oproxy.security.settings import parse_expiry
 from oproxy.state.base import KeyRecord
 
@@ -22,14 +22,14 @@ def require_admin(scope: Scope) -> None:
         raise PermissionDenied("This operation needs an admin API key.", code="admin_key_required")
 
 
-async def list_keys(scope: Scope) -> bytes | None:
+async def list_all(scope: Scope) -> bytes | None:
     require_admin(scope)
     now = scope.app.clock.seconds()
     records = await scope.app.guard.store.list_keys()
     return scope.json({"object": "list", "data": [describe(r, now) for r in records]})
 
 
-async def create_key(scope: Scope) -> bytes | None:
+async def create(scope: Scope) -> bytes | None:
     """
     ``POST /admin/keys`` with ``{"name": ..., "models": [...], "limits": {...}, ...}``:
     the policy fields as the store keeps them; ``expires`` may be a date.
@@ -48,50 +48,35 @@ async def create_key(scope: Scope) -> bytes | None:
         policy = policy_from_json(body)
     except PolicyError as e:
         raise InvalidRequest(str(e)) from None
-    store = scope.app.guard.store
-    if any(r.name == name for r in await store.list_keys()):
-        raise InvalidRequest(f"a key named {name!r} already exists", param="name")
     now = scope.app.clock.seconds()
-    issued, record = new_key(name, policy, now)
-    await store.add_key(record)
+    try:
+        issued, record = await create_key(scope.app.guard.store, name, policy, now)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="name") from None
     scope.app.guard.stored_keys = True
     return scope.json({**describe(record, now), "key": issued.token}, status=201)
 
 
-async def show_key(scope: Scope, key_id: str) -> bytes | None:
+async def show(scope: Scope, key_id: str) -> bytes | None:
     require_admin(scope)
     record = await _find(scope, key_id)
     return scope.json(describe(record, scope.app.clock.seconds()))
 
 
-async def revoke_key(scope: Scope, key_id: str) -> bytes | None:
+async def revoke(scope: Scope, key_id: str) -> bytes | None:
     require_admin(scope)
-    record = await _find(scope, key_id)
     now = scope.app.clock.seconds()
-    if record.revoked is None:
-        record = KeyRecord(
-            record.key_id, record.name, record.secret_sha256, record.created, record.policy, now
-        )
-        await scope.app.guard.store.save_key(record)
+    record = await revoke_key(scope.app.guard.store, await _find(scope, key_id), now)
     return scope.json(describe(record, now))
 
 
-async def rotate_key(scope: Scope, key_id: str) -> bytes | None:
+async def rotate(scope: Scope, key_id: str) -> bytes | None:
     require_admin(scope)
-    record = await _find(scope, key_id)
-    if record.revoked is not None:
-        raise InvalidRequest("a revoked key cannot be rotated; create a new one")
-    issued = issue(record.key_id)
-    rotated = KeyRecord(
-        record.key_id,
-        record.name,
-        issued.secret_sha256,
-        record.created,
-        policy_to_json(policy_from_json(record.policy)),
-    )
-    await scope.app.guard.store.save_key(rotated)
-    now = scope.app.clock.seconds()
-    return scope.json({**describe(rotated, now), "key": issued.token})
+    try:
+        issued, record = await rotate_key(scope.app.guard.store, await _find(scope, key_id))
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+    return scope.json({**describe(record, scope.app.clock.seconds()), "key": issued.token})
 
 
 async def _find(scope: Scope, key_id: str) -> KeyRecord:

@@ -20,9 +20,7 @@ from oproxy.routing.router import Route
 async def list_all(scope: Scope) -> bytes | None:
     router = scope.router
     catalog = router.state.catalog
-    stale = [b for b in router.backends if catalog.age(b.name) > router.config.discovery_interval]
-    if stale:
-        await catalog.refresh(stale)
+    await router.refresh_models()
     data: list[dict[str, Any]] = []
     listed: dict[str, dict[str, Any]] = {}
     for backend in router.backends:

@@ -88,6 +88,8 @@ class RoutingState:
     catalog: Catalog
     busy: Counter[str] = field(default_factory=Counter)
     turns: Counter[str] = field(default_factory=Counter)
+    #: Smooth weighted round robin's running credit, per model and backend.
+    credit: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def new(cls, clock: IReactorTime, config: RoutingConfig) -> RoutingState:
@@ -175,7 +177,7 @@ class Router:
         busy = self.state.busy
         turn = self.state.turns[model]
         self.state.turns[model] += 1
-        rotation = _weighted_rotation(backends, turn)
+        rotation = _weighted_rotation(backends, turn, self.state.credit.setdefault(model, {}))
         position = {b.name: i for i, b in enumerate(rotation)}
         if strategy == "round-robin":
             return rotation
@@ -247,19 +249,19 @@ def _weight(backend: Backend) -> int:
     return max(1, getattr(backend, "weight", 1))
 
 
-def _weighted_rotation(backends: list[Backend], turn: int) -> list[Backend]:
+def _weighted_rotation(backends: list[Backend], turn: int, credit: dict[str, int]) -> list[Backend]:
     """
-    The backends in the order of this turn: over ``sum(weights)`` turns each
-    comes first ``weight`` times, interleaved (smooth weighted round robin).
+    The backends in the order of this turn: one step of smooth weighted
+    round robin picks the first (over ``sum(weights)`` turns each comes
+    first ``weight`` times, interleaved), the rest follow in turn.
+
+    :param credit: the model's running credit per backend, updated here.
     """
     total = sum(_weight(b) for b in backends)
-    current = {b.name: 0 for b in backends}
-    first = backends[0]
-    for _ in range(turn % total + 1):
-        for b in backends:
-            current[b.name] += _weight(b)
-        first = max(backends, key=lambda b: current[b.name])
-        current[first.name] -= total
+    for b in backends:
+        credit[b.name] = credit.get(b.name, 0) + _weight(b)
+    first = max(backends, key=lambda b: credit[b.name])
+    credit[first.name] -= total
     rest = [b for b in backends if b is not first]
     start = turn % len(rest) if rest else 0
     return [first, *rest[start:], *rest[:start]]

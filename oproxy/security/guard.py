@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from oproxy.errors import PermissionDenied, StoreUnavailable, Unauthorized
 from oproxy.metrics import Metrics
-from oproxy.security.keys import parse_token, secret_digest
+from oproxy.security.keys import hash_key, parse_token
 from oproxy.security.limits import (
     LEASE_SECONDS,
     Caller,
@@ -46,7 +46,7 @@ NO_KEY = (
 )
 BAD_KEY = "Incorrect API key provided."
 #: Compared against when a key id is unknown, so a miss costs what a hit does.
-_NOWHERE = secret_digest("")
+_NOWHERE = hash_key("")
 #: How often stored-key presence is re-read and parallel leases renewed.
 REFRESH_SECONDS = 5.0
 
@@ -70,7 +70,7 @@ def require_token(digest: bytes, authorization: bytes | None) -> None:
     token = bearer_token(authorization)
     if token is None:
         raise Unauthorized(NO_KEY)
-    if not hmac.compare_digest(digest, secret_digest(token)):
+    if not hmac.compare_digest(digest, hash_key(token)):
         raise Unauthorized(BAD_KEY)
 
 
@@ -107,7 +107,7 @@ class Guard:
         self.stored_keys = False
         #: Whether the store answered its last use.
         self.store_up = True
-        self._leases: dict[str, Lease] = {}
+        self._leases: dict[tuple[str, str], Lease] = {}
         self._refresher: task.LoopingCall | None = None
 
     # -- who ------------------------------------------------------------------
@@ -167,7 +167,7 @@ class Guard:
                 headers={"retry-after": "1"},
             ) from None
         expected = record.secret_sha256 if record is not None else _NOWHERE
-        if not hmac.compare_digest(expected, secret_digest(secret)) or record is None:
+        if not hmac.compare_digest(expected, hash_key(secret)) or record is None:
             return None
         if record.revoked is not None:
             raise Unauthorized("This API key has been revoked.")
@@ -229,7 +229,7 @@ class Guard:
         if admission.refusal is not None:
             raise refusal_error(admission.refusal, caller, admission.rates)
         for lease in spent.leases:
-            self._leases[lease.lease_id + "\0" + lease.bucket] = lease
+            self._leases[lease.lease_id, lease.bucket] = lease
         return Ticket(caller, spent, rate_headers(admission.rates))
 
     def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
@@ -245,7 +245,7 @@ class Guard:
         ticket.settled = True
         spent = ticket.plan
         for lease in spent.leases:
-            self._leases.pop(lease.lease_id + "\0" + lease.bucket, None)
+            self._leases.pop((lease.lease_id, lease.bucket), None)
         rates, quotas = corrections(
             spent, spent.estimate if actual_tokens is None else actual_tokens
         )
@@ -341,7 +341,7 @@ def _listed(auth: AuthConfig, token: str) -> Caller | None:
     constant time, so neither timing nor the loop says which one (or how
     much of one) matched.
     """
-    digest = secret_digest(token)
+    digest = hash_key(token)
     found = None
     for key in auth.keys:
         if hmac.compare_digest(key.sha256, digest):

@@ -41,10 +41,16 @@ class IssuedKey:
 
     @property
     def secret_sha256(self) -> bytes:
-        return secret_digest(self.secret)
+        return hash_key(self.secret)
 
 
-def secret_digest(secret: str) -> bytes:
+def hash_key(secret: str) -> bytes:
+    """
+    The SHA-256 digest under which a key (or its secret) is kept and compared.
+
+    API keys are long random strings, not passwords: a fast hash is the
+    right tool, and it means the plain secret is never held after loading.
+    """
     return hashlib.sha256(secret.encode("utf-8")).digest()
 
 

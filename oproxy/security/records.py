@@ -7,11 +7,12 @@ Shared by the command line and the admin API, so both say the same thing.
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 from typing import Any
 
 from oproxy.security import keys
 from oproxy.security.policy import KeyPolicy, policy_from_json, policy_to_json
-from oproxy.state.base import KeyRecord
+from oproxy.state.base import IStateStore, KeyRecord
 
 
 def new_key(name: str, policy: KeyPolicy, now: float) -> tuple[keys.IssuedKey, KeyRecord]:
@@ -25,6 +26,45 @@ def new_key(name: str, policy: KeyPolicy, now: float) -> tuple[keys.IssuedKey, K
         policy=policy_to_json(policy),
     )
     return issued, record
+
+
+async def create_key(
+    store: IStateStore, name: str, policy: KeyPolicy, now: float
+) -> tuple[keys.IssuedKey, KeyRecord]:
+    """
+    Make and store a key.
+
+    :raises ValueError: the name is taken (the store also refuses it
+        atomically, should two callers race).
+    """
+    if any(r.name == name for r in await store.list_keys()):
+        raise ValueError(f"a key named {name!r} already exists")
+    issued, record = new_key(name, policy, now)
+    await store.add_key(record)
+    return issued, record
+
+
+async def revoke_key(store: IStateStore, record: KeyRecord, now: float) -> KeyRecord:
+    """Refuse the key from now on; revoking twice keeps the first time."""
+    if record.revoked is not None:
+        return record
+    revoked = replace(record, revoked=now)
+    await store.save_key(revoked)
+    return revoked
+
+
+async def rotate_key(store: IStateStore, record: KeyRecord) -> tuple[keys.IssuedKey, KeyRecord]:
+    """
+    Give the key a new secret; the old one stops working at once.
+
+    :raises ValueError: the key is revoked.
+    """
+    if record.revoked is not None:
+        raise ValueError(f"key {record.key_id} is revoked; create a new one")
+    issued = keys.issue(record.key_id)
+    rotated = replace(record, secret_sha256=issued.secret_sha256)
+    await store.save_key(rotated)
+    return issued, rotated
 
 
 def status(record: KeyRecord, now: float) -> str:

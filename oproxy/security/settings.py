@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from oproxy.security.keys import secret_digest
+from oproxy.security.keys import hash_key as hash_key
 from oproxy.security.policy import (
     LIMIT_NAMES,
     MODEL_LIMIT_NAMES,
@@ -98,16 +98,6 @@ class StateConfig:
     timeout: float = 2.0
     #: Redis keys start with this, so several deployments can share a server.
     namespace: str = "oproxy:"
-
-
-def hash_key(secret: str) -> bytes:
-    """
-    The SHA-256 digest under which a key is kept and compared.
-
-    API keys are long random strings, not passwords: a fast hash is the
-    right tool, and it means the plain secret is never held after loading.
-    """
-    return secret_digest(secret)
 
 
 def default_state_path(environ: Mapping[str, str]) -> str:
