@@ -206,7 +206,8 @@ class Config:
     workers: int | None = 1
     #: Seconds a stopping process lets in-flight requests and streams finish.
     drain_timeout: float = 30.0
-    #: The JSON access log; without it, Twisted's own access lines are logged.
+    #: The JSON access log; without it, a combined-log-format line per request
+    #: goes to the daemon's log.
     access_log: AccessLogConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sentry: SentryConfig = field(default_factory=SentryConfig)

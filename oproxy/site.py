@@ -56,8 +56,9 @@ class ProxySite(server.Site):
         super().__init__(resource, **kw)  # type: ignore[no-untyped-call]
         self._max_body_bytes = max_body_bytes
         self.requestFactory = self._make_request  # type: ignore[assignment]
-        #: Whether Twisted's own (Common Log Format) access lines are logged.
-        self.twisted_access_lines = True
+        #: Where each request's access line (Twisted's combined log format)
+        #: goes; ``None``: nowhere.
+        self.request_lines: Callable[[str], None] | None = None
         self.in_flight = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
         self._connections: dict[Any, defer.Deferred[None]] = {}
@@ -110,8 +111,15 @@ class ProxySite(server.Site):
                 waiter.callback(None)
 
     def log(self, request: Any) -> None:
-        if self.twisted_access_lines:
-            super().log(request)  # type: ignore[no-untyped-call]
+        """
+        Hand the request's access line to :attr:`request_lines`.
+
+        Twisted's own ``log`` writes it to a file-like object that turns
+        every line into a legacy log message, then a new-style event; on a
+        busy worker that costs a tenth of a request.
+        """
+        if self.request_lines is not None:
+            self.request_lines(self._logFormatter(self._logDateTime, request))
 
     def idle(self) -> defer.Deferred[None]:
         """Fires when no request is in flight (at once if none is)."""

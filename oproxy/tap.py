@@ -20,6 +20,7 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -197,12 +198,20 @@ def build_guard(config: Config, reactor: Any, metrics: Metrics) -> Guard:
     return guard
 
 
-def build_site(app: ProxyApp) -> ProxySite:
+_access = Logger(namespace="oproxy.access")
+
+
+def log_request_line(line: str) -> None:
+    """An access line as an event in this process's log."""
+    _access.info("{line}", line=line)
+
+
+def build_site(app: ProxyApp, request_lines: Callable[[str], None] = log_request_line) -> ProxySite:
     site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
     site.displayTracebacks = False
     site.noisy = False
-    # With the JSON access log, Twisted's own access line would say it twice.
-    site.twisted_access_lines = app.access_log is None
+    # With the JSON access log, an access line would say it twice.
+    site.request_lines = request_lines if app.access_log is None else None
     return site
 
 
@@ -213,6 +222,7 @@ def serve_here(
     listen: Any,
     rotate_access_log: bool = True,
     watch_config: bool = True,
+    request_lines: Callable[[str], None] = log_request_line,
 ) -> service.MultiService:
     """
     The serving side, for a single process or a worker: the app, its site on
@@ -223,7 +233,7 @@ def serve_here(
     pool = connection_pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
     app = build_app(config, reactor, pool, access_log)
-    site = build_site(app)
+    site = build_site(app, request_lines)
     path, overrides, backend_url = options_config
     reloader = Reloader(
         app,

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest_twisted
 from twisted.internet import task
+from twisted.logger import formatEvent, globalLogPublisher
 
 from oproxy.config import AccessLogConfig
 from oproxy.logs import AccessLog, Rotator, redacted, rotate
@@ -187,3 +188,25 @@ def test_redaction_reaches_every_depth() -> None:
         "a": [{"secret": "[redacted]", "b": {"SECRET": "[redacted]"}}],
         "secret": "[redacted]",
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_json_log_each_request_is_one_line_in_the_daemon_log(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        plain: Proxy = proxy_factory()
+        body = {"model": "llama3.2", "messages": [{"role": "user", "content": "private words"}]}
+        await post_json(plain.client, plain.v1("chat/completions"), body)
+        with_json: Proxy = proxy_factory(access_log=AccessLogConfig(path=str(tmp_path / "a.log")))
+        await post_json(with_json.client, with_json.v1("chat/completions"), body)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    access = [formatEvent(e) for e in events if e.get("log_namespace") == "oproxy.access"]
+    assert len(access) == 1, access
+    assert access[0].startswith('"127.0.0.1" - - [')
+    assert '"POST /v1/chat/completions HTTP/1.1" 200 ' in access[0]
+    assert "private words" not in access[0]
+    assert len(lines(tmp_path / "a.log")) == 1
