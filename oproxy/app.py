@@ -26,6 +26,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
+from oproxy.after_send import AfterSend
 from oproxy.api import admin, chat, completions, embeddings, models, native, native_models
 from oproxy.api.access import access_record
 from oproxy.api.docs import OPENAPI_JSON, SWAGGER_PAGE, swagger_ui_files
@@ -89,6 +90,7 @@ class ProxyApp:
         metrics: Metrics,
         guard: Guard,
         access_log: AccessLog | None = None,
+        after_send: AfterSend | None = None,
     ) -> None:
         self.config = config
         self.guard = guard
@@ -97,6 +99,8 @@ class ProxyApp:
         self.router = router
         self.cache = cache
         self.clock = clock
+        #: Counting and logging wait until the answer is on its way.
+        self.after_send = after_send or AfterSend(clock)
         self.http_client = http_client
         #: Set while the process stops: answers close their connection.
         self.draining = False
@@ -186,7 +190,8 @@ class ProxyApp:
                 scope.release()
             if scope is not None and scope.ticket is not None:
                 self.guard.settle(scope.ticket, scope.tokens_used(abandoned))
-            self._count(request, route, scope, started, error_kind)
+            elapsed = self.clock.seconds() - started
+            self.after_send(self._count, request, route, scope, started, elapsed, error_kind)
 
     def _count(
         self,
@@ -194,6 +199,7 @@ class ProxyApp:
         route: str,
         scope: Scope | None,
         started: float,
+        elapsed: float,
         error_kind: str | None,
     ) -> None:
         status = request.code  # type: ignore[attr-defined]
@@ -201,7 +207,6 @@ class ProxyApp:
         # may send any string, and labels must stay bounded.
         model = scope.model_label if scope is not None and status < 400 else "-"
         backend = scope.backend_label if scope is not None else "-"
-        elapsed = self.clock.seconds() - started
         self.metrics.requests.labels(route, model, backend, str(status)).inc()
         self.metrics.duration.labels(route).observe(elapsed)
         if scope is not None and scope.backend_label != "-":

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from oproxy.after_send import call_after_send
 from oproxy.errors import OProxyError, ServerError, UpstreamError, render_stream_error
 
 log = Logger()
@@ -85,11 +86,9 @@ def _flush(clock: IReactorTime) -> defer.Deferred[None]:
     """
     Let the reactor send what was written before going on.
 
-    Twisted sends written data in the I/O phase of a reactor turn, after the
-    timed calls of that turn.  An upstream that delivers a whole answer in
-    one read (a cache replay, a fast server) would otherwise be translated
-    entirely before the first byte left.  Resuming two timed-call phases
-    later puts exactly one I/O phase (the send) in between; doing so after
+    An upstream that delivers a whole answer in one read (a cache replay, a
+    fast server) would otherwise be translated entirely before the first
+    byte left (see :mod:`oproxy.after_send`).  Waiting for the send after
     the first chunk and every :data:`FLUSH_EVERY` chunks keeps the time to
     first byte short and the stream flowing, for two timers per turn.
     """
@@ -99,7 +98,7 @@ def _flush(clock: IReactorTime) -> defer.Deferred[None]:
         if not sent.called:  # not cancelled by a client that went away
             sent.callback(None)
 
-    clock.callLater(0, clock.callLater, 0, resume)
+    call_after_send(clock, resume)
     return sent
 
 

@@ -25,6 +25,7 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from oproxy import __version__
+from oproxy.after_send import AfterSend
 from oproxy.app import ProxyApp
 from oproxy.backends.base import Backend
 from oproxy.backends.ollama import OllamaBackend
@@ -166,7 +167,11 @@ def build_response_cache(config: Config, reactor: Any) -> ResponseCache:
 
 
 def build_app(
-    config: Config, reactor: Any, pool: HTTPConnectionPool, access_log: AccessLog | None = None
+    config: Config,
+    reactor: Any,
+    pool: HTTPConnectionPool,
+    access_log: AccessLog | None = None,
+    after_send: AfterSend | None = None,
 ) -> ProxyApp:
     """Wire the app over the shared pool."""
     images_client = treq.client.HTTPClient(
@@ -182,6 +187,7 @@ def build_app(
         metrics=metrics,
         guard=build_guard(config, reactor, metrics),
         access_log=access_log,
+        after_send=after_send,
     )
 
 
@@ -210,8 +216,12 @@ def build_site(app: ProxyApp, request_lines: Callable[[str], None] = log_request
     site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
     site.displayTracebacks = False
     site.noisy = False
+
+    def after_the_answer(line: str) -> None:
+        app.after_send(request_lines, line)
+
     # With the JSON access log, an access line would say it twice.
-    site.request_lines = request_lines if app.access_log is None else None
+    site.request_lines = after_the_answer if app.access_log is None else None
     return site
 
 
@@ -232,7 +242,10 @@ def serve_here(
     """
     pool = connection_pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
-    app = build_app(config, reactor, pool, access_log)
+    after_send = AfterSend(reactor)
+    # Requests finished as the reactor stops are still counted and logged.
+    reactor.addSystemEventTrigger("after", "shutdown", after_send.run)
+    app = build_app(config, reactor, pool, access_log, after_send)
     site = build_site(app, request_lines)
     path, overrides, backend_url = options_config
     reloader = Reloader(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
@@ -72,6 +72,11 @@ class Proxy:
 
     def v1(self, path: str) -> str:
         return f"{self.url}/v1/{path.lstrip('/')}"
+
+    async def settled(self) -> None:
+        """Wait until the requests answered so far are counted and logged."""
+        while self.app.after_send.waiting:
+            await task.deferLater(reactor, 0, lambda: None)
 
 
 def proxy_config(

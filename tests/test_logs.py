@@ -92,6 +92,7 @@ async def test_one_json_line_per_request_without_secrets(
     )
     await post_json(proxy.client, chat, {"model": "missing", "messages": []}, headers)
     await post_json(proxy.client, chat, {"model": "llama3.2", "messages": []})
+    await proxy.settled()
     first, streamed, missing, anonymous = lines(path)
     assert first["request_id"] == "trace-1"
     assert first["key"] == "alice"
@@ -164,6 +165,7 @@ async def test_bodies_are_logged_only_when_asked_redacted_and_capped(
         await post_json(
             proxy.client, proxy.v1("chat/completions"), {**body, "stream": True, "user": "s"}
         )
+        await proxy.settled()
     (plain, plain_stream) = lines(quiet_path)
     assert "request_body" not in plain and "request_body" not in plain_stream
     assert "visible prompt" not in quiet_path.read_text()
@@ -202,6 +204,8 @@ async def test_without_the_json_log_each_request_is_one_line_in_the_daemon_log(
         await post_json(plain.client, plain.v1("chat/completions"), body)
         with_json: Proxy = proxy_factory(access_log=AccessLogConfig(path=str(tmp_path / "a.log")))
         await post_json(with_json.client, with_json.v1("chat/completions"), body)
+        await plain.settled()
+        await with_json.settled()
     finally:
         globalLogPublisher.removeObserver(events.append)
     access = [formatEvent(e) for e in events if e.get("log_namespace") == "oproxy.access"]

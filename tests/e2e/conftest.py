@@ -28,6 +28,20 @@ def free_port() -> int:
         return port
 
 
+def wait_for(condition: object, seconds: float = 15.0) -> None:
+    """
+    Poll ``condition`` until it is true.
+
+    A daemon's log lines and metrics are written after its answers leave (a
+    worker's log even goes through the master), so a test that has its
+    answer waits for them.
+    """
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.05)
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

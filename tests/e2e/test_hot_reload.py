@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Daemon, free_port, start_twistd
+from tests.e2e.conftest import Daemon, free_port, start_twistd, wait_for
 
 KEY = "sk-hot-reload"
 RELOADED = "Configuration reloaded from "
@@ -50,13 +50,6 @@ def log_text(daemon: Daemon) -> str:
         return daemon.log.read_text()
     except FileNotFoundError:
         return ""
-
-
-def wait_for(condition: object, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.05)
 
 
 def workers_saying(text: str, log: str) -> list[int]:
@@ -145,7 +138,7 @@ def test_a_changed_file_reloads_every_worker(pool: Pool) -> None:
     before = len(log)
     assert burst(url) == [401] * 24, "a worker still serves without keys"
     assert burst(url, key=KEY) == [200] * 24
-    assert served_by(pool.log()[before:]) == {0, 1}
+    wait_for(lambda: served_by(pool.log()[before:]) == {0, 1})
 
 
 def test_a_bad_file_keeps_the_last_good_configuration(pool: Pool) -> None:
@@ -163,7 +156,7 @@ def test_a_bad_file_keeps_the_last_good_configuration(pool: Pool) -> None:
     before = len(pool.log())
     assert set(burst(url, content=big)) == {413}, "the last good limit still holds"
     assert burst(url) == [200] * 24
-    assert served_by(pool.log()[before:]) == {0, 1}
+    wait_for(lambda: served_by(pool.log()[before:]) == {0, 1})
     assert pool.daemon.process.poll() is None
     # Fixed: live again.
     pool.write("limits: {max_body_bytes: 1MiB}")

@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from tests import redisserver
-from tests.e2e.conftest import Daemon, free_port, start_twistd
-from tests.e2e.test_workers import chat, log_text, wait_for
+from tests.e2e.conftest import Daemon, free_port, start_twistd, wait_for
+from tests.e2e.test_workers import chat, log_text
 
 redis_server = redisserver.redis_server
 

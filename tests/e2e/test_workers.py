@@ -18,7 +18,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Daemon, free_port, start_twistd
+from tests.e2e.conftest import Daemon, free_port, start_twistd, wait_for
 
 # twistd exits by re-raising the signal that stopped it, as init systems expect.
 STOPPED_CLEANLY = (0, -signal.SIGTERM)
@@ -37,13 +37,6 @@ def children(pid: int) -> set[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.add(int(entry.name))
     return found
-
-
-def wait_for(condition: object, seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.05)
 
 
 def chat(url: str, headers: dict[str, str] | None = None) -> int:
@@ -153,18 +146,7 @@ def test_requests_spread_over_workers(slow_pool: tuple[Daemon, Path]) -> None:
     for thread in threads:
         thread.join()
     assert results == [200] * 16
-    log = log_text(daemon)
-    served = {
-        index
-        for index in (0, 1)
-        if f"worker {index}: " in log
-        and "POST /v1/chat" in log
-        and any(
-            line.count(f"worker {index}: ") and "POST /v1/chat/completions" in line
-            for line in log.splitlines()
-        )
-    }
-    assert served == {0, 1}
+    wait_for(lambda: served_by(log_text(daemon)) == {0, 1})
 
 
 def test_killed_worker_loses_no_queued_connection_and_comes_back(
@@ -279,8 +261,10 @@ def test_metrics_add_up_over_workers(pool: tuple[Daemon, Path]) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert served_by(log_text(daemon)) == {0, 1}
-    # Each scrape is answered by whichever worker accepts it; all must agree.
+    wait_for(lambda: served_by(log_text(daemon)) == {0, 1})
+    # Counted just after each answer left; then every scrape, answered by
+    # whichever worker accepts it, must agree.
+    wait_for(lambda: scrape_requests(daemon.url) == 20.0)
     assert [scrape_requests(daemon.url) for _ in range(6)] == [20.0] * 6
     victim = min(children(daemon.process.pid))
     os.kill(victim, signal.SIGKILL)
