@@ -160,7 +160,7 @@ class ProxyApp:
                 body=body,
                 started=started,
             )
-            return await handler(scope)
+            return _sized(request, await handler(scope))
         except OProxyError as e:
             error_kind = e.code or e.error_type
             if e.status in REJECTION_STATUSES:
@@ -168,7 +168,7 @@ class ProxyApp:
             if isinstance(e, UPSTREAM_FAILURES):
                 backend = scope.backend_label if scope is not None else "-"
                 self.metrics.upstream_errors.labels(backend, e.code or "error").inc()
-            return render(request, e)
+            return _sized(request, render(request, e))
         except defer.CancelledError:
             abandoned = True
             raise
@@ -183,7 +183,7 @@ class ProxyApp:
                 backend=scope.backend_label if scope is not None else None,
             )
             error_kind = "server_error"
-            return render(request, ServerError())
+            return _sized(request, render(request, ServerError()))
         finally:
             self.metrics.in_flight.dec()
             if scope is not None:
@@ -460,6 +460,20 @@ class ProxyApp:
 def client_address(request: IRequest) -> str:
     """The peer's IP address (``unix`` for a Unix socket peer)."""
     return getattr(request.getClientAddress(), "host", None) or "unix"
+
+
+def _sized(request: IRequest, answer: bytes | None) -> bytes | None:
+    """
+    A whole answer goes out with its ``Content-Length``, as OpenAI's do.
+
+    Without it Twisted would send it in chunked encoding: more bytes, a
+    second write for the last chunk, and more parsing for every client.
+    A stream (``None``: written already, or still being written) keeps the
+    chunked encoding.
+    """
+    if answer is not None:
+        request.setHeader(b"content-length", b"%d" % len(answer))
+    return answer
 
 
 def _request_id(request: IRequest) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest_twisted
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from tests.conftest import Proxy
 from tests.httputil import header, post_json, sse_events
@@ -55,6 +56,20 @@ async def test_non_streaming_answer_is_valid_openai(proxy: Proxy) -> None:
     usage = body["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_whole_answers_have_a_length_and_streams_are_chunked(proxy: Proxy) -> None:
+    url = proxy.v1("chat/completions")
+    messages = [{"role": "user", "content": "hi"}]
+    whole, body = await post_json(proxy.client, url, {"model": "llama3.2", "messages": messages})
+    assert whole.code == 200 and whole.length == len(body)
+    error, error_body = await post_json(proxy.client, url, {"model": "nope", "messages": messages})
+    assert error.code == 404 and error.length == len(error_body)
+    stream, _ = await post_json(
+        proxy.client, url, {"model": "llama3.2", "messages": messages, "stream": True}
+    )
+    assert stream.code == 200 and stream.length is UNKNOWN_LENGTH
 
 
 @pytest_twisted.ensureDeferred
