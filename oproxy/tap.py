@@ -40,7 +40,7 @@ from oproxy.reload import Reloader
 from oproxy.reporting import start_reporting, stop_reporting
 from oproxy.routing.router import Router, RoutingState
 from oproxy.security.guard import Guard
-from oproxy.serving import ServingService, SignalService
+from oproxy.serving import ServingService, SignalService, freeze_startup_heap
 from oproxy.site import ProxySite
 from oproxy.state.opening import open_store
 from oproxy.upstream import ReusedEndpoints, Upstream
@@ -266,6 +266,7 @@ def serve_here(
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))
+    reactor.callWhenRunning(freeze_startup_heap)
     return top
 
 
