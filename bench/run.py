@@ -674,7 +674,9 @@ def start_proxy(
     cache: bool | None,
 ) -> Proxy:
     """
-    ``twistd -n --pidfile= --logfile=LOG oproxy --config FILE``.
+    ``twistd -n --pidfile= --logfile=- oproxy --config FILE``, its standard
+    output appended to a file: the way the systemd unit runs it (there, into
+    the journal), a line per request included.
 
     ``cache`` None leaves the cache section out (the daemon's default).
     """
@@ -691,19 +693,18 @@ def start_proxy(
         lines.append(f"cache: {{enabled: {'true' if cache else 'false'}}}")
     config_path.write_text("\n".join(lines) + "\n")
     log_path = workdir / f"oproxy-{name}.log"
-    out_path = workdir / f"oproxy-{name}.out"
     argv = [
         twistd_path(),
         "-n",
         "--pidfile=",
-        f"--logfile={log_path}",
+        "--logfile=-",
         "oproxy",
         "--config",
         str(config_path),
     ]
-    process = procs.start(argv, log_path=out_path, cwd=workdir)
+    process = procs.start(argv, log_path=log_path, cwd=workdir)
     try:
-        wait_for_port(port, process, out_path, 30)
+        wait_for_port(port, process, log_path, 30)
     except BenchError as e:
         procs.stop(process)
         raise BenchError(f"{e}\n  daemon log:\n{tail(log_path)}") from None
@@ -1174,6 +1175,7 @@ class Settings:
     nginx_workers: int
     wait_quiet: float
     pin: bool = True
+    scaling_rounds: int = 3
 
 
 @dataclass
@@ -1182,6 +1184,7 @@ class Results:
     settings: dict[str, Any]
     cells: list[Cell] = field(default_factory=list)
     memory: dict[str, Any] | None = None
+    scaling: dict[str, Any] | None = None
     criteria: list[dict[str, Any]] = field(default_factory=list)
 
     def cell(self, scenario: str, target: str) -> Cell | None:
@@ -1312,6 +1315,75 @@ def measure_target(
         and not stream_cell.error
     ):
         measure_paced_ttfb(procs, workdir, upstream, settings, stream_cell)
+
+
+def measure_scaling(
+    procs: Processes, workdir: Path, upstream: Upstream, settings: Settings
+) -> dict[str, Any]:
+    """
+    Requests/s of one worker and of two, measured in alternation.
+
+    The table's rows for 1 and 2 workers are measured minutes apart, and the
+    load of a shared host drifts in minutes: their ratio can move by a tenth
+    from one run to the next.  Here both daemons run side by side (the one
+    not under load is idle) and wrk alternates between them, ``rounds``
+    times each; the ratio is taken between the medians.
+    """
+    path, body = request_for("chat", "w1")
+    proxies: dict[str, Proxy] = {}
+    rps: dict[str, list[float]] = {"w1": [], "w2": []}
+    try:
+        for target, workers in (("w1", 1), ("w2", 2)):
+            proxies[target] = start_proxy(
+                procs,
+                workdir,
+                f"{target}-scaling",
+                upstream.plain_port,
+                workers=workers,
+                cache=False,
+            )
+            wait_until_serving(proxies[target].port, "chat", target)
+        time.sleep(1.0)  # worker processes appear
+        for target, proxy in proxies.items():
+            run_wrk(
+                procs,
+                workdir,
+                proxy.port,
+                path,
+                body,
+                threads=settings.threads,
+                connections=settings.connections,
+                seconds=settings.warmup,
+                label=f"scaling warm-up ({target})",
+            )
+        for round_ in range(1, settings.scaling_rounds + 1):
+            for target, proxy in proxies.items():
+                wait_for_quiet(settings.wait_quiet)
+                result = run_wrk(
+                    procs,
+                    workdir,
+                    proxy.port,
+                    path,
+                    body,
+                    threads=settings.threads,
+                    connections=settings.connections,
+                    seconds=settings.duration,
+                    label=f"scaling round {round_} ({target})",
+                )
+                rps[target].append(result["rps"])
+                log(f"scaling round {round_}: {TARGET_TITLES[target]} {result['rps']:,.0f} req/s")
+    finally:
+        for proxy in proxies.values():
+            procs.stop(proxy.process)
+    w1, w2 = statistics.median(rps["w1"]), statistics.median(rps["w2"])
+    return {
+        "rounds": settings.scaling_rounds,
+        "w1_rps": rps["w1"],
+        "w2_rps": rps["w2"],
+        "w1_median": w1,
+        "w2_median": w2,
+        "ratio": w2 / w1 if w1 else None,
+    }
 
 
 def measure_paced_ttfb(
@@ -1616,10 +1688,19 @@ def judge(results: Results) -> None:
         "req/s",
         (("chat", "w1"),),
     )
-    rps2 = _get(results.cell("chat", "w2"), "high", "rps")
-    scale = rps2 / rps1 if rps1 and rps2 else None
+    scaling = results.scaling
+    if scaling and "error" not in scaling:
+        scale = scaling["ratio"]
+        scale_name = (
+            "chat non-streaming: req/s, 2 workers / 1 worker "
+            f"(medians of {scaling['rounds']} alternating runs)"
+        )
+    else:
+        rps2 = _get(results.cell("chat", "w2"), "high", "rps")
+        scale = rps2 / rps1 if rps1 and rps2 else None
+        scale_name = "chat non-streaming: req/s, 2 workers / 1 worker"
     add(
-        "chat non-streaming: req/s, 2 workers / 1 worker",
+        scale_name,
         scale,
         f">= {TARGET_SCALING_2W:g}x",
         scale is not None and scale >= TARGET_SCALING_2W,
@@ -1813,6 +1894,19 @@ def render(results: Results) -> str:
             f"high load.  Other work on this machine during the measurements: "
             f"{mean:.2f} cores on average, at worst {worst:.2f} "
             f"({SCENARIO_TITLES[worst_cell.scenario]} / {TARGET_TITLES[worst_cell.target]})."
+        )
+        out.append("")
+
+    scaling = results.scaling
+    if scaling and "error" not in scaling:
+        runs = ", ".join(
+            f"{a:,.0f} / {b:,.0f}"
+            for a, b in zip(scaling["w1_rps"], scaling["w2_rps"], strict=True)
+        )
+        out.append(
+            f"Scaling: chat non-streaming req/s of 1 worker / 2 workers in {scaling['rounds']} "
+            f"alternating runs: {runs}; medians {scaling['w1_median']:,.0f} / "
+            f"{scaling['w2_median']:,.0f}, ratio {scaling['ratio']:.2f}x."
         )
         out.append("")
 
@@ -2025,6 +2119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not pin processes to CPUs for the latency measurements (see README)",
     )
     parser.add_argument(
+        "--scaling-rounds",
+        type=int,
+        default=3,
+        help="alternating 1-worker / 2-worker runs for the scaling ratio (default 3; 0: "
+        "use the table's rows)",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
@@ -2105,6 +2206,7 @@ def main(argv: list[str] | None = None) -> int:
         nginx_workers=args.nginx_workers,
         wait_quiet=args.wait_quiet,
         pin=not args.no_pin,
+        scaling_rounds=args.scaling_rounds,
     )
     # Explicitly, since a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
@@ -2137,6 +2239,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"paced stream upstream on :{upstream.paced_port}")
         for target in settings.targets:
             measure_target(procs, workdir, upstream, settings, results, target)
+        if (
+            settings.scaling_rounds > 0
+            and {"w1", "w2"} <= set(settings.targets)
+            and "chat" in settings.scenarios
+        ):
+            try:
+                results.scaling = measure_scaling(procs, workdir, upstream, settings)
+            except BenchError as e:
+                log(f"error (scaling): {e}")
+                results.scaling = {"error": str(e)}
         if settings.memory:
             try:
                 results.memory = measure_memory(procs, workdir, upstream, settings)
@@ -2165,6 +2277,7 @@ def main(argv: list[str] | None = None) -> int:
                 "settings": results.settings,
                 "cells": [asdict(c) for c in results.cells],
                 "memory": results.memory,
+                "scaling": results.scaling,
                 "criteria": results.criteria,
             }
             Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

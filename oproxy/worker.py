@@ -13,11 +13,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
 import sys
+import time
 from typing import Any
 
 from twisted.internet import task
-from twisted.logger import ILogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, eventAsText, formatTime, globalLogBeginner
 from twisted.python.threadable import isInIOThread
 from zope.interface import provider
 
@@ -33,12 +35,14 @@ PARENT_CHECK_INTERVAL = 1.0
 
 class BatchedLines:
     """
-    Log lines for the master, written with one ``write`` per reactor turn.
+    Log lines written with as few ``write`` calls as a reactor turn allows.
 
     Under load a worker logs a line per request; a write (and so a wake-up
-    of the master) per line costs the machine more than relaying the request
-    did.  Lines gathered while the reactor runs callbacks are written when it
-    next turns, and whatever is left when the process exits.
+    of whoever reads) per line costs the machine more than relaying the
+    request did.  Lines gathered while the reactor runs callbacks are
+    written when it next turns, and whatever is left when the process exits.
+    No write is larger than ``PIPE_BUF`` and each ends a line, so lines that
+    other processes write to the same pipe, socket or file never split ours.
     """
 
     def __init__(self, reactor: Any, fd: int) -> None:
@@ -56,26 +60,64 @@ class BatchedLines:
         self._pending.append(line.encode("utf-8", "replace") + b"\n")
 
     def flush(self) -> None:
-        data, self._pending = b"".join(self._pending), []
+        pending, self._pending = self._pending, []
+        chunk: list[bytes] = []
+        size = 0
+        for line in pending:
+            if chunk and size + len(line) > select.PIPE_BUF:
+                self._write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write(b"".join(chunk))
+
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
 
 
-def _log_to_stdout(reactor: Any) -> BatchedLines:
+class _Stamped:
     """
-    Plain lines on stdout, which the master relays into its own log.
+    Lines as the master would have logged them, for writing them ourselves.
+
+    ``twistd`` writes ``<time> [<namespace>#<level>] <text>``; relayed lines
+    read ``<time> [oproxy.workers#info] worker N: <line>``, and so do these.
+    The time is formatted once a second, not once a line.
+    """
+
+    def __init__(self, out: BatchedLines, index: int) -> None:
+        self._out = out
+        self._prefix = f" [oproxy.workers#info] worker {index}: "
+        self._second = -1
+        self._stamp = ""
+
+    def add(self, line: str) -> None:
+        now = time.time()
+        if int(now) != self._second:
+            self._second, self._stamp = int(now), formatTime(now)
+        self._out.add(self._stamp + self._prefix + line)
+
+
+def _start_logging(reactor: Any, index: int, log_fd: int | None) -> tuple[BatchedLines, Any]:
+    """
+    Send this process's log lines to the master (on standard output), or,
+    given ``log_fd``, write them there in the master's format.
+
+    :return: the batch to flush at exit, and where access lines go.
     """
     sys.stdout.flush()
-    out = BatchedLines(reactor, sys.stdout.fileno())
+    out = BatchedLines(reactor, sys.stdout.fileno() if log_fd is None else log_fd)
+    sink: BatchedLines | _Stamped = out if log_fd is None else _Stamped(out, index)
 
     @provider(ILogObserver)
     def observer(event: dict[str, Any]) -> None:
-        out.add(eventAsText(event, includeTimestamp=False, includeSystem=True))
+        sink.add(eventAsText(event, includeTimestamp=False, includeSystem=True))
 
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    return out
+    return out, sink.add
 
 
 def _watch_parent(reactor: Any) -> task.LoopingCall:
@@ -96,7 +138,7 @@ def main() -> None:
     from twisted.internet import reactor
 
     spec = json.loads(os.environ["OPROXY_WORKER"])
-    out = _log_to_stdout(reactor)
+    out, request_lines = _start_logging(reactor, spec["index"], spec.get("log_fd"))
     atexit.register(out.flush)
     config = load_configuration(spec["config"], spec["listen"], spec["backend"])
     report_errors(reactor, config)
@@ -109,19 +151,18 @@ def main() -> None:
         ],
         rotate_access_log=False,  # the master rotates
         watch_config=False,  # the master watches the file and signals us
-        request_lines=out.add,  # no log event per request: the master logs the line
+        request_lines=request_lines,  # no log event per request
     )
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     _watch_parent(reactor)
-    reactor.callWhenRunning(_announce_ready, spec["index"], out)
+    reactor.callWhenRunning(_announce_ready)
     reactor.run()
 
 
-def _announce_ready(index: int, out: BatchedLines) -> None:
-    """Tell the master (and the log) that this worker serves and takes signals."""
-    log.info("Worker {index} serving (pid {pid})", index=index, pid=os.getpid())
-    out.add(READY.decode("ascii"))
+def _announce_ready() -> None:
+    """Tell the master that this worker serves and takes signals; it logs so."""
+    os.write(sys.stdout.fileno(), READY + b"\n")
 
 
 if __name__ == "__main__":

@@ -49,12 +49,16 @@ class WorkerSpec:
     What a worker needs to build the same service as the master would.
 
     :ivar listeners: ``(fd in the child, endpoint description)`` pairs.
+    :ivar log_fd: when the master logs plain lines to its standard output,
+        the child's descriptor for that same output, on which the worker
+        writes its own lines; ``None``: the master relays them.
     """
 
     config_path: str | None
     listen: tuple[str, ...]
     backend_url: str | None
     listeners: tuple[tuple[int, str], ...]
+    log_fd: int | None = None
 
     def to_environment(self, index: int) -> str:
         return json.dumps(
@@ -64,6 +68,7 @@ class WorkerSpec:
                 "listen": list(self.listen),
                 "backend": self.backend_url,
                 "listeners": [list(pair) for pair in self.listeners],
+                "log_fd": self.log_fd,
             }
         )
 
@@ -87,6 +92,8 @@ class _WorkerProtocol(ProcessProtocol):
         for line in lines:
             if line == READY:
                 self.ready = True
+                pid = self.transport.pid if self.transport is not None else None
+                log.info("Worker {index} serving (pid {pid})", index=self.index, pid=pid)
             elif line.strip():
                 log.info(
                     "worker {index}: {line}",
@@ -142,6 +149,10 @@ class WorkerPool(service.Service):
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         for (target, _), listener in zip(self._spec.listeners, self._listeners, strict=True):
             child_fds[target] = listener.fileno_for(index)
+        if self._spec.log_fd is not None:
+            # Descriptor 1 itself: twistd has put a logging file-like object
+            # in sys.stdout, which has no descriptor.
+            child_fds[self._spec.log_fd] = 1
         environment = {**os.environ, **self._environment}
         environment["OPROXY_WORKER"] = self._spec.to_environment(index)
         process = self._reactor.spawnProcess(

@@ -4,14 +4,19 @@ A worker's log lines reach the master in batches, whole and in order.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet import task
+from twisted.scripts._twistd_unix import ServerOptions
 
+from oproxy.tap import logs_plainly_to_stdout
 from oproxy.worker import BatchedLines
 
 
@@ -87,3 +92,44 @@ def test_lines_from_other_threads_join_the_reactor_s_batch(pipe: tuple[int, int]
     clock.run_thread_calls()
     clock.advance(0)
     assert drain(read) == [b"from the reactor\nfrom a thread\n"]
+
+
+def test_no_write_is_larger_than_pipe_buf_and_each_ends_a_line() -> None:
+    # A packet socket keeps each write apart, so the test sees every one.
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    clock = ThreadedClock()
+    out = BatchedLines(clock, writer.fileno())
+    lines = [f"{n:04d} " + "x" * 995 for n in range(10)]  # 1,001 bytes each, with the newline
+    for line in lines:
+        out.add(line)
+    clock.advance(0)
+    reader.setblocking(False)
+    writes = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            writes.append(reader.recv(1 << 20))
+    reader.close()
+    writer.close()
+    assert [len(w) for w in writes] == [4004, 4004, 2002]
+    assert all(w.endswith(b"\n") and len(w) <= select.PIPE_BUF for w in writes)
+    assert b"".join(writes).decode().splitlines() == lines
+
+
+@pytest.mark.parametrize(
+    ("twistd_args", "plain_stdout"),
+    [
+        (["--nodaemon", "--logfile=-"], True),  # the systemd unit
+        (["--nodaemon"], True),  # a terminal
+        (["--nodaemon", "--logfile=oproxy.log"], False),  # twistd rotates this file
+        (["--logfile=-", "--nodaemon", "--syslog"], False),
+        (["--nodaemon", "--logger=oproxy.logs.json_observer"], False),  # JSON, not lines
+    ],
+)
+def test_workers_write_their_own_lines_only_where_twistd_writes_plain_ones(
+    twistd_args: list[str], plain_stdout: bool
+) -> None:
+    options = ServerOptions()
+    options.parseOptions(
+        [*twistd_args, "--pidfile=", "oproxy", "--listen", "tcp:0:interface=127.0.0.1"]
+    )
+    assert logs_plainly_to_stdout(options.subOptions) is plain_stdout

@@ -79,17 +79,32 @@ class Daemon:
 
 
 def start_twistd(
-    args: list[str], port: int, workdir: Path, name: str, env: dict[str, str] | None = None
+    args: list[str],
+    port: int,
+    workdir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    *,
+    log_to_stdout: bool = False,
 ) -> Daemon:
+    """
+    ``twistd -n`` logging to ``name.log``: through ``--logfile``, or with
+    ``log_to_stdout`` as the systemd unit runs it (``--logfile=-``, standard
+    output appended to the file).
+    """
     log = workdir / f"{name}.log"
-    command = [TWISTD, "-n", "--pidfile=", f"--logfile={log}", *args]
-    process = subprocess.Popen(
-        command,
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
+    environment = {**os.environ, **(env or {})}
+    if log_to_stdout:
+        command = [TWISTD, "-n", "--pidfile=", "--logfile=-", *args]
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=environment
+            )
+    else:
+        command = [TWISTD, "-n", "--pidfile=", f"--logfile={log}", *args]
+        process = subprocess.Popen(
+            command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment
+        )
     wait_for_port(port, process)
     return Daemon(process=process, port=port, log=log)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -309,3 +310,50 @@ def test_access_log_rotates_under_load_without_losing_a_line(
         assert len({r["request_id"] for r in records}) == len(sent)
     finally:
         daemon.stop()
+
+
+#: How twistd starts each line it logs.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] ")
+
+
+def test_workers_write_their_own_lines_when_the_daemon_logs_to_stdout(
+    workdir: Path, fake_ollama_process: Daemon
+) -> None:
+    port = free_port()
+    config = workdir / f"stdout-{port}.yaml"
+    write_config(config, port, fake_ollama_process)
+    daemon = start_twistd(
+        ["oproxy", "--config", str(config)], port, workdir, f"stdout-{port}", log_to_stdout=True
+    )
+    try:
+        wait_for(lambda: log_text(daemon).count(" serving (pid ") == 2)
+        workers = children(daemon.process.pid)
+        log_fd = 4  # after the one inherited listening socket
+        for pid in workers:
+            assert os.readlink(f"/proc/{pid}/fd/{log_fd}") == str(daemon.log), (
+                "the worker writes to the daemon's output itself"
+            )
+        sent: list[int] = []
+
+        def load() -> None:
+            for _ in range(20):
+                sent.append(chat(daemon.url))
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sent == [200] * 120
+        access = "POST /v1/chat/completions"
+        wait_for(lambda: log_text(daemon).count(access) == 120)
+        assert served_by(log_text(daemon)) == {0, 1}
+        os.kill(daemon.process.pid, signal.SIGHUP)  # the master still knows its workers
+        wait_for(lambda: log_text(daemon).count("Configuration reloaded") == 2)
+    finally:
+        daemon.stop()
+    assert daemon.process.wait(30) in STOPPED_CLEANLY
+    lines = log_text(daemon).splitlines()
+    assert all(LOG_LINE.match(line) for line in lines), "every line whole, none split"
+    assert sum(access in line for line in lines) == 120
+    assert sum("worker 0: " in line and "Main loop terminated" in line for line in lines) == 1
