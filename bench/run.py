@@ -1344,8 +1344,9 @@ def measure_scaling(
             )
             wait_until_serving(proxies[target].port, "chat", target)
         time.sleep(1.0)  # worker processes appear
-        for target, proxy in proxies.items():
-            run_wrk(
+
+        def load(proxy: Proxy, seconds: float, label: str) -> float:
+            result = run_wrk(
                 procs,
                 workdir,
                 proxy.port,
@@ -1353,25 +1354,18 @@ def measure_scaling(
                 body,
                 threads=settings.threads,
                 connections=settings.connections,
-                seconds=settings.warmup,
-                label=f"scaling warm-up ({target})",
+                seconds=seconds,
+                label=label,
             )
+            return float(result["rps"])
+
+        for target, proxy in proxies.items():
+            load(proxy, settings.warmup, f"scaling warm-up ({target})")
         for round_ in range(1, settings.scaling_rounds + 1):
             for target, proxy in proxies.items():
                 wait_for_quiet(settings.wait_quiet)
-                result = run_wrk(
-                    procs,
-                    workdir,
-                    proxy.port,
-                    path,
-                    body,
-                    threads=settings.threads,
-                    connections=settings.connections,
-                    seconds=settings.duration,
-                    label=f"scaling round {round_} ({target})",
-                )
-                rps[target].append(result["rps"])
-                log(f"scaling round {round_}: {TARGET_TITLES[target]} {result['rps']:,.0f} req/s")
+                rps[target].append(load(proxy, settings.duration, f"scaling round {round_}"))
+                log(f"scaling round {round_}: {TARGET_TITLES[target]} {rps[target][-1]:,.0f} req/s")
     finally:
         for proxy in proxies.values():
             procs.stop(proxy.process)

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -51,6 +51,15 @@ def chat(url: str, headers: dict[str, str] | None = None) -> int:
             return int(response.status)
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def in_threads(work: Callable[[], object], count: int = 6) -> None:
+    """Run ``work`` in ``count`` threads at once; return when all are done."""
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def accepts_connections(port: int) -> bool:
@@ -141,11 +150,7 @@ def slow_pool(workdir: Path, slow_fake: Daemon) -> Iterator[tuple[Daemon, Path]]
 def test_requests_spread_over_workers(slow_pool: tuple[Daemon, Path]) -> None:
     daemon, _ = slow_pool
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(chat(daemon.url))) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(lambda: results.append(chat(daemon.url)), 16)
     assert results == [200] * 16
     wait_for(lambda: served_by(log_text(daemon)) == {0, 1})
 
@@ -257,11 +262,7 @@ def scrape_requests(url: str) -> float:
 
 def test_metrics_add_up_over_workers(pool: tuple[Daemon, Path]) -> None:
     daemon, _ = pool
-    threads = [threading.Thread(target=chat, args=(daemon.url,)) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(lambda: chat(daemon.url), 20)
     wait_for(lambda: served_by(log_text(daemon)) == {0, 1})
     # Counted just after each answer left; then every scrape, answered by
     # whichever worker accepts it, must agree.
@@ -295,11 +296,7 @@ def test_access_log_rotates_under_load_without_losing_a_line(
             while time.monotonic() < deadline:
                 sent.append(chat(daemon.url))
 
-        threads = [threading.Thread(target=load) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        in_threads(load)
         assert set(sent) == {200}
         time.sleep(1.5)  # let every writer notice the last rotation
         files = sorted(workdir.glob(f"access-{port}.log*"))
@@ -339,11 +336,7 @@ def test_workers_write_their_own_lines_when_the_daemon_logs_to_stdout(
             for _ in range(20):
                 sent.append(chat(daemon.url))
 
-        threads = [threading.Thread(target=load) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        in_threads(load)
         assert sent == [200] * 120
         access = "POST /v1/chat/completions"
         wait_for(lambda: log_text(daemon).count(access) == 120)
