@@ -62,14 +62,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
+T = TypeVar("T")
 LUA_DIR = BENCH_DIR / "wrk"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -1175,7 +1176,7 @@ class Settings:
     nginx_workers: int
     wait_quiet: float
     pin: bool = True
-    scaling_rounds: int = 3
+    rounds: int = 3
 
 
 @dataclass
@@ -1185,6 +1186,7 @@ class Results:
     cells: list[Cell] = field(default_factory=list)
     memory: dict[str, Any] | None = None
     scaling: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
     criteria: list[dict[str, Any]] = field(default_factory=list)
 
     def cell(self, scenario: str, target: str) -> Cell | None:
@@ -1317,6 +1319,104 @@ def measure_target(
         measure_paced_ttfb(procs, workdir, upstream, settings, stream_cell)
 
 
+def alternate(rounds: int, sides: dict[str, Callable[[], T]]) -> dict[str, list[T]]:
+    """
+    Measure every side once per round, in turn, ``rounds`` times.
+
+    Two rows of the table are measured minutes apart, and the load of a
+    shared host drifts in minutes: a difference or a ratio between them moves
+    from one run to the next.  Alternating puts both sides under the same
+    drift; the targets compare medians.
+    """
+    values: dict[str, list[T]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, measure in sides.items():
+            values[name].append(measure())
+    return values
+
+
+def measure_latency_rounds(
+    procs: Processes, workdir: Path, upstream: Upstream, settings: Settings
+) -> dict[str, Any]:
+    """
+    Added latency of one worker, from alternating runs against the direct
+    baseline: at moderate load (chat, embeddings) and, behind the paced
+    upstream, time to first byte.
+    """
+    found: dict[str, Any] = {"rounds": settings.rounds}
+    for scenario in ("chat", "embed", "stream"):
+        paced = scenario == "stream"
+        if scenario not in settings.scenarios or (
+            paced and (not upstream.paced_port or settings.ttfb_requests <= 0)
+        ):
+            continue
+        values = _latency_rounds(procs, workdir, upstream, settings, scenario)
+        found["ttfb_paced" if paced else scenario] = {
+            measure: {
+                "direct": [v[measure] for v in values["direct"]],
+                "w1": [v[measure] for v in values["w1"]],
+                "added_ms": statistics.median(v[measure] for v in values["w1"])
+                - statistics.median(v[measure] for v in values["direct"]),
+            }
+            for measure in values["w1"][0]
+        }
+    return found
+
+
+def _latency_rounds(
+    procs: Processes, workdir: Path, upstream: Upstream, settings: Settings, scenario: str
+) -> dict[str, list[dict[str, float]]]:
+    """One scenario's alternating rounds: moderate-load p50/p99, or paced TTFB."""
+    paced = scenario == "stream"
+    upstream_port = upstream.paced_port if paced else upstream.plain_port
+    assert upstream_port is not None
+    proxy = start_proxy(
+        procs, workdir, f"w1-{scenario}-rounds", upstream_port, workers=1, cache=False
+    )
+    ports = {"direct": upstream_port, "w1": proxy.port}
+    pids = {"direct": None, "w1": proxy.process.pid}
+
+    def side(target: str) -> Callable[[], dict[str, float]]:
+        def measure() -> dict[str, float]:
+            wait_for_quiet(settings.wait_quiet)
+            request = request_for(scenario, target)
+            label = f"{SCENARIO_TITLES[scenario]} / {TARGET_TITLES[target]}, round"
+            if paced:
+                ttfb = measure_ttfb(ports[target], *request, settings.ttfb_requests, warmup=20)
+                log(f"{label}: TTFB median {ttfb['ttfb_median_ms']:.3f} ms")
+                return {"ttfb": float(ttfb["ttfb_median_ms"])}
+            result = moderate_run(
+                procs,
+                workdir,
+                settings,
+                ports[target],
+                request,
+                pids[target],
+                upstream,
+                pin=settings.pin,
+                label=label,
+            )
+            return {"p50": float(result["p50_ms"]), "p99": float(result["p99_ms"])}
+
+        return measure
+
+    try:
+        wait_until_serving(proxy.port, scenario, "w1")
+        run_wrk(
+            procs,
+            workdir,
+            proxy.port,
+            *request_for(scenario, "w1"),
+            threads=settings.threads,
+            connections=settings.connections,
+            seconds=settings.warmup,
+            label=f"warm-up, {scenario} rounds",
+        )
+        return alternate(settings.rounds, {t: side(t) for t in ("direct", "w1")})
+    finally:
+        procs.stop(proxy.process)
+
+
 def measure_scaling(
     procs: Processes, workdir: Path, upstream: Upstream, settings: Settings
 ) -> dict[str, Any]:
@@ -1327,11 +1427,10 @@ def measure_scaling(
     load of a shared host drifts in minutes: their ratio can move by a tenth
     from one run to the next.  Here both daemons run side by side (the one
     not under load is idle) and wrk alternates between them, ``rounds``
-    times each; the ratio is taken between the medians.
+    times each (:func:`alternate`); the ratio is taken between the medians.
     """
     path, body = request_for("chat", "w1")
     proxies: dict[str, Proxy] = {}
-    rps: dict[str, list[float]] = {"w1": [], "w2": []}
     try:
         for target, workers in (("w1", 1), ("w2", 2)):
             proxies[target] = start_proxy(
@@ -1361,17 +1460,23 @@ def measure_scaling(
 
         for target, proxy in proxies.items():
             load(proxy, settings.warmup, f"scaling warm-up ({target})")
-        for round_ in range(1, settings.scaling_rounds + 1):
-            for target, proxy in proxies.items():
+
+        def side(target: str) -> Callable[[], float]:
+            def measure() -> float:
                 wait_for_quiet(settings.wait_quiet)
-                rps[target].append(load(proxy, settings.duration, f"scaling round {round_}"))
-                log(f"scaling round {round_}: {TARGET_TITLES[target]} {rps[target][-1]:,.0f} req/s")
+                found = load(proxies[target], settings.duration, f"scaling ({target})")
+                log(f"scaling: {TARGET_TITLES[target]} {found:,.0f} req/s")
+                return found
+
+            return measure
+
+        rps = alternate(settings.rounds, {t: side(t) for t in proxies})
     finally:
         for proxy in proxies.values():
             procs.stop(proxy.process)
     w1, w2 = statistics.median(rps["w1"]), statistics.median(rps["w2"])
     return {
-        "rounds": settings.scaling_rounds,
+        "rounds": settings.rounds,
         "w1_rps": rps["w1"],
         "w2_rps": rps["w2"],
         "w1_median": w1,
@@ -1437,6 +1542,50 @@ def wait_for_quiet(limit: float, threshold_pct: float = 10.0) -> None:
 def moderate_delay_ms(settings: Settings) -> float:
     """The pause per connection that offers about ``low_rps`` requests/s in total."""
     return settings.low_connections / settings.low_rps * 1000.0
+
+
+def moderate_run(
+    procs: Processes,
+    workdir: Path,
+    settings: Settings,
+    port: int,
+    request: tuple[str, dict[str, Any]],
+    server_pid: int | None,
+    upstream: Upstream,
+    *,
+    pin: bool,
+    label: str,
+) -> dict[str, Any]:
+    """
+    One moderate-load wrk run: its latency percentiles and CPU use.
+
+    Latency under load is measured with the server and the load on separate
+    cores (not for two workers, which need both: ``pin`` false).  Sequential
+    TTFB runs one request at a time, so it has no load to separate.
+    """
+    path, body = request
+    with (
+        pinned(server_pid, [upstream.process.pid], pin),
+        CpuMeter([server_pid or upstream.process.pid], [upstream.process.pid]) as meter,
+    ):
+        result = run_wrk(
+            procs,
+            workdir,
+            port,
+            path,
+            body,
+            threads=settings.low_threads,
+            connections=settings.low_connections,
+            seconds=settings.duration,
+            label=label,
+            delay_ms=moderate_delay_ms(settings),
+        )
+    result["cpu"] = meter.result
+    log(
+        f"  {result['rps']:.0f} req/s, p50 {result['p50_ms']:.3f} ms, "
+        f"p99 {result['p99_ms']:.3f} ms; other work {meter.result['foreign_cores']:.2f} cores"
+    )
+    return result
 
 
 def measure_cell(
@@ -1512,33 +1661,18 @@ def measure_cell(
         f"-c{settings.low_connections} -d{settings.duration:.0f}s, "
         f"{delay_ms:.1f} ms pause per connection"
     )
-    # Latency under load is measured with the server and the load on
-    # separate cores (not for two workers, which need both).  Sequential
-    # TTFB runs one request at a time, so it has no load to separate.
     direct = server_pid == upstream.process.pid
-    with pinned(
+    cell.low = moderate_run(
+        procs,
+        workdir,
+        settings,
+        port,
+        (path, body),
         None if direct else server_pid,
-        [upstream.process.pid],
-        settings.pin and target != "w2",
-    ):
-        with CpuMeter([server_pid], [upstream.process.pid]) as meter:
-            cell.low = run_wrk(
-                procs,
-                workdir,
-                port,
-                path,
-                body,
-                threads=settings.low_threads,
-                connections=settings.low_connections,
-                seconds=settings.duration,
-                label=f"moderate {title}",
-                delay_ms=delay_ms,
-            )
-        cell.low["cpu"] = meter.result
-        log(
-            f"  {cell.low['rps']:.0f} req/s, p50 {cell.low['p50_ms']:.3f} ms, "
-            f"p99 {cell.low['p99_ms']:.3f} ms; other work {meter.result['foreign_cores']:.2f} cores"
-        )
+        upstream,
+        pin=settings.pin and target != "w2",
+        label=f"moderate {title}",
+    )
     if scenario in ("chat", "stream") and settings.ttfb_requests > 0:
         cell.ttfb = measure_ttfb(
             port, path, body, settings.ttfb_requests, warmup=min(20, settings.ttfb_requests)
@@ -1660,13 +1794,23 @@ def judge(results: Results) -> None:
             }
         )
 
+    latency = results.latency if results.latency and "error" not in results.latency else {}
+    alternating = f" (medians of {latency.get('rounds')} alternating runs)" if latency else ""
+
+    def added_in_rounds(key: str, measure: str) -> float | None:
+        found = latency.get(key, {}).get(measure)
+        return float(found["added_ms"]) if found else None
+
     for scenario in ("chat", "embed"):
         direct, w1 = results.cell(scenario, "direct"), results.cell(scenario, "w1")
         for pct, limit in (("p50", TARGET_ADDED_P50_MS), ("p99", TARGET_ADDED_P99_MS)):
             d, p = _get(direct, "low", f"{pct}_ms"), _get(w1, "low", f"{pct}_ms")
             added = p - d if d is not None and p is not None else None
+            if scenario in latency:
+                added = added_in_rounds(scenario, pct)
             add(
-                f"{SCENARIO_TITLES[scenario]}: added {pct} at moderate load (1 worker)",
+                f"{SCENARIO_TITLES[scenario]}: added {pct} at moderate load (1 worker)"
+                + (alternating if scenario in latency else ""),
                 added,
                 f"<= {limit:g} ms",
                 added is not None and added <= limit,
@@ -1708,8 +1852,11 @@ def judge(results: Results) -> None:
         d = _get(results.cell("stream", "direct"), part, "ttfb_median_ms")
         p = _get(results.cell("stream", "w1"), part, "ttfb_median_ms")
         added = p - d if d is not None and p is not None else None
+        in_rounds = part == "ttfb_paced" and "ttfb_paced" in latency
+        if in_rounds:
+            added = added_in_rounds("ttfb_paced", "ttfb")
         add(
-            f"chat streaming: added TTFB, {how} (1 worker)",
+            f"chat streaming: added TTFB, {how} (1 worker)" + (alternating if in_rounds else ""),
             added,
             f"<= {TARGET_TTFB_ADDED_MS:g} ms",
             added is not None and added <= TARGET_TTFB_ADDED_MS,
@@ -1902,6 +2049,24 @@ def render(results: Results) -> str:
             f"alternating runs: {runs}; medians {scaling['w1_median']:,.0f} / "
             f"{scaling['w2_median']:,.0f}, ratio {scaling['ratio']:.2f}x."
         )
+        out.append("")
+
+    latency = results.latency
+    if latency and "error" not in latency:
+        for key, title in (
+            ("chat", "chat non-streaming, moderate load"),
+            ("embed", "embeddings, moderate load"),
+            ("ttfb_paced", "chat streaming, TTFB behind the paced upstream"),
+        ):
+            for measure, found in latency.get(key, {}).items():
+                pairs = ", ".join(
+                    f"{d:.3f} / {w:.3f}" for d, w in zip(found["direct"], found["w1"], strict=True)
+                )
+                out.append(
+                    f"Alternating: {title}, {measure} of direct / 1 worker in "
+                    f"{latency['rounds']} rounds: {pairs} ms; added (medians) "
+                    f"{found['added_ms']:+.3f} ms."
+                )
         out.append("")
 
     lines = []
@@ -2113,11 +2278,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not pin processes to CPUs for the latency measurements (see README)",
     )
     parser.add_argument(
-        "--scaling-rounds",
+        "--rounds",
         type=int,
         default=3,
-        help="alternating 1-worker / 2-worker runs for the scaling ratio (default 3; 0: "
-        "use the table's rows)",
+        help="alternating runs of the two sides of each target that compares two rows "
+        "(1 worker against direct, 2 workers against 1; default 3; 0: use the table's rows)",
     )
     parser.add_argument(
         "--wait-quiet",
@@ -2200,7 +2365,7 @@ def main(argv: list[str] | None = None) -> int:
         nginx_workers=args.nginx_workers,
         wait_quiet=args.wait_quiet,
         pin=not args.no_pin,
-        scaling_rounds=args.scaling_rounds,
+        rounds=args.rounds,
     )
     # Explicitly, since a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
@@ -2234,7 +2399,7 @@ def main(argv: list[str] | None = None) -> int:
         for target in settings.targets:
             measure_target(procs, workdir, upstream, settings, results, target)
         if (
-            settings.scaling_rounds > 0
+            settings.rounds > 0
             and {"w1", "w2"} <= set(settings.targets)
             and "chat" in settings.scenarios
         ):
@@ -2243,6 +2408,12 @@ def main(argv: list[str] | None = None) -> int:
             except BenchError as e:
                 log(f"error (scaling): {e}")
                 results.scaling = {"error": str(e)}
+        if settings.rounds > 0 and "w1" in settings.targets:
+            try:
+                results.latency = measure_latency_rounds(procs, workdir, upstream, settings)
+            except BenchError as e:
+                log(f"error (latency rounds): {e}")
+                results.latency = {"error": str(e)}
         if settings.memory:
             try:
                 results.memory = measure_memory(procs, workdir, upstream, settings)
@@ -2272,6 +2443,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cells": [asdict(c) for c in results.cells],
                 "memory": results.memory,
                 "scaling": results.scaling,
+                "latency": results.latency,
                 "criteria": results.criteria,
             }
             Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
