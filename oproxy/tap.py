@@ -33,6 +33,7 @@ from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
 from oproxy.health import ProbeService
+from oproxy.http11 import IdleConnections, LeanAgent
 from oproxy.listeners import bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import MULTIPROCESS_ENV, Metrics, metrics_for_this_process
@@ -121,11 +122,26 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def connection_pool(reactor: Any) -> HTTPConnectionPool:
+class ConnectionPool(HTTPConnectionPool):
+    """
+    Twisted's pool for ``Agent`` (HTTPS backends, images), and the idle
+    connections of the lean client that calls plain-HTTP backends.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self.lean = IdleConnections(limit_per_origin=64)
+
+    def closeCachedConnections(self) -> Any:
+        self.lean.close()
+        return super().closeCachedConnections()  # type: ignore[no-untyped-call]
+
+
+def connection_pool(reactor: Any) -> ConnectionPool:
     """
     The one set of persistent upstream connections the whole process shares.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = ConnectionPool(reactor)
     pool.maxPersistentPerHost = 64
     pool.retryAutomatically = False
     pool._factory = _QuietClientFactory  # type: ignore[attr-defined]
@@ -133,7 +149,7 @@ def connection_pool(reactor: Any) -> HTTPConnectionPool:
 
 
 def build_router(
-    config: Config, reactor: Any, pool: HTTPConnectionPool, state: RoutingState | None = None
+    config: Config, reactor: Any, pool: ConnectionPool, state: RoutingState | None = None
 ) -> Router:
     """
     One upstream client per backend, over the shared pool.
@@ -145,7 +161,9 @@ def build_router(
     backends: list[Backend] = []
     for backend_config in config.backends:
         endpoints = ReusedEndpoints(reactor, backend_config.timeouts.connect)
-        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        agent = LeanAgent(
+            endpoints, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool.lean
+        )
         if backend_config.type == "openai":
             backends.append(
                 OpenAIBackend(backend_config, agent, clock, api_key=backend_config.api_key)
@@ -169,7 +187,7 @@ def build_response_cache(config: Config, reactor: Any) -> ResponseCache:
 def build_app(
     config: Config,
     reactor: Any,
-    pool: HTTPConnectionPool,
+    pool: ConnectionPool,
     access_log: AccessLog | None = None,
     after_send: AfterSend | None = None,
 ) -> ProxyApp:

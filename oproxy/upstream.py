@@ -302,10 +302,12 @@ class Upstream:
     """
     One backend's HTTP client: a persistent connection pool and its timeouts.
 
-    The hot path speaks to Twisted's ``Agent`` directly with URLs prepared
-    once: treq's per-request stack (cookie, redirect and decoding agents, URL
+    The hot path speaks to an ``IAgent`` directly with URLs prepared once:
+    treq's per-request stack (cookie, redirect and decoding agents, URL
     parsing with IDNA) cost a third of a proxied request's CPU time and
-    offers nothing an API call to a model server needs.
+    offers nothing an API call to a model server needs.  The agent is
+    :class:`oproxy.http11.LeanAgent` for ``http://`` backends, Twisted's
+    ``Agent`` for ``https://`` ones.
     """
 
     def __init__(
