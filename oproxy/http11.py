@@ -94,7 +94,7 @@ class _BodyTransport:
 class _Connection(Protocol):
     """One kept-alive connection, one request at a time."""
 
-    def __init__(self, idle: _IdleConnections) -> None:
+    def __init__(self, idle: _OriginConnections) -> None:
         self._idle = idle
         self._buffer = bytearray()
         self._answer: defer.Deferred[LeanResponse] | None = None
@@ -198,7 +198,6 @@ class _Connection(Protocol):
         lengths = headers.getRawHeaders(b"content-length")
         length: int | object = UNKNOWN_LENGTH
         if self._method == b"HEAD" or code in _NO_BODY_STATUSES or 100 <= code < 200:
-            self._until_close = False
             self._remaining = 0
             length = 0
         elif encoding:
@@ -351,7 +350,7 @@ class _Connection(Protocol):
             body.connectionLost(Failure(ResponseFailed([reason])))
 
 
-class _IdleConnections:
+class _OriginConnections:
     """One origin's kept-alive connections with no request on them."""
 
     def __init__(self, limit: int) -> None:
@@ -389,12 +388,12 @@ class IdleConnections:
 
     def __init__(self, limit_per_origin: int = 64) -> None:
         self._limit = limit_per_origin
-        self._origins: dict[bytes, _IdleConnections] = {}
+        self._origins: dict[bytes, _OriginConnections] = {}
 
-    def of(self, origin: bytes) -> _IdleConnections:
+    def of(self, origin: bytes) -> _OriginConnections:
         idle = self._origins.get(origin)
         if idle is None:
-            idle = self._origins[origin] = _IdleConnections(self._limit)
+            idle = self._origins[origin] = _OriginConnections(self._limit)
         return idle
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ test gives it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from io import BytesIO
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
@@ -236,7 +237,11 @@ async def test_cancelling_before_the_answer_closes_the_connection(server: Any) -
 async def test_other_schemes_and_unheld_bodies_go_to_the_fallback(server: Any) -> None:
     with pytest.raises(RuntimeError):
         await server.agent.request(b"GET", b"https://example.com/v1/models")
-    assert server.fallback.asked == [b"https://example.com/v1/models"]
+    streamed = FileBodyProducer(BytesIO(b"{}"))  # a body not held in memory
+    with pytest.raises(RuntimeError):
+        await server.agent.request(b"POST", server.url + b"/api/chat", None, streamed)
+    assert server.fallback.asked == [b"https://example.com/v1/models", server.url + b"/api/chat"]
+    assert server.connections == 0
 
 
 async def _until(condition: Any) -> None:
