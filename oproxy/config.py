@@ -92,6 +92,16 @@ class ImagesConfig:
     max_bytes: int = 20 * MIB
     timeout: float = 15.0
     allow_private_networks: bool = False
+    #: Host names (``lan-cam.home``, ``*.images.lan``) and networks
+    #: (``192.168.1.0/24``) fetched from even though they are not public:
+    #: the narrow way to serve images from a LAN.
+    allow_hosts: tuple[str, ...] = ()
+    #: Images (inline or fetched) one request may carry; more is a 400.
+    max_per_request: int = 16
+    #: Fetches one request runs at a time.
+    fetch_concurrency: int = 4
+    #: Redirects followed per image, each hop checked like the first URL.
+    max_redirects: int = 3
 
 
 @dataclass(frozen=True)
@@ -123,14 +133,48 @@ class SentryConfig:
     release: str | None = None
 
 
+#: Where ``/metrics`` may be scraped from without a token, by default.
+LOOPBACK_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """
-    ``/metrics``: open to scrapers by default, or behind a bearer token
-    (kept, like API keys, only as its SHA-256 digest).
+    ``/metrics``: open to scrapers on ``allow_networks`` (loopback by
+    default); from anywhere else it needs the bearer token (kept, like API
+    keys, only as its SHA-256 digest) or an admin key, because it names
+    keys and their usage.
     """
 
     token_sha256: bytes | None = None
+    allow_networks: tuple[str, ...] = LOOPBACK_NETWORKS
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """
+    What one request and one connection may cost the server.
+
+    Each bounds a resource a single client could otherwise take from all
+    the others: memory (body), backend slots (prompts, ``n``), descriptors
+    (connections) and time (a request trickled in a byte at a time).
+    """
+
+    #: Larger request bodies get 413, at once when ``Content-Length`` says so.
+    max_body_bytes: int = 32 * MIB
+    #: Prompts in one ``/v1/completions`` list; more is a 400.
+    max_prompts: int = 64
+    #: Choices (``n``) one chat or completions request may ask for.
+    max_n: int = 8
+    #: Generations one request runs on the backends at a time.
+    generation_concurrency: int = 4
+    #: Seconds a client has to send a request's head (line and headers) in full.
+    head_timeout: float = 30.0
+    #: Seconds a client has to send a request's body in full, once its head is in.
+    body_timeout: float = 120.0
+    #: Open client connections per process, and per client address.
+    max_connections: int = 4096
+    max_connections_per_client: int = 256
 
 
 @dataclass(frozen=True)
@@ -198,7 +242,7 @@ class Config:
         BackendConfig(name="local", type="ollama", url=DEFAULT_OLLAMA_URL),
     )
     auth: AuthConfig = field(default_factory=AuthConfig)
-    max_body_bytes: int = 32 * MIB
+    limits: RequestLimits = field(default_factory=RequestLimits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -342,9 +386,75 @@ def _images(section: Section) -> ImagesConfig:
         allow_private_networks=section.get(
             "allow_private_networks", default.allow_private_networks, as_boolean
         ),
+        allow_hosts=section.get("allow_hosts", (), _host_patterns),
+        max_per_request=section.get("max_per_request", default.max_per_request, as_count),
+        fetch_concurrency=section.get("fetch_concurrency", default.fetch_concurrency, as_count),
+        max_redirects=section.get("max_redirects", default.max_redirects, _non_negative),
     )
     section.done()
     return images
+
+
+def _non_negative(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(key, f"must be a whole number, zero or more, not {value!r}")
+    return value
+
+
+_HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+
+
+def _host_patterns(value: Any, key: str) -> tuple[str, ...]:
+    """
+    Host names (``*.`` for any subdomain) and networks in CIDR notation.
+
+    Names are kept lower-case, networks in their canonical form, so the
+    check at fetch time compares like with like.
+    """
+    patterns = []
+    for index, item in enumerate(as_list(value, key)):
+        where = f"{key}[{index}]"
+        text = as_string(item, where).strip().lower()
+        try:
+            patterns.append(str(ipaddress.ip_network(text, strict=False)))
+            continue
+        except ValueError:
+            pass
+        if not _HOST_NAME.match(text) or len(text) > 253:
+            raise ConfigError(where, f"must be a host name or a network (CIDR), not {item!r}")
+        patterns.append(text)
+    return tuple(patterns)
+
+
+def _networks(value: Any, key: str) -> tuple[str, ...]:
+    networks = []
+    for index, item in enumerate(as_list(value, key)):
+        where = f"{key}[{index}]"
+        try:
+            networks.append(str(ipaddress.ip_network(as_string(item, where).strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(where, f"must be a network in CIDR notation, not {item!r}") from None
+    return tuple(networks)
+
+
+def _limits(section: Section) -> RequestLimits:
+    default = RequestLimits()
+    limits = RequestLimits(
+        max_body_bytes=section.get("max_body_bytes", default.max_body_bytes, as_byte_size),
+        max_prompts=section.get("max_prompts", default.max_prompts, as_count),
+        max_n=section.get("max_n", default.max_n, as_count),
+        generation_concurrency=section.get(
+            "generation_concurrency", default.generation_concurrency, as_count
+        ),
+        head_timeout=section.get("head_timeout", default.head_timeout, as_seconds),
+        body_timeout=section.get("body_timeout", default.body_timeout, as_seconds),
+        max_connections=section.get("max_connections", default.max_connections, as_count),
+        max_connections_per_client=section.get(
+            "max_connections_per_client", default.max_connections_per_client, as_count
+        ),
+    )
+    section.done()
+    return limits
 
 
 def _cache(section: Section) -> CacheConfig:
@@ -391,8 +501,11 @@ def _streaming(section: Section) -> StreamingConfig:
 
 def _metrics(section: Section) -> MetricsConfig:
     token = section.get("bearer_token", None, as_string)
+    networks = section.get("allow_networks", LOOPBACK_NETWORKS, _networks)
     section.done()
-    return MetricsConfig(token_sha256=hash_key(token) if token is not None else None)
+    return MetricsConfig(
+        token_sha256=hash_key(token) if token is not None else None, allow_networks=networks
+    )
 
 
 def _access_log(section: Section) -> AccessLogConfig | None:
@@ -465,9 +578,6 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
             timeouts=timeouts,
         ),
     )
-    limits = root.section("limits")
-    max_body = limits.get("max_body_bytes", Config.max_body_bytes, as_byte_size)
-    limits.done()
     backends = root.get("backends", default_backends, lambda v, k: _backends(v, k, timeouts))
     routing = parse_routing(
         root.section("routing"),
@@ -481,7 +591,7 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         routing=routing,
         auth=parse_auth(root.section("auth")),
         state=parse_state(root.section("state"), environ),
-        max_body_bytes=max_body,
+        limits=_limits(root.section("limits")),
         timeouts=timeouts,
         images=_images(root.section("images")),
         cache=_cache(root.section("cache")),

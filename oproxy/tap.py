@@ -231,7 +231,7 @@ def log_request_line(line: str) -> None:
 
 
 def build_site(app: ProxyApp, request_lines: Callable[[str], None] = log_request_line) -> ProxySite:
-    site = ProxySite(app.resource(), lambda: app.config.max_body_bytes)
+    site = ProxySite(app.resource(), lambda: app.config.limits.max_body_bytes)
     site.displayTracebacks = False
     site.noisy = False
 

@@ -33,7 +33,7 @@ def test_embedded_defaults() -> None:
     config = load_config(None, {})
     assert config.listen == (DEFAULT_LISTEN,)
     assert [b.url for b in config.backends] == ["http://127.0.0.1:11434"]
-    assert config.max_body_bytes == 32 * 1024 * 1024
+    assert config.limits.max_body_bytes == 32 * 1024 * 1024
     assert config.auth.keys == ()
 
 
@@ -95,6 +95,12 @@ def test_interpolation_in_keys() -> None:
         ("backends: [{url: 'http://x', colour: red}]", "backends[0].colour", "not a known"),
         ("limits: {max_body_bytes: -1}", "limits.max_body_bytes", "positive"),
         ("limits: {max_body_bytes: lots}", "limits.max_body_bytes", "size"),
+        ("limits: {max_n: 0}", "limits.max_n", "positive"),
+        ("limits: {head_timeout: 0}", "limits.head_timeout", "positive"),
+        ("limits: {max_prompt: 3}", "limits.max_prompt", "not a known"),
+        ("images: {allow_hosts: ['bad host']}", "images.allow_hosts[0]", "host name"),
+        ("images: {max_redirects: -1}", "images.max_redirects", "zero or more"),
+        ("metrics: {allow_networks: [10.0.0.0/33]}", "metrics.allow_networks[0]", "CIDR"),
         ("timeouts: {connect: 0}", "timeouts.connect", "positive"),
         ("timeouts: {connect: yes}", "timeouts.connect", "positive"),
         ("auth: {keys: [{name: a}]}", "auth.keys[0]", "exactly one"),
@@ -111,6 +117,28 @@ def test_bad_settings_name_their_key(text: str, key: str, words: str) -> None:
     assert words in str(raised.value)
 
 
+def test_request_limits_images_and_metrics_networks() -> None:
+    config = load_config(
+        """
+limits: {max_prompts: 10, max_n: 2, generation_concurrency: 3, head_timeout: 5,
+         body_timeout: 9, max_connections: 100, max_connections_per_client: 7}
+images: {allow_hosts: [Cams.Home, "*.lan", 192.168.1.7/24], max_per_request: 3,
+         fetch_concurrency: 2, max_redirects: 0}
+metrics: {allow_networks: [10.1.2.3/8]}
+""",
+        {},
+    )
+    limits = config.limits
+    assert (limits.max_prompts, limits.max_n, limits.generation_concurrency) == (10, 2, 3)
+    assert (limits.head_timeout, limits.body_timeout) == (5.0, 9.0)
+    assert (limits.max_connections, limits.max_connections_per_client) == (100, 7)
+    images = config.images
+    assert images.allow_hosts == ("cams.home", "*.lan", "192.168.1.0/24")
+    assert (images.max_per_request, images.fetch_concurrency, images.max_redirects) == (3, 2, 0)
+    assert config.metrics.allow_networks == ("10.0.0.0/8",)
+    assert load_config(None, {}).metrics.allow_networks == ("127.0.0.0/8", "::1/128")
+
+
 def test_bad_yaml_names_line() -> None:
     with pytest.raises(ConfigError) as raised:
         load_config("listen: [\n  'a'\n  b: c", {})
@@ -119,7 +147,7 @@ def test_bad_yaml_names_line() -> None:
 
 def test_sizes_accept_units() -> None:
     config = load_config("limits: {max_body_bytes: 2MiB}", {})
-    assert config.max_body_bytes == 2 * 1024 * 1024
+    assert config.limits.max_body_bytes == 2 * 1024 * 1024
 
 
 def test_key_sha256_form() -> None:

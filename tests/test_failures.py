@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from oproxy.config import BackendConfig, ImagesConfig, Timeouts
+from oproxy.config import BackendConfig, ImagesConfig, RequestLimits, Timeouts
 from oproxy.security.settings import APIKey, AuthConfig, hash_key
 from tests.conftest import Proxy, listen
 from tests.httputil import header, post_json, raw_post, sse_events
@@ -97,7 +97,7 @@ async def test_unknown_model_is_404_model_not_found(proxy: Proxy, route: str) ->
 
 @pytest_twisted.ensureDeferred
 async def test_body_too_large(proxy_factory: Any) -> None:
-    proxy = proxy_factory(max_body_bytes=1024)
+    proxy = proxy_factory(limits=RequestLimits(max_body_bytes=1024))
     big = {"model": "llama3.2", "messages": [{"role": "user", "content": "x" * 5000}]}
     response, raw = await post_json(proxy.client, proxy.v1("chat/completions"), big)
     assert response.code == 413
@@ -109,7 +109,7 @@ async def test_body_too_large(proxy_factory: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_default_body_cap_is_32_mib(proxy: Proxy) -> None:
-    assert proxy.app.config.max_body_bytes == 32 * 1024 * 1024
+    assert proxy.app.config.limits.max_body_bytes == 32 * 1024 * 1024
 
 
 @pytest_twisted.ensureDeferred

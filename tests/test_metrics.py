@@ -14,7 +14,7 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task
 
-from oproxy.config import MetricsConfig, load_config
+from oproxy.config import MetricsConfig, RequestLimits, load_config
 from oproxy.health import ProbeService
 from oproxy.security.settings import APIKey, AuthConfig, hash_key
 from tests.conftest import Proxy
@@ -180,7 +180,7 @@ def test_metrics_token_config() -> None:
 @pytest_twisted.ensureDeferred
 async def test_rejections_by_reason(proxy_factory: Any) -> None:
     keys = AuthConfig(keys=(APIKey("a", hash_key("sk-a")),))
-    proxy = proxy_factory(auth=keys, max_body_bytes=64)
+    proxy = proxy_factory(auth=keys, limits=RequestLimits(max_body_bytes=64))
     chat = proxy.v1("chat/completions")
     await post_json(proxy.client, chat, {"model": "llama3.2", "messages": HELLO})
     await post_json(

@@ -252,7 +252,7 @@ def test_a_bad_file_is_reloaded_refused_and_named_in_the_log(
 
     write(path, backend + "limits: {max_body_bytes: 4KiB}\n")
     polls(clock, 2)
-    assert proxy.app.config.max_body_bytes == 4096
+    assert proxy.app.config.limits.max_body_bytes == 4096
     assert any(f"reloaded from {path}" in m for m in messages(events, LogLevel.info))
 
 
