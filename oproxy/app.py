@@ -323,7 +323,10 @@ class ProxyApp:
 
     @app.route("/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> defer.Deferred[bytes | None]:
-        """The full picture; it names models, so it needs a key when keys exist."""
+        """
+        The full picture; it names models, so it needs a key when keys exist,
+        and names only the models that key may use.
+        """
 
         async def handler(scope: Scope) -> bytes | None:
             found = await probe_all(scope.router.backends, self.clock, self.metrics)
@@ -332,6 +335,7 @@ class ProxyApp:
                 uptime_seconds=self.clock.seconds() - self.started,
                 workers=scope.config.workers or os.cpu_count() or 1,
                 state_store=await self.guard.check(),
+                shows_model=scope.may_use,
             )
             return scope.json(document, status=503 if document["status"] == "unavailable" else 200)
 
