@@ -389,3 +389,40 @@ async def test_admin_keys_manage_keys_over_http(guarded: Any) -> None:
         proxy.client, url, {"name": "x", "limits": {"rpm": 0}}, bearer("sk-root")
     )
     assert bad.code == 400
+
+
+# -- key names --------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_api_refuses_unreadable_key_names(guarded: Any) -> None:
+    proxy = guarded(key("root", "sk-root", admin=True))
+    url = f"{proxy.url}/admin/keys"
+    for name in ("x\ny", "n" * 100_000, "", "two words", None):
+        response, raw = await post_json(proxy.client, url, {"name": name}, bearer("sk-root"))
+        error = orjson.loads(raw)["error"]
+        assert response.code == 400, name
+        assert (error["type"], error["param"]) == ("invalid_request_error", "name")
+        assert "letters, digits" in error["message"]
+    assert await proxy.app.guard.store.list_keys() == []
+    response, _ = await post_json(proxy.client, url, {"name": "ci@build:1"}, bearer("sk-root"))
+    assert response.code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_made_before_names_were_checked_still_work(guarded: Any) -> None:
+    proxy = guarded(key("root", "sk-root", admin=True))
+    odd = "old\nkey\x1b[31m " + "x" * 200
+    issued, record = new_key("placeholder", KeyPolicy(), reactor.seconds())
+    await proxy.app.guard.store.add_key(replace(record, name=odd))
+    assert (await chat(proxy, issued.token))[0].code == 200
+    url = f"{proxy.url}/admin/keys"
+    listed = orjson.loads(
+        await treq.content(await proxy.client.get(url, headers=bearer("sk-root")))
+    )
+    assert [k["name"] for k in listed["data"]] == [odd]
+    shown = await proxy.client.get(f"{url}/{issued.key_id}", headers=bearer("sk-root"))
+    assert orjson.loads(await treq.content(shown))["name"] == odd
+    revoked = await proxy.client.delete(f"{url}/{issued.key_id}", headers=bearer("sk-root"))
+    assert orjson.loads(await treq.content(revoked))["status"] == "revoked"
+    assert (await chat(proxy, issued.token))[0].code == 401
