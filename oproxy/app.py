@@ -50,7 +50,7 @@ from oproxy.health import probe_all, report
 from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
 from oproxy.routing.router import Router
-from oproxy.security.guard import Guard, require_token
+from oproxy.security.guard import Guard, credential, require_token
 
 log = Logger()
 
@@ -143,9 +143,7 @@ class ProxyApp:
         self.metrics.in_flight.inc()
         try:
             caller = (
-                await self.guard.identify(
-                    config.auth, request.getHeader(b"authorization"), client_address(request)
-                )
+                await self.guard.identify(config.auth, credential(request), client_address(request))
                 if auth
                 else None
             )
@@ -347,7 +345,7 @@ class ProxyApp:
         token = self.config.metrics.token_sha256
         if token is not None:
             try:
-                require_token(token, request.getHeader(b"authorization"))
+                require_token(token, credential(request))
             except OProxyError as e:
                 return _error_response(request, e)
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))

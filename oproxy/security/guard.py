@@ -19,8 +19,9 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
-from oproxy.errors import PermissionDenied, StoreUnavailable, Unauthorized
+from oproxy.errors import InvalidRequest, PermissionDenied, StoreUnavailable, Unauthorized
 from oproxy.metrics import Metrics
 from oproxy.security.keys import hash_key, parse_token
 from oproxy.security.limits import (
@@ -49,6 +50,35 @@ BAD_KEY = "Incorrect API key provided."
 _NOWHERE = hash_key("")
 #: How often stored-key presence is re-read and parallel leases renewed.
 REFRESH_SECONDS = 5.0
+
+
+ONE_CREDENTIAL = (
+    "Only one credential header is allowed: send a single Authorization header "
+    "(and at most one x-api-key header)."
+)
+
+
+def credential(request: IRequest) -> bytes | None:
+    """
+    The request's ``Authorization`` header, refusing a request that sends it
+    (or ``x-api-key``) more than once.
+
+    With two, Twisted keeps the last while a front proxy may check the first;
+    a request that could mean two callers is refused rather than guessed at.
+    ``x-api-key`` is not read as a key (the OpenAI API has none), but a front
+    proxy may read it, so a second one is refused all the same.  A single
+    header whose value holds a comma is one header: it is simply not a key.
+
+    :raises InvalidRequest: a credential header appears more than once.
+    """
+    headers = request.requestHeaders
+    authorization = headers.getRawHeaders(b"authorization")
+    api_key = headers.getRawHeaders(b"x-api-key")
+    if (authorization is not None and len(authorization) > 1) or (
+        api_key is not None and len(api_key) > 1
+    ):
+        raise InvalidRequest(ONE_CREDENTIAL, code="multiple_credentials")
+    return authorization[0] if authorization else None
 
 
 def bearer_token(authorization: bytes | None) -> str | None:
