@@ -50,7 +50,8 @@ from oproxy.health import probe_all, report
 from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
 from oproxy.routing.router import Router
-from oproxy.security.guard import Guard, credential, require_token
+from oproxy.security.guard import Guard, credential
+from oproxy.security.scraping import check_scraper
 
 log = Logger()
 
@@ -340,16 +341,33 @@ class ProxyApp:
         return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False))
 
     @app.route("/metrics", methods=["GET"])
-    def scrape(self, request: IRequest) -> bytes:
-        """Prometheus metrics, over every worker process."""
-        token = self.config.metrics.token_sha256
-        if token is not None:
+    def scrape(self, request: IRequest) -> defer.Deferred[bytes]:
+        """
+        Prometheus metrics, over every worker process, for scrapers on the
+        configured networks and holders of the metrics token or an admin key.
+        """
+        config = self.config
+
+        async def answer() -> bytes:
             try:
-                require_token(token, credential(request))
+                await check_scraper(
+                    self.guard,
+                    config.auth,
+                    config.metrics,
+                    credential(request),
+                    client_address(request),
+                )
             except OProxyError as e:
                 return _error_response(request, e)
-        request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
-        return self.metrics.scrape()
+            except defer.CancelledError:
+                raise  # the scraper went away
+            except Exception:
+                log.failure("Unhandled error checking a /metrics scraper")
+                return _error_response(request, ServerError())
+            request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+            return self.metrics.scrape()
+
+        return defer.Deferred.fromCoroutine(answer())
 
     # -- API documentation --------------------------------------------------
 

@@ -91,19 +91,6 @@ def bearer_token(authorization: bytes | None) -> str | None:
     return token.strip()
 
 
-def require_token(digest: bytes, authorization: bytes | None) -> None:
-    """
-    Check a single shared token (the ``/metrics`` bearer token), in constant time.
-
-    :raises Unauthorized: the token is missing or wrong.
-    """
-    token = bearer_token(authorization)
-    if token is None:
-        raise Unauthorized(NO_KEY)
-    if not hmac.compare_digest(digest, hash_key(token)):
-        raise Unauthorized(BAD_KEY)
-
-
 @dataclass
 class Ticket:
     """An admitted request's charges, to be settled when it ends."""
@@ -166,6 +153,25 @@ class Guard:
             if keys_exist:
                 raise Unauthorized(BAD_KEY)
             return anonymous(address, auth)
+        return self._usable(caller, address)
+
+    async def key_holder(self, auth: AuthConfig, token: str, address: str) -> Caller:
+        """
+        The holder of the key ``token``, checked as :meth:`identify` checks
+        it, but never anonymous: for places that want a real key even while
+        none exists (``/metrics`` from beyond its networks).
+
+        :raises Unauthorized: ``token`` is no key, or a revoked or expired one.
+        :raises PermissionDenied: the key may not be used from this address.
+        :raises StoreUnavailable: a stored key cannot be checked.
+        """
+        caller = _listed(auth, token) or await self._stored(token, keys_exist=True)
+        if caller is None:
+            raise Unauthorized(BAD_KEY)
+        return self._usable(caller, address)
+
+    def _usable(self, caller: Caller, address: str) -> Caller:
+        """``caller``, unless its key has expired or may not be used from ``address``."""
         if caller.policy.expired(self.clock.seconds()):
             raise Unauthorized("This API key has expired.")
         if not caller.policy.allows_address(address):
