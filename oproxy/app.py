@@ -50,7 +50,8 @@ from oproxy.health import probe_all, report
 from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
 from oproxy.routing.router import Router
-from oproxy.security.guard import Guard, require_token
+from oproxy.security.guard import Guard, credential
+from oproxy.security.scraping import check_scraper
 
 log = Logger()
 
@@ -143,9 +144,7 @@ class ProxyApp:
         self.metrics.in_flight.inc()
         try:
             caller = (
-                await self.guard.identify(
-                    config.auth, request.getHeader(b"authorization"), client_address(request)
-                )
+                await self.guard.identify(config.auth, credential(request), client_address(request))
                 if auth
                 else None
             )
@@ -323,7 +322,10 @@ class ProxyApp:
 
     @app.route("/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> defer.Deferred[bytes | None]:
-        """The full picture; it names models, so it needs a key when keys exist."""
+        """
+        The full picture; it names models, so it needs a key when keys exist,
+        and names only the models that key may use.
+        """
 
         async def handler(scope: Scope) -> bytes | None:
             found = await probe_all(scope.router.backends, self.clock, self.metrics)
@@ -332,22 +334,40 @@ class ProxyApp:
                 uptime_seconds=self.clock.seconds() - self.started,
                 workers=scope.config.workers or os.cpu_count() or 1,
                 state_store=await self.guard.check(),
+                shows_model=scope.may_use,
             )
             return scope.json(document, status=503 if document["status"] == "unavailable" else 200)
 
         return defer.Deferred.fromCoroutine(self._serve(request, handler, json_body=False))
 
     @app.route("/metrics", methods=["GET"])
-    def scrape(self, request: IRequest) -> bytes:
-        """Prometheus metrics, over every worker process."""
-        token = self.config.metrics.token_sha256
-        if token is not None:
+    def scrape(self, request: IRequest) -> defer.Deferred[bytes]:
+        """
+        Prometheus metrics, over every worker process, for scrapers on the
+        configured networks and holders of the metrics token or an admin key.
+        """
+        config = self.config
+
+        async def answer() -> bytes:
             try:
-                require_token(token, request.getHeader(b"authorization"))
+                await check_scraper(
+                    self.guard,
+                    config.auth,
+                    config.metrics,
+                    credential(request),
+                    client_address(request),
+                )
             except OProxyError as e:
                 return _error_response(request, e)
-        request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
-        return self.metrics.scrape()
+            except defer.CancelledError:
+                raise  # the scraper went away
+            except Exception:
+                log.failure("Unhandled error checking a /metrics scraper")
+                return _error_response(request, ServerError())
+            request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+            return self.metrics.scrape()
+
+        return defer.Deferred.fromCoroutine(answer())
 
     # -- API documentation --------------------------------------------------
 

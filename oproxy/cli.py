@@ -32,7 +32,16 @@ from oproxy.security.policy import (
     parse_network,
     policy_from_json,
 )
-from oproxy.security.records import create_key, describe, revoke_key, rotate_key, status
+from oproxy.security.records import (
+    NAME_RULE,
+    check_key_name,
+    create_key,
+    describe,
+    revoke_key,
+    rotate_key,
+    shown_name,
+    status,
+)
 from oproxy.security.settings import default_state_path, parse_expiry
 from oproxy.state.base import IStateStore, KeyRecord, StateUnavailable
 from oproxy.state.opening import open_store
@@ -91,7 +100,9 @@ def parser() -> argparse.ArgumentParser:
     )
     actions = key_parser.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a key and print it (once)")
-    create.add_argument("name", help="a name for the key (shown in logs and metrics)")
+    create.add_argument(
+        "name", type=_key_name, help=f"a name for the key (shown in logs and metrics): {NAME_RULE}"
+    )
     _policy_options(create)
     listing = actions.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -103,6 +114,14 @@ def parser() -> argparse.ArgumentParser:
     rotate = actions.add_parser("rotate", help="give a key a new secret (the old one stops)")
     rotate.add_argument("key", help="the key's id or name")
     return top
+
+
+def _key_name(text: str) -> str:
+    """A new key's name, checked while parsing: a bad one exits with status 2."""
+    try:
+        return check_key_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{shown_name(text)}: {e}") from None
 
 
 def _policy_options(command: argparse.ArgumentParser) -> None:
@@ -194,14 +213,16 @@ async def keys_command(
         return await _show(record, arguments.json, store, now, out)
     if arguments.action == "revoke":
         await revoke_key(store, record, now)
-        print(f"key {record.key_id} ({record.name}) revoked", file=out)
+        print(f"key {record.key_id} ({shown_name(record.name)}) revoked", file=out)
         return 0
     try:
         issued, _ = await rotate_key(store, record)
     except ValueError as e:
         raise CommandError(str(e)) from None
     print(issued.token, file=out)
-    _note(f"key {record.key_id} ({record.name}) rotated; the old secret no longer works")
+    _note(
+        f"key {record.key_id} ({shown_name(record.name)}) rotated; the old secret no longer works"
+    )
     return 0
 
 
@@ -311,4 +332,5 @@ def _line(record: KeyRecord, now: float) -> str:
         extras.append("models=" + ",".join(policy.models))
     extras += [f"{name}={value}" for name, value in limits_to_json(policy.limits).items()]
     state = status(record, now)
-    return f"{record.key_id}  {record.name:<20} {state:<8} {' '.join(extras)}".rstrip()
+    name = shown_name(record.name)
+    return f"{record.key_id}  {name:<20} {state:<8} {' '.join(extras)}".rstrip()

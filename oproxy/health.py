@@ -8,7 +8,7 @@ completion, so a health check can never load a model or cost GPU time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,12 +111,18 @@ def report(
     uptime_seconds: float,
     workers: int,
     state_store: Mapping[str, Any],
+    shows_model: Callable[[str], bool],
 ) -> dict[str, Any]:
     """
     The ``/v1/health`` document: ``ok`` when every backend and the state
     store answer, ``degraded`` when some backend does not or the store is
     down but the proxy fails open, ``unavailable`` when no backend answers
     or the store is down and the proxy fails closed.
+
+    :param shows_model: whether the caller may see a model's name; the
+        names of loaded models are filtered by it, as ``/api/ps`` and
+        ``/v1/models`` filter theirs, so a key limited to some models does
+        not learn the others.
     """
     reachable = sum(1 for b in backends if b.reachable)
     status = "ok" if reachable == len(backends) else "degraded" if reachable else "unavailable"
@@ -127,9 +133,15 @@ def report(
         "version": __version__,
         "uptime_seconds": round(uptime_seconds, 3),
         "workers": workers,
-        "backends": [b.to_json() for b in backends],
+        "backends": [_shown(b.to_json(), shows_model) for b in backends],
         "state_store": dict(state_store),
     }
+
+
+def _shown(backend: dict[str, Any], shows_model: Callable[[str], bool]) -> dict[str, Any]:
+    """A backend's entry with only the loaded models the caller may see."""
+    backend["models_loaded"] = [m for m in backend["models_loaded"] if shows_model(m)]
+    return backend
 
 
 #: Seconds between background probes, which keep the backend gauges current

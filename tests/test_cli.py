@@ -5,8 +5,10 @@ The ``oproxy`` command line: ``check-config`` and ``keys``.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ import pytest_twisted
 
 from oproxy.cli import check_config, keys_command, parser
 from oproxy.security.keys import parse_token
+from oproxy.security.policy import KeyPolicy
+from oproxy.security.records import new_key
 from oproxy.security.settings import hash_key
 from oproxy.state.sqlite import SQLiteStore
 
@@ -109,3 +113,59 @@ def test_root_is_kept_off_the_daemons_state_directory(tmp_path: Path) -> None:
             check_owner(database, euid=0)
         os.chown(tmp_path, 0, -1)
     check_owner(str(tmp_path / "missing" / "state.db"), euid=0)  # nothing there yet
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x\ny", "n" * 100_000, "two words", "", "esc\x1b[2J"],
+    ids=["newline", "huge", "space", "empty", "escape"],
+)
+def test_keys_create_refuses_unreadable_names(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(["keys", "create", name])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "a key name must be 1 to 64 characters" in error
+    assert "\x1b" not in error and len(error) < 1000
+
+
+CLI = (sys.executable, "-c", "from oproxy.cli import main; main()")
+
+
+def test_keys_create_refuses_a_bad_name_before_touching_anything(tmp_path: Path) -> None:
+    config = tmp_path / "oproxy.yaml"
+    config.write_text(f"state: {{path: {tmp_path / 'state.db'}}}\n")
+    done = subprocess.run(
+        [*CLI, "keys", "--config", str(config), "create", "bad\nname"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "'bad\\nname': a key name must be" in done.stderr
+    assert not (tmp_path / "state.db").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_with_old_unchecked_names_still_list_show_and_revoke(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        odd = "old\nkey\x1b[31m" + "x" * 100
+        issued, record = new_key("placeholder", KeyPolicy(), 1_700_000_000.0)
+        await store.add_key(replace(record, name=odd))
+        status, listing = await run(store, "list")
+        assert status == 0 and issued.key_id in listing
+        assert listing.count("\n") == 1 and "\x1b" not in listing
+        assert "'old\\nkey\\x1b[31m" in listing
+        status, shown = await run(store, "show", issued.key_id)
+        assert status == 0 and "\x1b" not in shown
+        status, printed = await run(store, "revoke", issued.key_id)
+        assert status == 0 and "revoked" in printed and "\x1b" not in printed
+        assert (await store.get_key(issued.key_id)).revoked is not None  # type: ignore[union-attr]
+        status, listing = await run(store, "list", "--json")
+        assert json.loads(listing)["name"] == odd
+    finally:
+        await store.close()

@@ -389,3 +389,122 @@ async def test_admin_keys_manage_keys_over_http(guarded: Any) -> None:
         proxy.client, url, {"name": "x", "limits": {"rpm": 0}}, bearer("sk-root")
     )
     assert bad.code == 400
+
+
+# -- one credential per request -------------------------------------------------------
+
+
+async def send(proxy: Proxy, path: str, headers: dict[str, list[str]]) -> tuple[int, Any]:
+    """POST the chat request with headers that may repeat (a list of values each)."""
+    response = await proxy.client.post(
+        f"{proxy.url}{path}",
+        data=orjson.dumps(CHAT),
+        headers={"Content-Type": ["application/json"], **headers},
+    )
+    return response.code, orjson.loads(await treq.content(response))
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_authorization_headers_are_refused_in_either_order(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"))
+    for pair in (["Bearer sk-alice", "Bearer sk-wrong"], ["Bearer sk-wrong", "Bearer sk-alice"]):
+        code, body = await send(proxy, "/v1/chat/completions", {"Authorization": pair})
+        assert code == 400, pair
+        assert body["error"]["type"] == "invalid_request_error"
+        assert body["error"]["code"] == "multiple_credentials"
+        assert "Only one credential header" in body["error"]["message"]
+    # The same key twice is still two headers.
+    code, _ = await send(
+        proxy, "/v1/chat/completions", {"Authorization": ["Bearer sk-alice", "Bearer sk-alice"]}
+    )
+    assert code == 400
+    # One header holding two values is one header, and not a key.
+    code, body = await send(
+        proxy, "/v1/chat/completions", {"Authorization": ["Bearer sk-alice, Bearer sk-wrong"]}
+    )
+    assert (code, body["error"]["code"]) == (401, "invalid_api_key")
+    code, _ = await send(proxy, "/v1/chat/completions", {"Authorization": ["Bearer sk-alice"]})
+    assert code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_x_api_key_headers_are_refused(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"))
+    code, body = await send(
+        proxy,
+        "/v1/chat/completions",
+        {"Authorization": ["Bearer sk-alice"], "x-api-key": ["sk-alice", "sk-other"]},
+    )
+    assert (code, body["error"]["code"]) == (400, "multiple_credentials")
+    # One x-api-key beside the Authorization header is not read, and not refused.
+    code, _ = await send(
+        proxy,
+        "/v1/chat/completions",
+        {"Authorization": ["Bearer sk-alice"], "x-api-key": ["sk-whatever"]},
+    )
+    assert code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_native_routes_refuse_two_credentials_in_ollamas_shape(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"))
+    code, body = await send(
+        proxy, "/api/chat", {"Authorization": ["Bearer sk-wrong", "Bearer sk-alice"]}
+    )
+    assert code == 400
+    assert set(body) == {"error"} and "Only one credential header" in body["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_credentials_are_refused_before_any_key_lookup(proxy_factory: Any) -> None:
+    from tests.redisserver import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = proxy_factory(
+        auth=AuthConfig(require_keys=True),
+        state=StateConfig(backend="redis", url=dead, timeout=0.5),
+    )
+    token = "sk-oproxy-abcdefghijkl-" + "a" * 43
+    code, body = await send(proxy, "/v1/chat/completions", {"Authorization": [f"Bearer {token}"]})
+    assert (code, body["error"]["code"]) == (503, "state_store_unavailable")  # it was looked up
+    code, body = await send(
+        proxy, "/v1/chat/completions", {"Authorization": [f"Bearer {token}", f"Bearer {token}"]}
+    )
+    assert (code, body["error"]["code"]) == (400, "multiple_credentials")
+
+
+# -- key names --------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_api_refuses_unreadable_key_names(guarded: Any) -> None:
+    proxy = guarded(key("root", "sk-root", admin=True))
+    url = f"{proxy.url}/admin/keys"
+    for name in ("x\ny", "n" * 100_000, "", "two words", None):
+        response, raw = await post_json(proxy.client, url, {"name": name}, bearer("sk-root"))
+        error = orjson.loads(raw)["error"]
+        assert response.code == 400, name
+        assert (error["type"], error["param"]) == ("invalid_request_error", "name")
+        assert "letters, digits" in error["message"]
+    assert await proxy.app.guard.store.list_keys() == []
+    response, _ = await post_json(proxy.client, url, {"name": "ci@build:1"}, bearer("sk-root"))
+    assert response.code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_made_before_names_were_checked_still_work(guarded: Any) -> None:
+    proxy = guarded(key("root", "sk-root", admin=True))
+    odd = "old\nkey\x1b[31m " + "x" * 200
+    issued, record = new_key("placeholder", KeyPolicy(), reactor.seconds())
+    await proxy.app.guard.store.add_key(replace(record, name=odd))
+    assert (await chat(proxy, issued.token))[0].code == 200
+    url = f"{proxy.url}/admin/keys"
+    listed = orjson.loads(
+        await treq.content(await proxy.client.get(url, headers=bearer("sk-root")))
+    )
+    assert [k["name"] for k in listed["data"]] == [odd]
+    shown = await proxy.client.get(f"{url}/{issued.key_id}", headers=bearer("sk-root"))
+    assert orjson.loads(await treq.content(shown))["name"] == odd
+    revoked = await proxy.client.delete(f"{url}/{issued.key_id}", headers=bearer("sk-root"))
+    assert orjson.loads(await treq.content(revoked))["status"] == "revoked"
+    assert (await chat(proxy, issued.token))[0].code == 401

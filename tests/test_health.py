@@ -17,6 +17,7 @@ from twisted.web.server import Site
 from oproxy import __version__
 from oproxy.config import BackendConfig
 from oproxy.health import BackendHealth, probe
+from oproxy.security.policy import KeyPolicy
 from oproxy.security.settings import APIKey, AuthConfig, hash_key
 from tests.conftest import Proxy, listen
 from tests.httputil import post_json
@@ -82,6 +83,38 @@ async def test_health_details_need_a_key_when_keys_exist(proxy_factory: Any) -> 
     assert (await get(proxy, "/v1/health", {"Authorization": "Bearer sk-ops"}))[0] == 200
     assert (await get(proxy, "/healthz"))[0] == 200
     assert (await get(proxy, "/readyz"))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_names_only_the_models_a_key_may_use(proxy_factory: Any) -> None:
+    proxy = proxy_factory(
+        auth=AuthConfig(
+            keys=(
+                APIKey("ops", hash_key("sk-ops")),
+                APIKey("narrow", hash_key("sk-narrow"), KeyPolicy(models=("llama3*",))),
+            )
+        )
+    )
+    for model in ("llama3.2", "qwen3"):
+        response, _ = await post_json(
+            proxy.client,
+            proxy.v1("chat/completions"),
+            {"model": model, "messages": [{"role": "user", "content": "load it"}]},
+            {"Authorization": "Bearer sk-ops"},
+        )
+        assert response.code == 200
+    code, body = await get(proxy, "/v1/health", {"Authorization": "Bearer sk-ops"})
+    assert code == 200
+    assert sorted(body["backends"][0]["models_loaded"]) == ["llama3.2:latest", "qwen3:latest"]
+    code, body = await get(proxy, "/v1/health", {"Authorization": "Bearer sk-narrow"})
+    assert code == 200
+    assert body["backends"][0]["models_loaded"] == ["llama3.2:latest"]
+    # /api/ps, which the health document must not out-tell, says the same.
+    response = await proxy.client.get(
+        f"{proxy.url}/api/ps", headers={"Authorization": "Bearer sk-narrow"}
+    )
+    ps = orjson.loads(await treq.content(response))
+    assert [m["name"] for m in ps["models"]] == ["llama3.2:latest"]
 
 
 class SilentBackend:

@@ -20,6 +20,7 @@ from oproxy.security.policy import (
     policy_from_json,
     policy_to_json,
 )
+from oproxy.security.records import check_key_name, shown_name
 from oproxy.security.settings import default_state_path, hash_key
 
 
@@ -189,3 +190,58 @@ def test_listening_beyond_loopback_accepts_stored_keys_when_said() -> None:
     with pytest.raises(ConfigError, match="require_keys"):
         load_config("listen: tcp:8000", {})
     assert load_config("listen: tcp:8000\nauth: {require_keys: true}", {}).auth.require_keys
+
+
+# -- key names ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["ci", "alice", "bob@example.com", "team:ci-runner_2.x", "A1", "9" * 64]
+)
+def test_plain_key_names_are_accepted(name: str) -> None:
+    assert check_key_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x\ny",
+        "x" * 65,
+        pytest.param("x" * 100_000, id="x*100000"),
+        " ci",
+        "ci ",
+        "two words",
+        "tab\there",
+        "nul\x00",
+        "esc\x1b[31m",
+        "-rm",
+        ".hidden",
+        "caf\u00e9",
+        "zero\u200bwidth",
+        "slash/name",
+        None,
+        42,
+    ],
+)
+def test_other_key_names_are_refused(name: object) -> None:
+    with pytest.raises(ValueError, match="letters, digits"):
+        check_key_name(name)
+
+
+@given(st.text())
+def test_accepted_names_are_short_printable_ascii(name: str) -> None:
+    try:
+        check_key_name(name)
+    except ValueError:
+        return
+    assert 1 <= len(name) <= 64
+    assert name.isascii() and name.isprintable() and not any(c.isspace() for c in name)
+
+
+@given(st.text(max_size=200))
+def test_any_stored_name_is_shown_safely(name: str) -> None:
+    shown = shown_name(name)
+    assert shown.isprintable()
+    # At most 64 characters, each escaped to at most 10 (\U0010ffff), quoted, cut short.
+    assert len(shown) <= 64 * 10 + 5

@@ -9,16 +9,24 @@ import re
 from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 
 from oproxy.config import MetricsConfig, RequestLimits, load_config
+from oproxy.errors import Unauthorized
 from oproxy.health import ProbeService
-from oproxy.security.settings import APIKey, AuthConfig, hash_key
+from oproxy.security.policy import KeyPolicy
+from oproxy.security.records import new_key
+from oproxy.security.scraping import check_scraper, is_local
+from oproxy.security.settings import APIKey, AuthConfig, StateConfig, hash_key
+from oproxy.tap import build_site
 from tests.conftest import Proxy
-from tests.httputil import header, post_json
+from tests.httputil import RawClient, header, post_json
 
 HELLO = [{"role": "user", "content": "count me"}]
 
@@ -171,10 +179,146 @@ async def test_metrics_behind_a_bearer_token(proxy_factory: Any) -> None:
     assert b"oproxy_requests_in_flight" in await treq.content(response)
 
 
+async def get_metrics(proxy: Proxy, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+    response = await proxy.client.get(f"{proxy.url}/metrics", headers=headers)
+    return response.code, await treq.content(response)
+
+
+def refused(code: int, body: bytes, status: int, error_code: str) -> bool:
+    """An OpenAI error with this status and code, and not a metric in it."""
+    error = orjson.loads(body)["error"]
+    return (
+        code == status
+        and error["code"] == error_code
+        and error["type"] == "invalid_request_error"
+        and b"oproxy_" not in body
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_beyond_their_networks_need_the_token_or_an_admin_key(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    # The test client is on loopback: networks without loopback make it "elsewhere".
+    proxy = proxy_factory(
+        metrics=MetricsConfig(allow_networks=("10.0.0.0/8",)),
+        auth=AuthConfig(
+            keys=(
+                APIKey("user", hash_key("sk-user")),
+                APIKey("root", hash_key("sk-root"), KeyPolicy(admin=True)),
+            )
+        ),
+        state=StateConfig(path=str(tmp_path / "state.db")),
+    )
+    assert refused(*await get_metrics(proxy), 401, "invalid_api_key")
+    assert refused(*await get_metrics(proxy, "sk-wrong"), 401, "invalid_api_key")
+    assert refused(*await get_metrics(proxy, "sk-user"), 403, "admin_key_required")
+    code, body = await get_metrics(proxy, "sk-root")
+    assert code == 200 and b"oproxy_requests_in_flight" in body
+
+    # A stored admin key does too; a stored key that is not admin does not.
+    now = reactor.seconds()
+    admin, record = new_key("ops", KeyPolicy(admin=True), now)
+    await proxy.app.guard.store.add_key(record)
+    plain, record = new_key("ci", KeyPolicy(), now)
+    await proxy.app.guard.store.add_key(record)
+    assert (await get_metrics(proxy, admin.token))[0] == 200
+    assert refused(*await get_metrics(proxy, plain.token), 403, "admin_key_required")
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_beyond_their_networks_need_a_credential_even_without_keys(
+    proxy_factory: Any,
+) -> None:
+    proxy = proxy_factory(metrics=MetricsConfig(allow_networks=()))
+    assert refused(*await get_metrics(proxy), 401, "invalid_api_key")
+    # While no key exists the API ignores tokens; here a token must be one.
+    assert refused(*await get_metrics(proxy, "ollama"), 401, "invalid_api_key")
+    chat = await post_json(
+        proxy.client,
+        proxy.v1("chat/completions"),
+        {"model": "llama3.2", "messages": HELLO},
+        {"Authorization": "Bearer ollama"},
+    )
+    assert chat[0].code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_token_from_beyond_the_networks(proxy_factory: Any) -> None:
+    proxy = proxy_factory(
+        metrics=MetricsConfig(token_sha256=hash_key("scrape-me"), allow_networks=("10.0.0.0/8",))
+    )
+    assert refused(*await get_metrics(proxy), 401, "invalid_api_key")
+    assert refused(*await get_metrics(proxy, "scrape-me-not"), 401, "invalid_api_key")
+    code, body = await get_metrics(proxy, "scrape-me")
+    assert code == 200 and b"oproxy_requests_in_flight" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_on_loopback_are_open_by_default_even_with_keys(
+    proxy_factory: Any,
+) -> None:
+    proxy = proxy_factory(auth=AuthConfig(keys=(APIKey("user", hash_key("sk-user")),)))
+    code, body = await get_metrics(proxy)
+    assert code == 200 and b"oproxy_requests_in_flight" in body
+    # A scraper's stale token does not matter where none is needed.
+    assert (await get_metrics(proxy, "sk-stale"))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_scrapers_count_as_local(proxy_factory: Any, tmp_path: Path) -> None:
+    proxy = proxy_factory(metrics=MetricsConfig(allow_networks=()))
+    assert (await get_metrics(proxy))[0] == 401  # over TCP, no network is local
+    port = reactor.listenUNIX(str(tmp_path / "oproxy.sock"), build_site(proxy.app))
+    try:
+        client = RawClient()
+        await connectProtocol(UNIXClientEndpoint(reactor, str(tmp_path / "oproxy.sock")), client)
+        done: defer.Deferred[None] = defer.Deferred()
+        client.connectionLost = lambda reason: done.callback(None)  # type: ignore[method-assign]
+        client.transport.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await done
+        assert client.received.startswith(b"HTTP/1.1 200 ")
+        assert b"oproxy_requests_in_flight" in client.received
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_refuse_two_authorization_headers(proxy_factory: Any) -> None:
+    proxy = proxy_factory(metrics=MetricsConfig(token_sha256=hash_key("scrape-me")))
+    response = await proxy.client.get(
+        f"{proxy.url}/metrics",
+        headers={"Authorization": ["Bearer scrape-me", "Bearer other"]},
+    )
+    body = await treq.content(response)
+    assert refused(response.code, body, 400, "multiple_credentials")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_networks_are_loopback_only(proxy: Proxy) -> None:
+    guard, auth, default = proxy.app.guard, AuthConfig(), MetricsConfig()
+    for address in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1", "unix"):
+        await check_scraper(guard, auth, default, None, address)
+    for address in ("192.0.2.10", "10.1.2.3", "2001:db8::1", "::ffff:192.0.2.10"):
+        with pytest.raises(Unauthorized):
+            await check_scraper(guard, auth, default, None, address)
+
+
+def test_which_peers_are_local() -> None:
+    networks = ("10.0.0.0/8", "fd00::/8")
+    assert is_local("10.9.8.7", networks) and is_local("::ffff:10.9.8.7", networks)
+    assert is_local("fd12::1", networks) and is_local("unix", networks)
+    assert not is_local("127.0.0.1", networks) and not is_local("11.0.0.1", networks)
+    assert not is_local("not an address", networks)
+    assert is_local("unix", ()) and not is_local("127.0.0.1", ())
+
+
 def test_metrics_token_config() -> None:
     config = load_config("metrics: {bearer_token: '${TOKEN}'}", {"TOKEN": "t0k"})
     assert config.metrics.token_sha256 == hash_key("t0k")
     assert load_config(None, {}).metrics.token_sha256 is None
+    assert load_config(None, {}).metrics.allow_networks == ("127.0.0.0/8", "::1/128")
 
 
 @pytest_twisted.ensureDeferred

@@ -11,7 +11,13 @@ from oproxy.api.scope import Scope
 from oproxy.errors import InvalidRequest, NotFound, PermissionDenied
 from oproxy.security.keys import looks_like_key_id
 from oproxy.security.policy import PolicyError, policy_from_json
-from oproxy.security.records import create_key, describe, revoke_key, rotate_key
+from oproxy.security.records import (
+    check_key_name,
+    create_key,
+    describe,
+    revoke_key,
+    rotate_key,
+)
 from oproxy.security.settings import parse_expiry
 from oproxy.state.base import KeyRecord
 
@@ -36,9 +42,10 @@ async def create(scope: Scope) -> bytes | None:
     """
     require_admin(scope)
     body = dict(scope.body)
-    name = body.pop("name", None)
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidRequest("name must be a non-empty string", param="name")
+    try:
+        name = check_key_name(body.pop("name", None))
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="name", code="invalid_value") from None
     if isinstance(body.get("expires"), str):
         try:
             body["expires"] = parse_expiry(body["expires"])

@@ -19,8 +19,9 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
-from oproxy.errors import PermissionDenied, StoreUnavailable, Unauthorized
+from oproxy.errors import InvalidRequest, PermissionDenied, StoreUnavailable, Unauthorized
 from oproxy.metrics import Metrics
 from oproxy.security.keys import hash_key, parse_token
 from oproxy.security.limits import (
@@ -51,6 +52,35 @@ _NOWHERE = hash_key("")
 REFRESH_SECONDS = 5.0
 
 
+ONE_CREDENTIAL = (
+    "Only one credential header is allowed: send a single Authorization header "
+    "(and at most one x-api-key header)."
+)
+
+
+def credential(request: IRequest) -> bytes | None:
+    """
+    The request's ``Authorization`` header, refusing a request that sends it
+    (or ``x-api-key``) more than once.
+
+    With two, Twisted keeps the last while a front proxy may check the first;
+    a request that could mean two callers is refused rather than guessed at.
+    ``x-api-key`` is not read as a key (the OpenAI API has none), but a front
+    proxy may read it, so a second one is refused all the same.  A single
+    header whose value holds a comma is one header: it is simply not a key.
+
+    :raises InvalidRequest: a credential header appears more than once.
+    """
+    headers = request.requestHeaders
+    authorization = headers.getRawHeaders(b"authorization")
+    api_key = headers.getRawHeaders(b"x-api-key")
+    if (authorization is not None and len(authorization) > 1) or (
+        api_key is not None and len(api_key) > 1
+    ):
+        raise InvalidRequest(ONE_CREDENTIAL, code="multiple_credentials")
+    return authorization[0] if authorization else None
+
+
 def bearer_token(authorization: bytes | None) -> str | None:
     """The token of an ``Authorization: Bearer`` header, if there is one."""
     if not authorization:
@@ -59,19 +89,6 @@ def bearer_token(authorization: bytes | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
-
-
-def require_token(digest: bytes, authorization: bytes | None) -> None:
-    """
-    Check a single shared token (the ``/metrics`` bearer token), in constant time.
-
-    :raises Unauthorized: the token is missing or wrong.
-    """
-    token = bearer_token(authorization)
-    if token is None:
-        raise Unauthorized(NO_KEY)
-    if not hmac.compare_digest(digest, hash_key(token)):
-        raise Unauthorized(BAD_KEY)
 
 
 @dataclass
@@ -136,6 +153,25 @@ class Guard:
             if keys_exist:
                 raise Unauthorized(BAD_KEY)
             return anonymous(address, auth)
+        return self._usable(caller, address)
+
+    async def key_holder(self, auth: AuthConfig, token: str, address: str) -> Caller:
+        """
+        The holder of the key ``token``, checked as :meth:`identify` checks
+        it, but never anonymous: for places that want a real key even while
+        none exists (``/metrics`` from beyond its networks).
+
+        :raises Unauthorized: ``token`` is no key, or a revoked or expired one.
+        :raises PermissionDenied: the key may not be used from this address.
+        :raises StoreUnavailable: a stored key cannot be checked.
+        """
+        caller = _listed(auth, token) or await self._stored(token, keys_exist=True)
+        if caller is None:
+            raise Unauthorized(BAD_KEY)
+        return self._usable(caller, address)
+
+    def _usable(self, caller: Caller, address: str) -> Caller:
+        """``caller``, unless its key has expired or may not be used from ``address``."""
         if caller.policy.expired(self.clock.seconds()):
             raise Unauthorized("This API key has expired.")
         if not caller.policy.allows_address(address):

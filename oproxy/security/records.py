@@ -7,12 +7,51 @@ Shared by the command line and the admin API, so both say the same thing.
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import replace
 from typing import Any
 
 from oproxy.security import keys
 from oproxy.security.policy import KeyPolicy, policy_from_json, policy_to_json
 from oproxy.state.base import IStateStore, KeyRecord
+
+#: Longest name a new key may have.
+NAME_MAX_LENGTH = 64
+NAME_RULE = (
+    f"1 to {NAME_MAX_LENGTH} characters: letters, digits and . _ - @ :, "
+    "starting with a letter or a digit"
+)
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@:-]{{0,{NAME_MAX_LENGTH - 1}}}")
+
+
+def check_key_name(name: object) -> str:
+    """
+    ``name`` when it may name a new key, else a :class:`ValueError` saying
+    what a name may be.
+
+    A key's name shows in logs, metric labels, terminals and the admin API:
+    it must read the same everywhere, so it is short and plain, without
+    spaces, control characters or look-alike letters; and it starts with a
+    letter or digit, so that ``oproxy keys revoke NAME`` never reads it as
+    an option.  Only new names are checked: keys made before keep theirs
+    (and :func:`shown_name` prints those safely).
+    """
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise ValueError(f"a key name must be {NAME_RULE}")
+    return name
+
+
+def shown_name(name: str) -> str:
+    """
+    A stored name fit for a terminal: as it is when it follows the rule,
+    else quoted with its control characters escaped and cut short, since a
+    key made before names were checked may hold anything.
+    """
+    if _NAME.fullmatch(name) is not None:
+        return name
+    if len(name) > NAME_MAX_LENGTH:
+        return repr(name[:NAME_MAX_LENGTH]) + "..."
+    return repr(name)
 
 
 def new_key(name: str, policy: KeyPolicy, now: float) -> tuple[keys.IssuedKey, KeyRecord]:
@@ -34,9 +73,11 @@ async def create_key(
     """
     Make and store a key.
 
-    :raises ValueError: the name is taken (the store also refuses it
-        atomically, should two callers race).
+    :raises ValueError: the name does not follow :func:`check_key_name`'s
+        rule, or is taken (the store also refuses it atomically, should two
+        callers race).
     """
+    check_key_name(name)
     if any(r.name == name for r in await store.list_keys()):
         raise ValueError(f"a key named {name!r} already exists")
     issued, record = new_key(name, policy, now)
