@@ -143,7 +143,9 @@ class MetricsConfig:
     ``/metrics``: open to scrapers on ``allow_networks`` (loopback by
     default); from anywhere else it needs the bearer token (kept, like API
     keys, only as its SHA-256 digest) or an admin key, because it names
-    keys and their usage.
+    keys and their usage.  A configured token is required from everywhere,
+    the allowed networks included: loopback is shared by every user of the
+    host.
     """
 
     token_sha256: bytes | None = None
