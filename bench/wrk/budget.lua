@@ -6,8 +6,8 @@
 --                 has spent its budget
 --
 -- wrk's main thread sleeps for the whole -d duration whatever its threads
--- do, so bench/run.py waits for every marker and then sends wrk SIGINT,
--- which ends the sleep and prints the summary at once.
+-- do, so the harness (bench/oproxybench/load.py) waits for every marker and
+-- then sends wrk SIGINT, which ends the sleep and prints the summary at once.
 
 dofile(os.getenv("BENCH_LUA_DIR") .. "/post.lua")
 

@@ -1,9 +1,10 @@
 -- wrk script: POST one fixed JSON body, and print the results as JSON.
 --
--- The body is read from the file named by $BENCH_BODY (bench/run.py writes
--- it), so the same script serves every scenario.  done() prints one line
+-- The body is read from the file named by $BENCH_BODY (the harness,
+-- bench/oproxybench/load.py, writes it), so the same script serves every
+-- scenario.  done() prints one line
 --     BENCH_JSON {...}
--- with exact microsecond percentiles, which run.py parses (it also parses
+-- with exact microsecond percentiles, which load.py parses (it also parses
 -- wrk's own --latency text as a cross-check).
 
 local path = os.getenv("BENCH_BODY")
