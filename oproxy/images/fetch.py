@@ -279,8 +279,11 @@ class Images:
         except Exception as e:
             _log_failure(url, e)
             raise _fetch_failed(param, config) from None
-        if not data:
-            _log_failure(url, FetchFailed("an empty body"))
+        kind = formats.sniff(data[: formats.SNIFF_BYTES])
+        if kind is None or kind.action == "audio":
+            # Not an image at all (a web page, JSON, nothing): saying so
+            # would tell what answers at that address.
+            _log_failure(url, FetchFailed(f"not an image ({len(data)} bytes)"))
             raise _fetch_failed(param, config)
         return await self._ready(data, param)
 
