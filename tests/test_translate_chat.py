@@ -36,7 +36,10 @@ from oproxy.translate.common import (
 from tests.openai_schema import assert_valid, assert_valid_sse, to_sse
 
 # A 1x1 PNG: images are checked, so a signature alone is refused.
-PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "YPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
 CHUNK = "CreateChatCompletionStreamResponse"
 RESPONSE = "CreateChatCompletionResponse"
 
