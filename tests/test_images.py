@@ -20,6 +20,7 @@ from PIL import Image
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -532,3 +533,68 @@ async def test_a_malformed_url_is_the_clients_error_not_a_fetch_failure() -> Non
     with pytest.raises(MalformedURL):
         await images.fetch("http://[::1/x", ImagesConfig())
     assert resolver.asked == []
+
+
+# -- https: the connection goes to the vetted address, TLS checks the name ----------
+
+
+def certificate_for(name: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate (PEM) for ``name``, and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_checks_the_certificate_against_the_urls_host() -> None:
+    from twisted.internet import ssl
+
+    cert_pem, key_pem = certificate_for("images.test")
+    server_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
+    resource = ImageResource()
+    port = reactor.listenSSL(
+        0, CountingSite(resource), server_certificate.options(), interface="127.0.0.1"
+    )
+    try:
+        answers = {"images.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
+        images = Images(
+            reactor,
+            resolver=StubResolver(answers),
+            trust_root=ssl.Certificate.loadPEM(cert_pem),
+        )
+        config = ImagesConfig(allow_hosts=("images.test", "other.test"))
+        number = port.getHost().port
+        assert await images.fetch(f"https://images.test:{number}/cat.png", config) == PNG
+        assert resource.hosts == [f"images.test:{number}".encode()]
+        # Same address, another name: the certificate does not match.
+        with pytest.raises(ResponseNeverReceived, match="DNSMismatch"):
+            await images.fetch(f"https://other.test:{number}/cat.png", config)
+    finally:
+        await port.stopListening()

@@ -128,11 +128,14 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 class _Pinned:
     """Endpoints to the address that was checked, whatever the URL says."""
 
-    def __init__(self, reactor: Any, target: Target, address: Address, timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, target: Target, address: Address, timeout: float, trust: Any
+    ) -> None:
         self._reactor = reactor
         self._target = target
         self._address = address
         self._timeout = timeout
+        self._trust = trust
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host, port = str(self._address), self._target.port
@@ -145,7 +148,7 @@ class _Pinned:
             from twisted.internet.ssl import optionsForClientTLS
 
             name = self._target.host_text.strip("[]")
-            return wrapClientTLS(optionsForClientTLS(name), endpoint)
+            return wrapClientTLS(optionsForClientTLS(name, trustRoot=self._trust), endpoint)
         return endpoint
 
 
@@ -209,6 +212,8 @@ class Images:
         ``getaddrinfo``, ``/etc/hosts`` included) unless given.
     :param run_in_thread: runs a conversion off the reactor thread; the
         reactor's thread pool unless given.
+    :param trust_root: the certificate authorities for ``https`` image
+        URLs; the platform's unless given.
     """
 
     def __init__(
@@ -217,8 +222,10 @@ class Images:
         *,
         resolver: IHostnameResolver | None = None,
         run_in_thread: Callable[..., defer.Deferred[Any]] | None = None,
+        trust_root: Any = None,
     ) -> None:
         self._reactor = reactor
+        self._trust_root = trust_root
         self.resolver: IHostnameResolver = resolver or reactor.nameResolver
         # Not kept alive: each fetch connects to an address checked for it.
         self._pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
@@ -253,7 +260,9 @@ class Images:
         for _hop in range(config.max_redirects + 1):
             address = policy.check(target, await resolve(self.resolver, target))
             agent = Agent.usingEndpointFactory(
-                self._reactor, _Pinned(self._reactor, target, address, config.timeout), self._pool
+                self._reactor,
+                _Pinned(self._reactor, target, address, config.timeout, self._trust_root),
+                self._pool,
             )
             response = await agent.request(b"GET", target.url.encode("ascii"), _HEADERS)
             if response.code == 200:
