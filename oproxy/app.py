@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-import treq
 from klein import Klein
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -47,6 +46,7 @@ from oproxy.errors import (
     render_error,
 )
 from oproxy.health import probe_all, report
+from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import CONTENT_TYPE, Metrics
 from oproxy.routing.router import Router
@@ -86,7 +86,7 @@ class ProxyApp:
         router: Router,
         *,
         clock: IReactorTime,
-        http_client: treq.client.HTTPClient,
+        images: Images,
         cache: ResponseCache,
         metrics: Metrics,
         guard: Guard,
@@ -102,7 +102,8 @@ class ProxyApp:
         self.clock = clock
         #: Counting and logging wait until the answer is on its way.
         self.after_send = after_send or AfterSend(clock)
-        self.http_client = http_client
+        #: Fetches and converts the images of chat requests.
+        self.images = images
         #: Set while the process stops: answers close their connection.
         self.draining = False
         self.started = clock.seconds()

@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import treq
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
@@ -34,6 +33,7 @@ from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
 from oproxy.health import ProbeService
 from oproxy.http11 import IdleConnections, LeanAgent
+from oproxy.images.fetch import Images
 from oproxy.listeners import bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import MULTIPROCESS_ENV, Metrics, metrics_for_this_process
@@ -124,7 +124,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 
 class ConnectionPool(HTTPConnectionPool):
     """
-    Twisted's pool for ``Agent`` (HTTPS backends, images), and the idle
+    Twisted's pool for ``Agent`` (HTTPS backends), and the idle
     connections of the lean client that calls plain-HTTP backends.
     """
 
@@ -192,15 +192,12 @@ def build_app(
     after_send: AfterSend | None = None,
 ) -> ProxyApp:
     """Wire the app over the shared pool."""
-    images_client = treq.client.HTTPClient(
-        Agent(reactor, pool=pool, connectTimeout=config.images.timeout)
-    )
     metrics = metrics_for_this_process()
     return ProxyApp(
         config,
         build_router(config, reactor, pool),
         clock=reactor,
-        http_client=images_client,
+        images=Images(reactor),
         cache=build_response_cache(config, reactor),
         metrics=metrics,
         guard=build_guard(config, reactor, metrics),

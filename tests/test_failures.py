@@ -322,15 +322,13 @@ async def test_http_image_urls_are_fetched(proxy_factory: Any) -> None:
         assert response.code == 200, raw
         sent = [b for p, b in proxy.fake.stats.requests if p == "/api/chat"][-1]
         assert sent["messages"][0]["images"] == [base64.b64encode(PNG).decode()]
-        for name, words in [
-            ("huge.png", "larger"),
-            ("page.html", "not an image"),
-            ("missing.png", "404"),
-        ]:
+        # One answer whatever went wrong, so that it tells nothing about
+        # what lives at an address (tests/test_images.py has the rest).
+        for name in ["huge.png", "page.html", "missing.png"]:
             body = {"model": "llava", "messages": image_message(server.url(name))}
             response, raw = await post_json(proxy.client, proxy.v1("chat/completions"), body)
             assert response.code == 400, name
-            assert words in error_of(raw)["message"]
+            assert "could not be fetched" in error_of(raw)["message"]
     finally:
         await server.running.port.stopListening()
 
@@ -341,7 +339,7 @@ async def test_private_image_urls_refused_by_default(proxy_factory: Any) -> None
     body = {"model": "llava", "messages": image_message("http://127.0.0.1:1/cat.png")}
     response, raw = await post_json(proxy.client, proxy.v1("chat/completions"), body)
     assert response.code == 400
-    assert "private" in error_of(raw)["message"]
+    assert "could not be fetched" in error_of(raw)["message"]
 
 
 @pytest_twisted.ensureDeferred

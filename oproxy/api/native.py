@@ -225,6 +225,8 @@ async def _infer(
     model = requested_model(scope, legacy=legacy)
     _, routes = await scope.admitted_routes(estimate_as)
     routes = ollama_routes(routes, model)
+    if path in ("/api/chat", "/api/generate"):
+        await scope.app.images.prepare_native(scope.body, scope.config.images)
     inference = path != "/api/show"
     if stream:
 

@@ -14,10 +14,11 @@ from twisted.web.iweb import IRequest
 from oproxy.backends.base import Call
 from oproxy.config import Config
 from oproxy.errors import InvalidRequest
-from oproxy.images import fetch_images
+from oproxy.images.fetch import too_many_images
 from oproxy.routing.router import Route, Router
 from oproxy.security.guard import Ticket
 from oproxy.security.limits import Caller
+from oproxy.translate.chat import image_parts
 from oproxy.upstream import UpstreamTime
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class Scope:
     partial_completion_tokens: int = 0
     #: The route being tried or answering, counted as busy until the request ends.
     route_in_use: Route | None = None
+    #: A chat's images, fetched and converted once for every route tried.
+    prepared_images: Mapping[str, str] | None = None
 
     @property
     def logs_bodies(self) -> bool:
@@ -161,19 +164,31 @@ class Scope:
             return None
         return 0
 
+    async def _images_for(self, route: Route) -> Mapping[str, str]:
+        """
+        A chat's images for ``route``: counted against
+        ``images.max_per_request`` whatever the backend, and for Ollama,
+        which takes only inline images it can read, fetched and converted
+        (once, should another route be tried).
+        """
+        parts = image_parts(self.body)
+        if len(parts) > self.config.images.max_per_request:
+            raise too_many_images(len(parts), self.config.images, "messages")
+        if route.backend.kind != "ollama" or not parts:
+            return {}
+        if self.prepared_images is None:
+            self.prepared_images = await self.app.images.prepare(parts, self.config.images)
+        return self.prepared_images
+
     async def call(self, route: Route, image_urls: list[str] | None = None) -> Call:
-        """The routed call, with any remote images fetched."""
+        """
+        The routed call, with a chat's images made ready.
+
+        :param image_urls: a chat's remote image URLs, listed once its body
+            was validated; ``None`` for other requests.
+        """
         model = route.client_model
-        images = (
-            await fetch_images(
-                image_urls,
-                client=self.app.http_client,
-                clock=self.app.clock,
-                config=self.config.images,
-            )
-            if image_urls and route.backend.kind == "ollama"
-            else {}
-        )
+        images = await self._images_for(route) if image_urls is not None else {}
         key_name = self.key_name
 
         def count(usage: Mapping[str, int]) -> None:

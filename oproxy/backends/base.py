@@ -23,7 +23,8 @@ class Call:
     :ivar client_model: the model name as the client sent it, echoed back.
     :ivar upstream_model: the name the backend knows the model by.
     :ivar created: the response's ``created`` timestamp (unix seconds).
-    :ivar images: http(s) image URLs fetched by the proxy, as base64.
+    :ivar images: a chat's images made ready by the proxy, as base64, by URL:
+        http(s) URLs fetched, data URLs in formats Ollama cannot read converted.
     :ivar upstream_time: where the backend adds the time it waited upstream.
     :ivar on_usage: told the token counts once the backend has given them,
         streams included, so that accounting never depends on the client

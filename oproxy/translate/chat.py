@@ -16,6 +16,7 @@ split into extra turns, ``content: null`` assistant turns are accepted,
 
 from __future__ import annotations
 
+import base64
 import binascii
 import re
 from collections.abc import Iterator, Mapping
@@ -24,6 +25,8 @@ from typing import Any, Final
 
 import orjson
 
+from oproxy.errors import InvalidRequest
+from oproxy.images import formats
 from oproxy.translate.common import (
     SYSTEM_FINGERPRINT,
     StreamTranslation,
@@ -74,9 +77,8 @@ Go-template models silently ignore a role they do not know."""
 
 
 _DATA_URL: Final = re.compile(
-    r"data:(?:image/(?P<subtype>[A-Za-z]+))?;base64,(?P<data>.*)", re.DOTALL
+    r"data:(?:image/(?P<subtype>[A-Za-z0-9.+-]+))?;base64,(?P<data>.*)", re.DOTALL | re.IGNORECASE
 )
-_IMAGE_SUBTYPES: Final = frozenset({"jpeg", "jpg", "png", "webp", "gif"})
 _BASE64_TEXT: Final = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _WHITESPACE: Final = re.compile(r"\s+")
 
@@ -86,13 +88,8 @@ def is_remote_url(url: str) -> bool:
     return url[:8].lower().startswith(("http://", "https://"))
 
 
-def clean_base64(text: str) -> str | None:
-    """
-    ``text`` as canonical standard base64, or None if it is not base64.
-
-    Line breaks are removed and missing padding is added, as lenient encoders
-    produce both; the native API wants strict padded base64 in ``images``.
-    """
+def _decode_base64(text: str) -> tuple[str, bytes] | None:
+    """``text`` as canonical padded base64 and the bytes it holds, or None."""
     compact = _WHITESPACE.sub("", text)
     if not compact or not _BASE64_TEXT.fullmatch(compact):
         return None
@@ -101,32 +98,66 @@ def clean_base64(text: str) -> str | None:
         return None
     padded = unpadded + "=" * (-len(unpadded) % 4)
     try:
-        binascii.a2b_base64(padded, strict_mode=True)
+        return padded, binascii.a2b_base64(padded, strict_mode=True)
     except binascii.Error:
         return None
-    return padded
 
 
-def _image_from_data_url(url: str, param: str) -> str:
-    """The bare base64 of a ``data:image/...;base64,`` URL."""
+def clean_base64(text: str) -> str | None:
+    """
+    ``text`` as canonical standard base64, or None if it is not base64.
+
+    Line breaks are removed and missing padding is added, as lenient encoders
+    produce both; the native API wants strict padded base64 in ``images``.
+    """
+    decoded = _decode_base64(text)
+    return decoded[0] if decoded is not None else None
+
+
+def _image_from_data_url(url: str, param: str, prepared: Mapping[str, str]) -> str:
+    """
+    The bare base64 of a ``data:image/...;base64,`` URL, in a format Ollama
+    reads.
+
+    The format is read from the bytes, whatever the media type says.  An
+    image Ollama reads is passed on once its header is checked; one that
+    is converted comes from ``prepared``, where the HTTP layer put it after
+    converting it off the reactor thread, or is converted here.
+    """
     match = _DATA_URL.fullmatch(url)
-    subtype = match.group("subtype") if match else None
-    if match is None or (subtype is not None and subtype.lower() not in _IMAGE_SUBTYPES):
+    if match is None:
         raise invalid_value(
             param,
             "Invalid image: expected a data URL such as 'data:image/png;base64,...' "
-            "(jpeg, png, webp or gif) or an http(s) URL.",
+            "or an http(s) URL.",
         )
-    image = clean_base64(match.group("data"))
-    if image is None:
+    decoded = _decode_base64(match.group("data"))
+    if decoded is None:
         raise invalid_value(param, "Invalid image: the data URL does not hold valid base64.")
-    return image
+    text, data = decoded
+    kind = formats.sniff(data[: formats.SNIFF_BYTES])
+    try:
+        if kind is None or kind.action == "audio":
+            raise formats.unsupported(None)
+        if kind.action == "refuse":
+            raise formats.unsupported(kind)
+        if kind.action == "pass":
+            formats.check(data, kind)
+            return text
+        converted = prepared.get(url)
+        if converted is not None:
+            return converted
+        return base64.b64encode(formats.to_png(data, kind)).decode("ascii")
+    except formats.UnusableImage as e:
+        raise InvalidRequest(
+            f"The image at '{param}' {e}", param=param, code="invalid_image_format"
+        ) from None
 
 
 def _image_from_url(url: str, param: str, fetched_images: Mapping[str, str]) -> str:
     """The base64 image for an ``image_url``: decoded inline, or fetched earlier."""
-    if url.startswith("data:"):
-        return _image_from_data_url(url, param)
+    if url[:5].lower() == "data:":
+        return _image_from_data_url(url, param, fetched_images)
     if not is_remote_url(url):
         raise invalid_value(param, "Invalid image: expected a data URL or an http(s) URL.")
     image = fetched_images.get(url)
@@ -614,8 +645,9 @@ def chat_request_to_ollama(
     The native ``/api/chat`` body for an OpenAI chat request.
 
     :param model: the upstream model name chosen by routing.
-    :param fetched_images: base64 images for the http(s) URLs that
-        :func:`remote_image_urls` listed, fetched by the HTTP layer.
+    :param fetched_images: base64 images by URL, made ready by the HTTP
+        layer: the http(s) URLs that :func:`remote_image_urls` listed,
+        fetched, and data URLs in formats Ollama cannot read, converted.
     :raises InvalidRequest: naming the first bad field.
     """
     body = require_object_body(body)
@@ -657,7 +689,10 @@ class _RecordingImages(Mapping[str, str]):
         self.urls: dict[str, None] = {}
 
     def __getitem__(self, url: str) -> str:
-        self.urls[url] = None
+        # A data URL to convert is looked up too: it is not fetched, and
+        # the first pass need not convert it.
+        if is_remote_url(url):
+            self.urls[url] = None
         return ""
 
     def __iter__(self) -> Iterator[str]:
@@ -680,6 +715,30 @@ def _mentions_remote_image(body: Mapping[str, Any]) -> bool:
             if isinstance(url, str) and is_remote_url(url):
                 return True
     return False
+
+
+def image_parts(body: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """
+    The URL and ``param`` of every ``image_url`` part, inline or remote,
+    found leniently: the count is checked and the images are prepared
+    before the translation validates them.
+    """
+    messages = body.get("messages") if isinstance(body, Mapping) else None
+    if not isinstance(messages, list):
+        return []
+    found: list[tuple[str, str]] = []
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            continue
+        for number, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") != "image_url":
+                continue
+            value = part.get("image_url")
+            url = value.get("url") if isinstance(value, Mapping) else value
+            if isinstance(url, str):
+                found.append((url, join_path("messages", index, "content", number, "image_url")))
+    return found
 
 
 def remote_image_urls(body: Mapping[str, Any]) -> list[str]:
