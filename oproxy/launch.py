@@ -137,8 +137,9 @@ def serve(arguments: argparse.Namespace, default_config: str) -> NoReturn:
     options = ServeOptions()
     try:
         options.parseOptions(twistd_arguments(arguments, default_config))
-    except usage.UsageError as e:
-        print(f"oproxy serve: {e}", file=sys.stderr)
+    except (usage.UsageError, KeyError, ValueError) as e:
+        # KeyError and ValueError: --uid or --gid naming nobody, a bad --umask.
+        print(f"oproxy serve: {e.args[0] if e.args else e}", file=sys.stderr)
         sys.exit(2)
     twistd.runApp(options)
     sys.exit(0)

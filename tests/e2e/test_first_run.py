@@ -194,11 +194,21 @@ workers: 2
     assert "Traceback" not in output.text, output.text
 
 
-def test_serve_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("backends:\n  - {name: x, url: 'http://127.0.0.1:1', colour: red}\n")
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--config", "bad.yaml"], "invalid configuration in bad.yaml: backends[0].colour"),
+        (["--uid", "no-such-user-here"], "name not found: 'no-such-user-here'"),
+    ],
+)
+def test_serve_refuses_what_cannot_start_in_one_line(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "backends:\n  - {name: x, url: 'http://127.0.0.1:1', colour: red}\n"
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "oproxy", "serve", "--config", str(bad)],
+        [sys.executable, "-m", "oproxy", "serve", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -206,8 +216,8 @@ def test_serve_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 2
-    assert done.stderr.startswith("oproxy serve: invalid configuration in ")
-    assert "backends[0].colour" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("oproxy serve: ") and says in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 # -- installs ------------------------------------------------------------------
