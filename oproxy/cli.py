@@ -1,5 +1,8 @@
 """
-``oproxy``: the command line beside the daemon.
+``oproxy``: the daemon's command line.
+
+``oproxy serve`` runs the daemon (what ``twistd -n oproxy`` runs, see
+:mod:`oproxy.launch`); ``python -m oproxy`` is the same command.
 
 ``oproxy keys create|list|show|revoke|rotate`` manage the keys kept in the
 state store (the same store the daemon reads, found through the same
@@ -20,6 +23,7 @@ from typing import Any, TextIO
 
 from twisted.internet import defer, task
 
+from oproxy import __version__, launch
 from oproxy.config import Config, ConfigError, load_config
 from oproxy.security import keys
 from oproxy.security.limits import periods
@@ -60,6 +64,8 @@ class CommandError(Exception):
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``oproxy`` console script."""
     arguments = parser().parse_args(argv)
+    if arguments.command == "serve":
+        launch.serve(arguments, DEFAULT_CONFIG)
     try:
         if arguments.command == "check-config":
             sys.exit(check_config(arguments.file, sys.stdout))
@@ -87,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="oproxy", description=__doc__.split("\n\n")[0])
+    top.add_argument("--version", action="version", version=f"oproxy {__version__}")
     commands = top.add_subparsers(dest="command", required=True)
+    launch.add_serve_parser(commands, DEFAULT_CONFIG)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", help="the YAML file to check")
     key_parser = commands.add_parser("keys", help="manage API keys in the state store")

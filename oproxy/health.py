@@ -155,19 +155,35 @@ class ProbeService(service.Service):
     metrics, in the circuit breakers (a dead backend is skipped before a
     request fails on it) and in routing's view of loaded models; refresh
     model lists that have grown old.
+
+    :param first_round: called once, with what the first probe found, when
+        the model lists it started are known too (to say at start-up what
+        each backend is doing).
     """
 
-    def __init__(self, app: Any, clock: IReactorTime, interval: float = PROBE_INTERVAL) -> None:
+    def __init__(
+        self,
+        app: Any,
+        clock: IReactorTime,
+        interval: float = PROBE_INTERVAL,
+        *,
+        first_round: Callable[[list[BackendHealth]], object] | None = None,
+    ) -> None:
         self._app = app
         self._clock = clock
         self._interval = interval
         self._loop: task.LoopingCall | None = None
+        self._first_round = first_round
 
     def _probe(self) -> defer.Deferred[Any]:
         async def probe_and_learn() -> None:
             router = self._app.router
-            router.note_probes(await probe_all(router.backends, self._clock, self._app.metrics))
+            found = await probe_all(router.backends, self._clock, self._app.metrics)
+            router.note_probes(found)
             await router.refresh_models()
+            first_round, self._first_round = self._first_round, None
+            if first_round is not None:
+                first_round(found)
 
         probing = defer.Deferred.fromCoroutine(probe_and_learn())
         return probing.addErrback(lambda failure: log.failure("Probe failed", failure))

@@ -24,9 +24,8 @@ from collections import deque
 from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -441,8 +440,24 @@ class LeanAgent:
         connection = idle.take()
         if connection is None:
             endpoint = self._endpoints.endpointForURI(URI.fromBytes(b"http://" + origin + b"/"))
-            connection = await connectProtocol(endpoint, _Connection(idle))
+            connection = await endpoint.connect(_OneConnection(_Connection(idle)))
         return await connection.send(method, target, headers, body)
+
+
+class _OneConnection(Factory):
+    """
+    The factory of one upstream connection, as ``connectProtocol`` makes,
+    but quiet: Twisted's logs "Starting factory" and "Stopping factory" for
+    each, two lines in the daemon's log for every connection it opens.
+    """
+
+    noisy = False
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    def buildProtocol(self, addr: IAddress | None) -> _Connection:
+        return self._connection
 
 
 def _held_body(producer: IBodyProducer | None) -> tuple[bool, bytes | None]:

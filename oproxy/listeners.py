@@ -33,6 +33,7 @@ class _NeverAccepts(Factory):
     """The master's factory for shared sockets: the master does not accept."""
 
     protocol = Protocol
+    noisy = False
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from oproxy.announce import log_listeners
 from oproxy.app import ProxyApp
 from oproxy.site import ProxySite
 from oproxy.upstream import DeadlineExceeded, within
@@ -50,6 +51,9 @@ class ServingService(service.Service):
     The ports are bound before the service starts (by the composition root),
     so that a port in use stops the daemon with a message instead of leaving
     it running deaf.
+
+    :param descriptions: the endpoint strings ``ports`` were bound from;
+        given, the service says on start what each serves and where.
     """
 
     def __init__(
@@ -59,12 +63,21 @@ class ServingService(service.Service):
         site: ProxySite,
         ports: list[IListeningPort],
         drain_timeout: Callable[[], float],
+        *,
+        descriptions: Sequence[str] | None = None,
     ) -> None:
         self._reactor = reactor
         self._app = app
         self._site = site
         self._ports = ports
         self._drain_timeout = drain_timeout
+        self._descriptions = descriptions
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._descriptions is not None:
+            hosts = [port.getHost() for port in self._ports]
+            log_listeners(zip(self._descriptions, hosts, strict=True))
 
     async def _drain(self) -> None:
         self._app.draining = True

@@ -25,13 +25,14 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from oproxy import __version__
 from oproxy.after_send import AfterSend
+from oproxy.announce import log_backends
 from oproxy.app import ProxyApp
 from oproxy.backends.base import Backend
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
-from oproxy.health import ProbeService
+from oproxy.health import BackendHealth, ProbeService
 from oproxy.http11 import IdleConnections, LeanAgent
 from oproxy.images.fetch import Images
 from oproxy.listeners import bind
@@ -248,12 +249,20 @@ def serve_here(
     rotate_access_log: bool = True,
     watch_config: bool = True,
     request_lines: Callable[[str], None] = log_request_line,
+    *,
+    announce_listeners: bool = True,
+    announce_backends: bool = True,
 ) -> service.MultiService:
     """
     The serving side, for a single process or a worker: the app, its site on
     the listeners ``listen(site)`` returns, graceful drain, ``SIGHUP``
     reloads, reloads when the file changes (unless a master watches it), and
     the access log (rotated here unless a master does it).
+
+    :param announce_listeners: log what each listener serves, and where
+        (unless a master did).
+    :param announce_backends: log how each backend answered the first probe
+        (in one worker only).
     """
     pool = connection_pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
@@ -272,12 +281,25 @@ def serve_here(
     )
     top = service.MultiService()
     top.addService(
-        ServingService(reactor, app, site, listen(site), lambda: app.config.drain_timeout)
+        ServingService(
+            reactor,
+            app,
+            site,
+            listen(site),
+            lambda: app.config.drain_timeout,
+            descriptions=config.listen if announce_listeners else None,
+        )
     )
     top.addService(SignalService(reactor, signal.SIGHUP, reloader.reload))
     if watch_config:
         add_config_watcher(top, path, config, reactor, reloader.reload)
-    top.addService(ProbeService(app, reactor))
+
+    def first_probe(found: list[BackendHealth]) -> None:
+        log_backends(app.config.backends, found, app.router.state.catalog)
+
+    top.addService(
+        ProbeService(app, reactor, first_round=first_probe if announce_backends else None)
+    )
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))

@@ -10,6 +10,15 @@ exits if the master goes away.
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":
+    # A terminal sends Ctrl-C to the whole process group.  The master takes
+    # it and stops its workers with SIGTERM, which drains; a worker stopping
+    # on SIGINT too would stop twice, with a traceback, or die with one while
+    # still importing what follows.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 import atexit
 import json
 import os
@@ -152,6 +161,8 @@ def main() -> None:
         rotate_access_log=False,  # the master rotates
         watch_config=False,  # the master watches the file and signals us
         request_lines=request_lines,  # no log event per request
+        announce_listeners=False,  # the master said what serves where
+        announce_backends=bool(spec.get("announce_backends")),
     )
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

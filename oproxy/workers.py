@@ -30,6 +30,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from oproxy.announce import log_listeners
 from oproxy.listeners import Listener
 
 log = Logger()
@@ -60,10 +61,16 @@ class WorkerSpec:
     listeners: tuple[tuple[int, str], ...]
     log_fd: int | None = None
 
-    def to_environment(self, index: int) -> str:
+    def to_environment(self, index: int, *, announce_backends: bool = False) -> str:
+        """
+        :param announce_backends: whether this worker logs how the backends
+            answered its first probe: one worker does, once, so that a daemon
+            with N workers says it once.
+        """
         return json.dumps(
             {
                 "index": index,
+                "announce_backends": announce_backends,
                 "config": self.config_path,
                 "listen": list(self.listen),
                 "backend": self.backend_url,
@@ -141,6 +148,9 @@ class WorkerPool(service.Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        # Said here, once, rather than by every worker.
+        bound = [(each.description, each.sockets[0].getsockname()) for each in self._listeners]
+        log_listeners(bound, self._count)
         for index in range(self._count):
             self._spawn(index)
 
@@ -154,7 +164,10 @@ class WorkerPool(service.Service):
             # in sys.stdout, which has no descriptor.
             child_fds[self._spec.log_fd] = 1
         environment = {**os.environ, **self._environment}
-        environment["OPROXY_WORKER"] = self._spec.to_environment(index)
+        first_start = index not in self._started_at
+        environment["OPROXY_WORKER"] = self._spec.to_environment(
+            index, announce_backends=index == 0 and first_start
+        )
         process = self._reactor.spawnProcess(
             _WorkerProtocol(index, self._ended),
             self._executable,

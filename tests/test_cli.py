@@ -1,5 +1,5 @@
 """
-The ``oproxy`` command line: ``check-config`` and ``keys``.
+The ``oproxy`` command line: ``--version``, ``serve``, ``check-config`` and ``keys``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 
 from oproxy.cli import check_config, keys_command, parser
+from oproxy.launch import config_to_serve, twistd_arguments
 from oproxy.security.keys import parse_token
 from oproxy.security.policy import KeyPolicy
 from oproxy.security.records import new_key
@@ -169,3 +170,69 @@ async def test_keys_with_old_unchecked_names_still_list_show_and_revoke(tmp_path
         assert json.loads(listing)["name"] == odd
     finally:
         await store.close()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == "oproxy 0.1.0\n"
+
+
+NO_SYSTEM_CONFIG = "/nonexistent/oproxy.yaml"
+
+
+def serve_arguments(*argv: str) -> list[str]:
+    return twistd_arguments(parser().parse_args(["serve", *argv]), NO_SYSTEM_CONFIG)
+
+
+def test_serve_runs_in_the_foreground_without_a_pid_file_by_default() -> None:
+    assert serve_arguments() == ["--nodaemon", "--pidfile=", "oproxy"]
+    assert serve_arguments("-c", "o.yaml", "-l", "tcp:1", "-l", "unix:/s", "-b", "h:1") == [
+        "--nodaemon",
+        "--pidfile=",
+        "oproxy",
+        "--config",
+        "o.yaml",
+        "--listen",
+        "tcp:1",
+        "--listen",
+        "unix:/s",
+        "--backend",
+        "h:1",
+    ]
+
+
+def test_serve_passes_twistds_options_on() -> None:
+    assert serve_arguments("--daemon") == [
+        "--pidfile=oproxy.pid",
+        "--logfile=oproxy.log",
+        "oproxy",
+    ]
+    assert serve_arguments("--daemon", "--syslog", "--pidfile=/run/o.pid") == [
+        "--pidfile=/run/o.pid",
+        "--syslog",
+        "oproxy",
+    ]
+    assert serve_arguments("--logfile", "-", "--logger", "oproxy.logs.json_observer") == [
+        "--nodaemon",
+        "--pidfile=",
+        "--logfile=-",
+        "--logger=oproxy.logs.json_observer",
+        "oproxy",
+    ]
+    assert serve_arguments("--uid", "oproxy", "--gid", "oproxy", "--umask", "022")[2:5] == [
+        "--uid=oproxy",
+        "--gid=oproxy",
+        "--umask=022",
+    ]
+
+
+def test_serve_reads_the_file_the_keys_command_reads(tmp_path: Path) -> None:
+    assert config_to_serve("given.yaml", str(tmp_path / "missing.yaml")) == "given.yaml"
+    assert config_to_serve(None, str(tmp_path / "missing.yaml")) is None
+    system = tmp_path / "oproxy.yaml"
+    system.write_text("{}\n")
+    assert config_to_serve(None, str(system)) == str(system)
+    implied = twistd_arguments(parser().parse_args(["serve"]), str(system))
+    assert implied[-3:] == ["oproxy", "--config", str(system)]

@@ -275,3 +275,44 @@ async def test_stopping_a_body_fails_it_and_drops_the_connection(server: Any) ->
     server.answers.append((b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nn", False))
     _, data, _ = await fetch(server)
     assert data == b"n" and server.connections == 2
+
+
+class RecordingEndpoints:
+    """Endpoints that note every factory a connection is made with."""
+
+    def __init__(self, endpoints: ReusedEndpoints) -> None:
+        self._endpoints = endpoints
+        self.factories: list[Any] = []
+
+    def endpointForURI(self, uri: Any) -> Any:
+        endpoint = self._endpoints.endpointForURI(uri)
+        recording = self
+
+        class Recording:
+            def connect(self, factory: Any) -> Any:
+                recording.factories.append(factory)
+                return endpoint.connect(factory)
+
+        return Recording()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_are_made_by_quiet_factories(server: Any) -> None:
+    """
+    Twisted logs "Starting factory" and "Stopping factory" for a factory
+    that is noisy: two lines in the daemon's log per upstream connection.
+    """
+    endpoints = RecordingEndpoints(ReusedEndpoints(reactor, 5))
+    idle = IdleConnections()
+    server.agent = LeanAgent(endpoints, server.fallback, idle)
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    server.answers += [(closing, True), (answer, False)]
+    try:
+        for _ in range(2):
+            response, data, _ = await fetch(server)
+            assert response.code == 200 and data == b"{}"
+    finally:
+        idle.close()
+    assert len(endpoints.factories) == 2  # the first connection was closed
+    assert not any(factory.noisy for factory in endpoints.factories)
