@@ -39,6 +39,7 @@ from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import MULTIPROCESS_ENV, Metrics, metrics_for_this_process
 from oproxy.reload import Reloader
 from oproxy.reporting import start_reporting, stop_reporting
+from oproxy.routing.breaker import CircuitSync
 from oproxy.routing.router import Router, RoutingState
 from oproxy.security.guard import Guard
 from oproxy.serving import ServingService, SignalService, freeze_startup_heap
@@ -196,14 +197,17 @@ def build_app(
         Agent(reactor, pool=pool, connectTimeout=config.images.timeout)
     )
     metrics = metrics_for_this_process()
+    guard = build_guard(config, reactor, metrics)
+    # Circuits are shared with the other workers through the same store.
+    routing = RoutingState.new(reactor, config.routing, store=guard.store, metrics=metrics)
     return ProxyApp(
         config,
-        build_router(config, reactor, pool),
+        build_router(config, reactor, pool, routing),
         clock=reactor,
         http_client=images_client,
         cache=build_response_cache(config, reactor),
         metrics=metrics,
-        guard=build_guard(config, reactor, metrics),
+        guard=guard,
         access_log=access_log,
         after_send=after_send,
     )
@@ -281,6 +285,7 @@ def serve_here(
     if watch_config:
         add_config_watcher(top, path, config, reactor, reloader.reload)
     top.addService(ProbeService(app, reactor))
+    top.addService(CircuitSync(app.router.state.breaker, reactor))
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))
