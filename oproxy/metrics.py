@@ -136,6 +136,21 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.backend_circuit_open = Gauge(
+            "oproxy_backend_circuit_open",
+            "Whether a backend is held back as down (1: its circuit is open) or not (0).",
+            ["backend"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.model_circuit_open = Gauge(
+            "oproxy_model_circuit_open",
+            "Whether a model is held back on a backend because it keeps failing there (1) "
+            "or not (0); only for models the backend lists.",
+            ["backend", "model"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.probe_latency = Gauge(
             "oproxy_backend_probe_latency_seconds",
             "How long the last health probe of a backend took.",

@@ -40,6 +40,7 @@ from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import MULTIPROCESS_ENV, Metrics, metrics_for_this_process
 from oproxy.reload import Reloader
 from oproxy.reporting import start_reporting, stop_reporting
+from oproxy.routing.breaker import CircuitSync
 from oproxy.routing.router import Router, RoutingState
 from oproxy.security.guard import Guard
 from oproxy.serving import ServingService, SignalService, freeze_startup_heap
@@ -194,14 +195,17 @@ def build_app(
 ) -> ProxyApp:
     """Wire the app over the shared pool."""
     metrics = metrics_for_this_process()
+    guard = build_guard(config, reactor, metrics)
+    # Circuits are shared with the other workers through the same store.
+    routing = RoutingState.new(reactor, config.routing, store=guard.store, metrics=metrics)
     return ProxyApp(
         config,
-        build_router(config, reactor, pool),
+        build_router(config, reactor, pool, routing),
         clock=reactor,
         images=Images(reactor),
         cache=build_response_cache(config, reactor),
         metrics=metrics,
-        guard=build_guard(config, reactor, metrics),
+        guard=guard,
         access_log=access_log,
         after_send=after_send,
     )
@@ -300,6 +304,7 @@ def serve_here(
     top.addService(
         ProbeService(app, reactor, first_round=first_probe if announce_backends else None)
     )
+    top.addService(CircuitSync(app.router.state.breaker, reactor))
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))

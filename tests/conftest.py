@@ -52,6 +52,16 @@ def private_state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterato
         os.environ["XDG_STATE_HOME"] = saved
 
 
+@pytest.fixture(autouse=True)
+def private_state_per_test(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A state store of its own for every test's proxies: circuits (like keys
+    and limits) live there, and a backend one test broke must not be out
+    in the next test that gives a backend the same name.
+    """
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
+
+
 @pytest.fixture
 def fake_ollama() -> Iterator[tuple[FakeOllama, str]]:
     fake = FakeOllama(reactor)

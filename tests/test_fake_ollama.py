@@ -779,6 +779,42 @@ async def test_fail_next(ollama: Served) -> None:
     assert (await ollama.post("/api/chat", {"model": "llama3.2", "messages": HELLO})).code == 200
 
 
+@pytest_twisted.ensureDeferred
+async def test_one_model_can_crash_while_the_others_answer(ollama: Served) -> None:
+    ollama.fake.fail_model("llama3.2")
+    for _ in range(2):  # a crashed runner keeps failing, with Ollama's own words
+        await ollama.error("/api/chat", {"model": "llama3.2", "messages": HELLO}, 500, CRASH_ERROR)
+    await ollama.error(
+        "/api/generate", {"model": "llama3.2:latest", "prompt": "x"}, 500, CRASH_ERROR
+    )
+    assert (await ollama.post("/api/chat", {"model": "qwen3", "messages": HELLO})).code == 200
+    listed = (await ollama.call("GET", "/api/tags")).json()["models"]
+    assert "llama3.2:latest" in [m["name"] for m in listed]  # still installed
+    # The same over HTTP, for a fake in another process.
+    mended = await ollama.post("/_fake/fail", {"model": "llama3.2", "error": None})
+    assert mended.code == 200
+    assert (await ollama.post("/api/chat", {"model": "llama3.2", "messages": HELLO})).code == 200
+    assert (await ollama.post("/_fake/fail", {"model": "qwen3", "error": "boom"})).code == 200
+    await ollama.error("/api/chat", {"model": "qwen3", "messages": HELLO}, 500, "boom")
+    assert (await ollama.post("/_fake/fail", {"status": 503, "message": "busy"})).code == 200
+    await ollama.error("/api/chat", {"model": "llama3.2", "messages": HELLO}, 503, "busy")
+    await ollama.error("/_fake/fail", {"model": "nope"}, 404, 'model "nope" not found')
+    await ollama.error(
+        "/_fake/fail", {"status": "x"}, 400, 'expected {"model", "error"} or {"status", "message"}'
+    )
+    seen = (await ollama.call("GET", "/_fake/requests")).json()["requests"]
+    assert [r["model"] for r in seen if r["path"] == "/api/chat"] == [
+        "llama3.2",
+        "llama3.2",
+        "qwen3",
+        "llama3.2",
+        "qwen3",
+        "llama3.2",
+    ]
+    await ollama.post("/_fake/reset")
+    assert (await ollama.post("/api/chat", {"model": "qwen3", "messages": HELLO})).code == 200
+
+
 # --------------------------------------------------------------------------
 # /api/generate
 

@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from oproxy.config import BackendConfig
@@ -216,3 +217,101 @@ async def test_an_abandoned_openai_stream_is_counted(pool: Any, fakes: Any) -> N
         and 'model="remote-slow"' in line
     ]
     assert counted and counted[0] >= 3  # the first chunk carries the role, not text
+
+
+def chats_sent(fake: FakeOllama, model: str) -> int:
+    """How many chat requests for ``model`` reached ``fake``."""
+    return sum(
+        1
+        for path, body in fake.stats.requests
+        if path == "/api/chat" and body.get("model") in (model, f"{model}:latest")
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashing_model_leaves_the_other_models_of_its_backend_alone(
+    pool: Any, fakes: Any
+) -> None:
+    proxy = pool(breaker_failures=3, breaker_cooldown=60)
+    a, b = fakes["a"][0], fakes["b"][0]
+    a.fail_model("llama3.2")  # Ollama's 500 "llama runner process has terminated"
+    answered = Counter()
+    for _ in range(8):  # every other one tries a first, fails there, and moves on to b
+        response, _ = await chat(proxy, "llama3.2")
+        assert response.code == 200
+        answered[header(response, "x-oproxy-backend")] += 1
+    assert answered == {"b": 8}
+    assert chats_sent(a, "llama3.2") == 3  # then its circuit opened: a gets no more
+    for _ in range(6):
+        response, _ = await chat(proxy, "llama3.2")
+        assert header(response, "x-oproxy-backend") == "b"
+    assert chats_sent(a, "llama3.2") == 3
+    # The backend's other models are served there as before.
+    served = Counter()
+    for _ in range(6):
+        response, _ = await chat(proxy, "qwen3")
+        assert response.code == 200
+        served[header(response, "x-oproxy-backend")] += 1
+    assert served == {"a": 3, "b": 3}
+    await proxy.settled()
+    scrape = (await treq.content(await proxy.client.get(f"{proxy.url}/metrics"))).decode()
+    assert 'oproxy_model_circuit_open{backend="a",model="llama3.2:latest"} 1.0' in scrape
+    assert 'oproxy_backend_circuit_open{backend="a"}' not in scrape
+
+    # When it fails everywhere: a fast 503 with Retry-After, other models untouched.
+    b.fail_model("llama3.2")
+    for _ in range(3):
+        response, _ = await chat(proxy, "llama3.2")
+        assert response.code == 502
+    response, raw = await chat(proxy, "llama3.2")
+    assert response.code == 503 and orjson.loads(raw)["error"]["code"] == "backends_unavailable"
+    assert header(response, "retry-after") == "60"
+    assert chats_sent(b, "llama3.2") == 8 + 6 + 3
+    response, _ = await chat(proxy, "qwen3")
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_errors_and_busy_answers_open_nothing(pool: Any, fakes: Any) -> None:
+    proxy = pool(breaker_failures=1, breaker_cooldown=60, retries=0)
+    a = fakes["a"][0]
+    for status, message in [
+        (400, "invalid options"),
+        (404, 'model "llama3.2" not found, try pulling it first'),
+        (429, "too many requests"),
+        (503, "server busy, please try again.  maximum pending requests exceeded"),
+    ]:
+        for _ in range(2):  # a-first every other time, with round robin
+            a.fail_next(status, message)
+            await chat(proxy, "llama3.2")
+            a.reset()
+    breaker = proxy.app.router.state.breaker
+    assert not breaker.is_open("a", "llama3.2:latest") and not breaker.is_open("a")
+    assert chats_sent(fakes["b"][0], "llama3.2") >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_backend_is_out_for_every_model(
+    proxy_factory: Any, fakes: Any
+) -> None:
+    dead = listen(Site(Resource()))
+    await dead.port.stopListening()
+    proxy = proxy_factory(
+        backends=(
+            BackendConfig(name="dead", type="ollama", url=dead.url),
+            BackendConfig(name="b", type="ollama", url=fakes["b"][1]),
+        ),
+        routing=RoutingConfig(
+            breaker_failures=2,
+            breaker_cooldown=60,
+            models=(
+                ModelRule("llama3.2", backends=("dead", "b")),
+                ModelRule("qwen3", backends=("dead", "b")),
+            ),
+        ),
+    )
+    for model in ("llama3.2", "qwen3", "llama3.2", "qwen3"):
+        response, _ = await chat(proxy, model)
+        assert response.code == 200 and header(response, "x-oproxy-backend") == "b"
+    breaker = proxy.app.router.state.breaker
+    assert breaker.is_open("dead") and breaker.is_open("dead", "all-minilm:latest")

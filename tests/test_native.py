@@ -293,7 +293,7 @@ async def test_a_backend_that_is_down_is_passed_over(
         assert response.code == 200, raw
         assert header(response, "x-oproxy-backend") == "local"
     # Turns that went to the dead backend first moved on to the live one.
-    assert proxy.app.router.state.breaker._circuits["dead"].failures >= 1
+    assert proxy.app.router.state.breaker._circuits["dead", ""].failures >= 1
 
 
 # -- keys and limits ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ from twisted.internet import task
 from oproxy.config import ConfigError, load_config
 from oproxy.errors import BackendsDown, ModelNotFound
 from oproxy.health import BackendHealth
-from oproxy.routing.breaker import Breaker
+from oproxy.routing.breaker import GO, Outcome
 from oproxy.routing.catalog import name_forms
 from oproxy.routing.router import Route, Router, RoutingState
 from oproxy.routing.settings import ModelRule, RoutingConfig
@@ -44,29 +44,6 @@ def router(backends: list[Stub], clock: task.Clock | None = None, **config: Any)
 
 async def names(r: Router, model: str) -> list[str]:
     return [route.backend.name for route in await r.routes(model)]
-
-
-def test_breaker_opens_cools_down_and_allows_one_trial() -> None:
-    clock = task.Clock()
-    breaker = Breaker(clock, failures=2, cooldown=10)
-    breaker.failed("a")
-    assert breaker.allow("a")
-    breaker.failed("a")
-    assert breaker.is_open("a") and not breaker.allow("a")
-    assert breaker.retry_after("a") == 10
-    clock.advance(10)
-    assert breaker.allow("a")  # the one trial
-    assert not breaker.allow("a")  # the others wait for it
-    breaker.failed("a")  # the trial failed: another cooldown
-    assert breaker.is_open("a")
-    clock.advance(10)
-    assert breaker.allow("a")
-    breaker.succeeded("a")
-    assert breaker.allow("a") and breaker.allow("a")
-    breaker.probed("b", reachable=False)
-    assert breaker.is_open("b")
-    breaker.probed("b", reachable=True)
-    assert not breaker.is_open("b")
 
 
 def test_ollama_names_with_and_without_latest() -> None:
@@ -165,13 +142,32 @@ async def test_every_backend_down_fails_fast() -> None:
     a, b = Stub("a", ["m:latest"]), Stub("b", ["m:latest"])
     r = router([a, b], clock, breaker_failures=1, breaker_cooldown=20)
     for route in await r.routes("m"):
-        r.failed(route)
+        r.report(route, GO, Outcome.BACKEND_DOWN)
     with pytest.raises(BackendsDown) as down:
         await r.routes("m")
     assert down.value.status == 503 and down.value.headers["retry-after"] == "20"
     assert "a, b" in down.value.message
     clock.advance(20)
     assert len(await r.routes("m")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_model_leaves_its_backend_to_the_other_models() -> None:
+    clock = task.Clock()
+    a, b = Stub("a", ["m:latest", "n:latest"]), Stub("b", ["m:latest"])
+    r = router([a, b], clock, breaker_failures=2, breaker_cooldown=20)
+    for _ in range(2):
+        (on_a,) = [route for route in await r.routes("m") if route.backend.name == "a"]
+        r.report(on_a, GO, Outcome.MODEL_FAILED)
+    assert await names(r, "m") == ["b"]  # "m" and "m:latest" are one circuit
+    assert await names(r, "m:latest") == ["b"]
+    assert await names(r, "n") == ["a"]
+    r.report((await r.routes("m"))[0], GO, Outcome.MODEL_FAILED)
+    r.report((await r.routes("m"))[0], GO, Outcome.MODEL_FAILED)
+    with pytest.raises(BackendsDown) as down:
+        await r.routes("m")
+    assert down.value.headers["retry-after"] == "20"
+    assert await names(r, "n") == ["a"]
 
 
 def test_models_and_routing_settings() -> None:

@@ -34,6 +34,7 @@ from twisted.internet import defer, reactor
 from oproxy.redis import RedisClient
 from oproxy.state.base import (
     Admission,
+    CircuitRecord,
     IStateStore,
     KeyRecord,
     Lease,
@@ -334,6 +335,68 @@ async def test_saving_a_key_keeps_names_unique(store: IStateStore) -> None:
     assert await store.get_key("k9") is None
 
 
+# -- circuits -----------------------------------------------------------------------
+
+
+def counting(expires: float = NOW + 30) -> Callable[[str | None], CircuitRecord | None]:
+    """A change that counts up from nothing (a plain integer value)."""
+
+    def change(value: str | None) -> CircuitRecord:
+        return CircuitRecord(str(int(value or 0) + 1), expires)
+
+    return change
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_circuit_record_is_replaced_read_and_dropped(store: IStateStore) -> None:
+    assert await store.circuits(NOW) == {}
+    seen: list[str | None] = []
+
+    def look(value: str | None) -> CircuitRecord | None:
+        seen.append(value)
+        return CircuitRecord("first", NOW + 30)
+
+    assert await store.update_circuit('["a",""]', look, NOW) == "first"
+    assert await store.update_circuit('["a","m:latest"]', counting(), NOW) == "1"
+    assert await store.update_circuit('["a","m:latest"]', counting(), NOW) == "2"
+    assert seen == [None]  # nothing was there before
+    assert await store.circuits(NOW) == {'["a",""]': "first", '["a","m:latest"]': "2"}
+    assert await store.update_circuit('["a",""]', lambda value: None, NOW) is None
+    assert await store.circuits(NOW) == {'["a","m:latest"]': "2"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_circuit_record_is_gone(store: IStateStore) -> None:
+    await store.update_circuit("short", counting(NOW + 10), NOW)
+    await store.update_circuit("long", counting(NOW + 100), NOW)
+    assert set(await store.circuits(NOW + 9.5)) == {"short", "long"}
+    assert set(await store.circuits(NOW + 10)) == {"long"}
+    # An update sees an expired record as none, and starts again.
+    assert await store.update_circuit("short", counting(NOW + 30), NOW + 20) == "1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_that_fails_changes_nothing(store: IStateStore) -> None:
+    await store.update_circuit("c", counting(), NOW)
+
+    def broken(value: str | None) -> CircuitRecord:
+        raise RuntimeError("not today")
+
+    with pytest.raises(RuntimeError):
+        await store.update_circuit("c", broken, NOW)
+    assert await store.circuits(NOW) == {"c": "1"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_circuit_updates_are_exact(backend: Backend) -> None:
+    """Every update in flight at once, over several connections: none is lost."""
+    stores = [backend.open() for _ in range(PROCESSES)]
+    calls = [stores[i % PROCESSES].update_circuit("race", counting(), NOW) for i in range(40)]
+    results = await defer.gatherResults(calls)
+    assert sorted(int(r) for r in results) == list(range(1, 41))
+    assert await stores[0].circuits(NOW) == {"race": "40"}
+
+
 # -- failure ------------------------------------------------------------------------
 
 
@@ -361,6 +424,8 @@ async def test_an_unreachable_store_fails_fast(unreachable: IStateStore) -> None
         lambda: unreachable.add_key(key("k", "n")),
         lambda: unreachable.save_key(key("k", "n")),
         lambda: unreachable.get_key("k"),
+        lambda: unreachable.update_circuit("c", counting(), NOW),
+        lambda: unreachable.circuits(NOW),
         unreachable.list_keys,
         unreachable.has_active_keys,
     ]
@@ -393,7 +458,7 @@ async def test_sqlite_makes_a_private_wal_database(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 @pytest_twisted.ensureDeferred

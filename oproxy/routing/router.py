@@ -4,7 +4,8 @@ From a public model name to an ordered list of routes to try.
 The order is the whole decision: the API layer tries the first route and
 moves on to the next only while nothing has reached the client (see
 :mod:`oproxy.api.dispatch`).  Candidates are the backends allowed by the
-model's rule that serve its target model and whose circuit is closed,
+model's rule that serve its target model and whose circuits (the
+backend's own, and the model's on that backend) let requests through,
 ordered by the strategy; the routes of the fallback models follow.
 """
 
@@ -16,14 +17,17 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from oproxy.backends.base import Backend
 from oproxy.errors import BackendsDown, ModelNotFound
 from oproxy.health import BackendHealth
-from oproxy.routing.breaker import Breaker
+from oproxy.metrics import Metrics
+from oproxy.routing.breaker import ANSWERED, GO, Breaker, Outcome, Permit
 from oproxy.routing.catalog import Catalog
 from oproxy.routing.settings import ModelRule, RoutingConfig
+from oproxy.state.base import IStateStore
 
 #: A model list older than this is refreshed before a name is declared unknown.
 STALE_SECONDS = 5.0
@@ -92,8 +96,28 @@ class RoutingState:
     credit: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, clock: IReactorTime, config: RoutingConfig) -> RoutingState:
-        return cls(Breaker(clock, config.breaker_failures, config.breaker_cooldown), Catalog(clock))
+    def new(
+        cls,
+        clock: IReactorTime,
+        config: RoutingConfig,
+        *,
+        store: IStateStore | None = None,
+        metrics: Metrics | None = None,
+    ) -> RoutingState:
+        """
+        :param store: where circuits are shared with the other processes
+            (``None``: each process keeps its own).
+        """
+        catalog = Catalog(clock)
+        breaker = Breaker(
+            clock,
+            config.breaker_failures,
+            config.breaker_cooldown,
+            store=store,
+            metrics=metrics,
+            listed=lambda backend, model: catalog.serves(backend, model) is True,
+        )
+        return cls(breaker, catalog)
 
 
 class Router:
@@ -122,17 +146,16 @@ class Router:
         :raises BackendsDown: backends serve it, but every one is out.
         """
         found: list[Route] = []
-        down: list[str] = []
+        down: list[tuple[str, float]] = []
         await self._collect(model, found, down, seen=set())
         if found:
             return found
         if down:
-            wait = min(self.state.breaker.retry_after(name) for name in down)
-            raise BackendsDown(model, down, wait)
+            raise BackendsDown(model, [name for name, _ in down], min(w for _, w in down))
         raise ModelNotFound(model)
 
     async def _collect(
-        self, model: str, found: list[Route], down: list[str], seen: set[str]
+        self, model: str, found: list[Route], down: list[tuple[str, float]], seen: set[str]
     ) -> None:
         if model in seen:
             return
@@ -142,8 +165,13 @@ class Router:
         allowed = [b for b in self.backends if _allowed(rule, b.name)]
         serving = await self._serving(allowed, target, explicit=bool(rule and rule.backends))
         breaker = self.state.breaker
-        healthy = [b for b in serving if not breaker.is_open(b.name)]
-        down.extend(b.name for b in serving if breaker.is_open(b.name))
+        healthy = []
+        for backend in serving:
+            circuit = circuit_model(backend, target)
+            if breaker.is_open(backend.name, circuit):
+                down.append((backend.name, breaker.retry_after(backend.name, circuit)))
+            else:
+                healthy.append(backend)
         strategy = (rule.strategy if rule else None) or self.config.strategy
         options = rule.options if rule else ()
         for backend in self._order(healthy, target, strategy):
@@ -233,12 +261,33 @@ class Router:
         if self.state.busy[route.backend.name] <= 0:
             del self.state.busy[route.backend.name]
 
-    def succeeded(self, route: Route) -> None:
-        self.state.breaker.succeeded(route.backend.name)
-        self.state.catalog.mark_loaded(route.backend.name, route.upstream_model)
+    def permit(self, route: Route) -> Permit | defer.Deferred[Permit | None] | None:
+        """Whether an attempt on ``route`` may go now (see :meth:`Breaker.permit`)."""
+        breaker = self.state.breaker
+        if breaker.calm:  # the hot path
+            return GO
+        return breaker.permit(
+            route.backend.name, circuit_model(route.backend, route.upstream_model)
+        )
 
-    def failed(self, route: Route) -> None:
-        self.state.breaker.failed(route.backend.name)
+    def report(self, route: Route, permit: Permit, outcome: Outcome) -> None:
+        """What an attempt on ``route`` taught (see :class:`Outcome`)."""
+        breaker, backend = self.state.breaker, route.backend.name
+        if outcome is ANSWERED:
+            self.state.catalog.mark_loaded(backend, route.upstream_model)
+            if breaker.calm and permit is GO:  # the hot path
+                return
+        breaker.report(backend, circuit_model(route.backend, route.upstream_model), permit, outcome)
+
+
+def circuit_model(backend: Backend, model: str) -> str:
+    """
+    The name a model's circuit on ``backend`` goes by: for Ollama,
+    ``llama3.2`` and ``llama3.2:latest`` are one model, and one circuit.
+    """
+    if backend.kind == "ollama" and ":" not in model:
+        return model + ":latest"
+    return model
 
 
 def _allowed(rule: ModelRule | None, backend: str) -> bool:

@@ -13,7 +13,7 @@ The ``models:`` and ``routing:`` sections of the config file::
     routing:
       strategy: round-robin
       retries: 2                    # extra attempts before the first byte
-      circuit_breaker: {failures: 3, cooldown: 30}
+      circuit_breaker: {failures: 3, cooldown: 30}   # per backend, and per model on each
       discovery_interval: 30        # seconds between model list refreshes
 """
 
@@ -68,8 +68,12 @@ class RoutingConfig:
     """
     :ivar retries: further attempts (other backends, then fallbacks) after a
         failure that happened before the first byte reached the client.
-    :ivar breaker_failures: consecutive failures that take a backend out.
-    :ivar breaker_cooldown: seconds it stays out before one trial request.
+    :ivar breaker_failures: failures in a row that open a circuit: a
+        backend's own (unreachable) or a model's on a backend (errors it
+        answers for that model); see :mod:`oproxy.routing.breaker`.
+    :ivar breaker_cooldown: seconds a circuit stays open before one trial
+        request, and how close together failures must come to count as
+        "in a row".
     :ivar discovery_interval: seconds between refreshes of each backend's models.
     """
 

@@ -10,12 +10,17 @@ that expire, so a process that dies cannot hold a slot for ever.
 
 The functions here are pure; a store runs them (or, for Redis, the same
 steps in Lua) inside one atomic step.
+
+Circuit records are the routing breaker's state shared between processes.
+The store does not read them: it keeps each as an opaque string with an
+expiry and replaces it atomically with what the caller's function makes of
+it, so both stores agree by construction on what the breaker decides.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -139,9 +144,26 @@ class KeyRecord:
     revoked: float | None = None
 
 
+@dataclass(frozen=True)
+class CircuitRecord:
+    """
+    What a store keeps for one circuit: an opaque value, until ``expires``.
+
+    The store treats an expired record as absent and may forget it.
+    """
+
+    value: str
+    expires: float
+
+
+#: What :meth:`IStateStore.update_circuit` calls with a circuit's current
+#: value (``None``: none, or expired): the record to keep, or ``None`` to drop it.
+CircuitChange = Callable[[str | None], CircuitRecord | None]
+
+
 class IStateStore(Interface):
     """
-    Keys, limits and quotas shared by every process that serves.
+    Keys, limits, quotas and circuit states shared by every process that serves.
 
     Every method returns a Deferred and fails with :class:`StateUnavailable`
     when the store cannot be reached.  ``now`` always comes from the
@@ -192,6 +214,18 @@ class IStateStore(Interface):
 
     def has_active_keys() -> defer.Deferred[bool]:
         """Whether any key that is not revoked exists."""
+
+    def update_circuit(name: str, change: CircuitChange, now: float) -> defer.Deferred[str | None]:
+        """
+        Replace the circuit record ``name`` with ``change(current value)``, atomically.
+
+        ``change`` may run more than once (a store that lost a race runs it
+        again on what won), so it must not have effects of its own beyond
+        its answer.  The result is the value kept (``None``: no record).
+        """
+
+    def circuits(now: float) -> defer.Deferred[dict[str, str]]:
+        """Every circuit record that has not expired at ``now``: its value, by name."""
 
     def ping() -> defer.Deferred[None]:
         """Succeed when the store answers."""

@@ -14,6 +14,13 @@ Everything expires by itself: a rate bucket a period after it is full
 again, a quota counter a minute after its period, a lease set after its
 last lease.  Expiry uses Redis's relative timers, so hosts whose clocks are
 a little off Redis's still agree.
+
+Circuit records are the exception: they live in one hash (so a process
+reads them all with one ``HGETALL``), each value prefixed with its expiry
+on the callers' clock, and are replaced by compare-and-swap: Python reads a
+record, works out its successor with the breaker's own arithmetic, and a
+script writes it only if nobody changed the record in between (else Python
+tries again on what won).  The arithmetic is never transcribed to Lua.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from zope.interface import implementer
 from oproxy.redis import Arg, RedisClient, RedisError, RedisReplyError
 from oproxy.state.base import (
     Admission,
+    CircuitChange,
     IStateStore,
     KeyRecord,
     Lease,
@@ -44,6 +52,11 @@ T = TypeVar("T")
 
 #: Seconds a quota counter outlives its period, for late settlements.
 QUOTA_GRACE = 60.0
+
+#: Compare-and-swap rounds a circuit update may lose before giving up.  A
+#: process sends one update of a circuit at a time, so its rivals are the
+#: other processes, and each round one of them wins.
+CIRCUIT_ATTEMPTS = 32
 
 
 class Script:
@@ -230,6 +243,30 @@ return 'ok'
 )
 
 
+#: KEYS: the circuit hash.  ARGV: name, the stored value expected ('' for
+#: none), the value to store ('' to delete), now.  Returns 1 when swapped, 0
+#: when the record was not what the caller read.  Records expired at ``now``
+#: are swept on the way.
+SWAP_CIRCUIT = Script(
+    """
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if current ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+local now = tonumber(ARGV[4])
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local expires = tonumber(string.match(all[i + 1], '^(%S+)'))
+  if expires == nil or expires <= now then redis.call('HDEL', KEYS[1], all[i]) end
+end
+return 1
+"""
+)
+
+
 @implementer(IStateStore)
 class RedisStateStore:
     """
@@ -243,6 +280,8 @@ class RedisStateStore:
     def __init__(self, client: RedisClient, *, namespace: str = "oproxy:") -> None:
         self._client = client
         self.namespace = namespace
+        #: One update of a circuit at a time from this process (see ``CIRCUIT_ATTEMPTS``).
+        self._circuit_locks: dict[str, defer.DeferredLock] = {}
 
     # -- limits ------------------------------------------------------------------
 
@@ -326,6 +365,51 @@ class RedisStateStore:
             *(self._key("quota:", quota.bucket) for quota in quotas),
             *(self._key("lease:", lease.bucket) for lease in leases),
         ]
+
+    # -- circuits ------------------------------------------------------------------
+
+    def update_circuit(
+        self, name: str, change: CircuitChange, now: float
+    ) -> defer.Deferred[str | None]:
+        async def update() -> str | None:
+            lock = self._circuit_locks.setdefault(name, defer.DeferredLock())
+            await lock.acquire()
+            try:
+                return await swap()
+            finally:
+                lock.release()
+                if not lock.locked and not lock.waiting:
+                    del self._circuit_locks[name]
+
+        async def swap() -> str | None:
+            key = self._key("circuits")
+            for _ in range(CIRCUIT_ATTEMPTS):
+                stored = await self._client.execute("HGET", key, name)
+                record = change(_live_circuit(stored, now))
+                replacement = "" if record is None else f"{record.expires!r} {record.value}"
+                expected = stored if stored is not None else b""
+                swapped = await self._run(
+                    SWAP_CIRCUIT, [key], [name, expected, replacement, repr(float(now))]
+                )
+                if swapped:
+                    return None if record is None else record.value
+            raise StateUnavailable(
+                f"the circuit {name!r} changed under every one of {CIRCUIT_ATTEMPTS} attempts"
+            )
+
+        return self._guard(update())
+
+    def circuits(self, now: float) -> defer.Deferred[dict[str, str]]:
+        async def read() -> dict[str, str]:
+            reply = await self._client.execute("HGETALL", self._key("circuits"))
+            found = {}
+            for name, stored in zip(reply[::2], reply[1::2], strict=True):
+                value = _live_circuit(stored, now)
+                if value is not None:
+                    found[name.decode()] = value
+            return found
+
+        return self._guard(read())
 
     # -- keys ----------------------------------------------------------------------
 
@@ -445,6 +529,18 @@ class RedisStateStore:
 def _ttl_ms(seconds: float) -> int:
     """Milliseconds for ``PEXPIRE``, which wants a positive whole number."""
     return max(1, math.ceil(seconds * 1000))
+
+
+def _live_circuit(stored: bytes | None, now: float) -> str | None:
+    """A circuit's value from its stored form, ``expires value``; ``None`` once expired."""
+    if stored is None:
+        return None
+    expires, _, value = stored.decode().partition(" ")
+    try:
+        live = float(expires) > now
+    except ValueError:
+        return None  # not ours to read: treated as absent, and swept by the next write
+    return value if live else None
 
 
 def _key_record(reply: list[bytes]) -> KeyRecord | None:

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from oproxy.state.base import (
     Admission,
+    CircuitChange,
     IStateStore,
     KeyRecord,
     Lease,
@@ -45,7 +46,8 @@ from oproxy.state.outcomes import rate_refusal, rate_states, rate_states_unchang
 T = TypeVar("T")
 
 #: Bumped when the tables change; a file from a newer oproxy is refused.
-SCHEMA_VERSION = 1
+#: 2 added ``circuits``.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -74,6 +76,11 @@ CREATE TABLE IF NOT EXISTS leases (
     PRIMARY KEY (bucket, lease_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases (expires);
+CREATE TABLE IF NOT EXISTS circuits (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 #: Seconds of caller time between sweeps of expired rows, per process.
@@ -213,6 +220,37 @@ class SQLiteStore:
         db.execute("DELETE FROM rate_buckets WHERE tat < ?", (now,))
         db.execute("DELETE FROM quota_counters WHERE expires < ?", (now,))
         db.execute("DELETE FROM leases WHERE expires <= ?", (now,))
+
+    # -- circuits ------------------------------------------------------------------
+
+    def update_circuit(
+        self, name: str, change: CircuitChange, now: float
+    ) -> defer.Deferred[str | None]:
+        def update(db: sqlite3.Connection) -> str | None:
+            with _immediate(db):
+                found = db.execute(
+                    "SELECT value FROM circuits WHERE name = ? AND expires > ?", (name, now)
+                ).fetchone()
+                record = change(found[0] if found else None)
+                # The table holds a row per circuit that failed lately: a
+                # sweep of it is as cheap as the write it comes with.
+                db.execute("DELETE FROM circuits WHERE expires <= ? OR name = ?", (now, name))
+                if record is None:
+                    return None
+                db.execute(
+                    "INSERT INTO circuits (name, value, expires) VALUES (?, ?, ?)",
+                    (name, record.value, record.expires),
+                )
+                return record.value
+
+        return self._call(update)
+
+    def circuits(self, now: float) -> defer.Deferred[dict[str, str]]:
+        def read(db: sqlite3.Connection) -> dict[str, str]:
+            rows = db.execute("SELECT name, value FROM circuits WHERE expires > ?", (now,))
+            return dict(rows.fetchall())
+
+        return self._call(read)
 
     # -- keys ----------------------------------------------------------------------
 

@@ -18,11 +18,16 @@ Model management (``/api/pull``, ``/api/create``, ``/api/push``,
 ``/api/copy``, ``/api/delete``) changes the catalogue the other routes see;
 see :mod:`oproxy.testing.fake_manage` for what create and push report.
 
-Besides Ollama's routes the fake serves two of its own, which the real
+Besides Ollama's routes the fake serves a few of its own, which the real
 server does not have: ``GET /_fake/stats`` (the :class:`GenerationStats`
-counters as JSON) and ``POST /_fake/reset`` (zero the counters, restore the
-initial catalogue, unload everything, drop pending failures), for
-end-to-end tests that run the fake in another process.
+counters as JSON), ``GET /_fake/requests`` (``{"requests": [{"path",
+"model"}, ...]}``, what the proxy sent, in order), ``POST /_fake/fail``
+(``{"model": NAME, "error": MESSAGE}`` makes one model's runner crash, see
+:meth:`FakeOllama.fail_model`, ``"error": null`` mends it; ``{"status": 503,
+"message": MESSAGE}`` fails the next request, see
+:meth:`FakeOllama.fail_next`) and ``POST /_fake/reset`` (zero the counters,
+restore the initial catalogue, unload everything, drop pending failures),
+for end-to-end tests that run the fake in another process.
 
 Run it standalone with ``python -m oproxy.testing.fake_ollama --port N``.
 """
@@ -72,6 +77,7 @@ from oproxy.testing.fake_manage import (
     push_progress,
 )
 from oproxy.testing.fake_models import (
+    CRASH_ERROR,
     DEFAULT_MODELS,
     Catalogue,
     FakeModel,
@@ -223,6 +229,21 @@ class FakeOllama:
         """
         self._failures.append((status, message))
 
+    def fail_model(self, name: str, message: str | None = CRASH_ERROR) -> None:
+        """
+        Make every inference request for the installed model ``name`` fail
+        as Ollama does when the model's runner crashes: status 500 and
+        ``{"error": message}`` before any byte (by default
+        :data:`~oproxy.testing.fake_models.CRASH_ERROR`), while the
+        server's other models answer as usual.  ``None`` mends the model.
+
+        :raises KeyError: no such model is installed.
+        """
+        model = self.models.find(name)
+        if model is None:
+            raise KeyError(name)
+        self.models.add(replace(model, load_error=message))
+
     def reset(self) -> None:
         """
         Back to the initial state: counters and request log zeroed, initial
@@ -264,6 +285,8 @@ class FakeOllama:
             ("/api/copy", ["POST"], self._copy),
             ("/_fake/stats", ["GET"], self._fake_stats),
             ("/_fake/reset", ["POST"], self._fake_reset),
+            ("/_fake/fail", ["POST"], self._fake_fail),
+            ("/_fake/requests", ["GET"], self._fake_requests),
         ]
         for path, methods, handler in routes:
             self.app.route(path, methods=methods, endpoint=path)(self._guarded(handler))
@@ -326,6 +349,30 @@ class FakeOllama:
     def _fake_reset(self, request: Request) -> bytes:
         self.reset()
         return json_response(request, 200, {})
+
+    def _fake_fail(self, request: Request) -> bytes:
+        try:
+            body = parse_go_json(request.content.read() if request.content is not None else b"")
+        except GoJSONError as exc:
+            raise RequestError(400, str(exc)) from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "expected a JSON object")
+        model, message = body.get("model"), body.get("error", CRASH_ERROR)
+        if isinstance(model, str) and (message is None or isinstance(message, str)):
+            try:
+                self.fail_model(model, message)
+            except KeyError:
+                raise RequestError(404, f"model {go_quote(model)} not found") from None
+            return json_response(request, 200, {})
+        status, message = body.get("status"), body.get("message")
+        if isinstance(status, int) and 400 <= status <= 599 and isinstance(message, str):
+            self.fail_next(status, message)
+            return json_response(request, 200, {})
+        raise RequestError(400, 'expected {"model", "error"} or {"status", "message"}')
+
+    def _fake_requests(self, request: Request) -> bytes:
+        seen = [{"path": path, "model": body.get("model")} for path, body in self.stats.requests]
+        return json_response(request, 200, {"requests": seen})
 
     # ------------------------------------------------------------------
     # Shared inference steps

@@ -109,6 +109,21 @@ def start_twistd(
     return Daemon(process=process, port=port, log=log)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_state_per_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """
+    The daemons of a module share a state store of their own: a backend
+    one module's daemon found broken must not be out for the next module's.
+    """
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("e2e")
