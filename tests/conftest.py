@@ -53,13 +53,15 @@ def private_state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(autouse=True)
-def private_state_per_test(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def private_state_per_test(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """
     A state store of its own for every test's proxies: circuits (like keys
     and limits) live there, and a backend one test broke must not be out
     in the next test that gives a backend the same name.
     """
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
 
 
 @pytest.fixture
