@@ -24,9 +24,8 @@ from collections import deque
 from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -350,6 +349,25 @@ class _Connection(Protocol):
             body.connectionLost(Failure(ResponseFailed([reason])))
 
 
+class _OneConnection(Factory):
+    """
+    Hands an endpoint the one connection it is to connect, quietly.
+
+    ``connectProtocol``'s factory logs "Starting factory" and "Stopping
+    factory" for every connection: two lines for each new upstream
+    connection, and one more each time a client that hangs up mid-answer
+    costs the proxy its upstream connection.
+    """
+
+    noisy = False
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return self._connection
+
+
 class _OriginConnections:
     """One origin's kept-alive connections with no request on them."""
 
@@ -441,7 +459,8 @@ class LeanAgent:
         connection = idle.take()
         if connection is None:
             endpoint = self._endpoints.endpointForURI(URI.fromBytes(b"http://" + origin + b"/"))
-            connection = await connectProtocol(endpoint, _Connection(idle))
+            connection = _Connection(idle)
+            await endpoint.connect(_OneConnection(connection))
         return await connection.send(method, target, headers, body)
 
 
