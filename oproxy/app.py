@@ -58,6 +58,12 @@ log = Logger()
 #: Refusals counted as rejections: keys, permissions, body size, limits, quotas.
 REJECTION_STATUSES = frozenset((401, 403, 413, 429))
 
+#: The status recorded for a request whose client hung up before its answer
+#: was complete (nginx's "client closed request"); it never reaches the wire.
+CLIENT_CLOSED = 499
+#: Its error kind in the access log.
+CLIENT_CLOSED_KIND = "client_closed"
+
 #: Failures that say something about a backend, counted per backend and kind.
 UPSTREAM_FAILURES = (UpstreamError, UpstreamUnavailable, UpstreamBusy, UpstreamTimeout)
 
@@ -170,7 +176,12 @@ class ProxyApp:
                 self.metrics.upstream_errors.labels(backend, e.code or "error").inc()
             return _sized(request, render(request, e))
         except defer.CancelledError:
+            # Klein cancels a handler only when its request's connection is
+            # lost: the cancellation has closed the upstream connection, and
+            # the request is the client's doing, not a failure of ours.
             abandoned = True
+            error_kind = CLIENT_CLOSED_KIND
+            request.setResponseCode(CLIENT_CLOSED, b"Client Closed Request")
             raise
         except Exception:
             log.failure(
@@ -219,6 +230,8 @@ class ProxyApp:
                     request, _request_id(request), scope, status, started, elapsed, error_kind
                 )
             )
+        if error_kind == CLIENT_CLOSED_KIND:
+            _log_request_line(request)
 
     # -- OpenAI routes -----------------------------------------------------
 
@@ -481,6 +494,19 @@ class ProxyApp:
 def client_address(request: IRequest) -> str:
     """The peer's IP address (``unix`` for a Unix socket peer)."""
     return getattr(request.getClientAddress(), "host", None) or "unix"
+
+
+def _log_request_line(request: IRequest) -> None:
+    """
+    The access line of a request whose client hung up.
+
+    Twisted writes a request's line when the request finishes, which one
+    whose connection is gone never does; the site (which knows where lines
+    go, if anywhere) is asked directly instead.
+    """
+    site = getattr(request, "site", None)
+    if site is not None:
+        site.log(request)
 
 
 def _sized(request: IRequest, answer: bytes | None) -> bytes | None:

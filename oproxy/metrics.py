@@ -74,7 +74,8 @@ class Metrics:
         self.registry = registry
         self.requests = Counter(
             "oproxy_requests",
-            "Requests answered, by route, model, backend and HTTP status.",
+            "Requests answered, by route, model, backend and HTTP status "
+            "(499: the client hung up before its answer was complete).",
             ["route", "model", "backend", "status"],
             registry=registry,
         )

@@ -42,18 +42,42 @@ SSE_HEADERS = {
 DONE = b"data: [DONE]\n\n"
 
 
+def connection_lost(request: IRequest) -> bool:
+    """
+    Whether the client's connection is gone (the client hung up).
+
+    Twisted's ``Request.connectionLost`` lets go of the request's channel,
+    its one way to the socket; ``Request.loseConnection`` asks the same.
+    """
+    return hasattr(request, "channel") and request.channel is None
+
+
 @implementer(IPushProducer)
 class ClientPacer:
     """
     Tells the relay when the client's socket is full, and when it has drained.
 
-    Registered as the request's streaming producer, so the HTTP channel
-    pauses it when its write buffer is over the high-water mark.
+    Used as a context manager around the writes of a stream: it is the
+    request's streaming producer meanwhile, so the HTTP channel pauses it
+    when its write buffer is over the high-water mark.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, request: IRequest) -> None:
+        self._consumer = cast(IConsumer, request)
+        self._request = request
         self._resumed: defer.Deferred[None] | None = None
         self.paused = False
+
+    def __enter__(self) -> ClientPacer:
+        self._consumer.registerProducer(self, True)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # A lost connection took the registration with it: the request
+        # dropped its channel and the channel its producer, and
+        # ``Request.unregisterProducer`` would fail on the missing channel.
+        if not connection_lost(self._request):
+            self._consumer.unregisterProducer()
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -129,10 +153,7 @@ async def _relay_from(
     Write ``first`` and the rest of ``chunks`` once the stream is committed:
     from here on a failure can only be reported inside the stream.
     """
-    pacer = ClientPacer()
-    consumer = cast(IConsumer, request)
-    consumer.registerProducer(pacer, True)
-    try:
+    with ClientPacer(request) as pacer:
         request.write(sse_event(first))
         await _flush(clock)
         try:
@@ -154,8 +175,6 @@ async def _relay_from(
             request.write(render_stream_error(ServerError()))
             return
         request.write(DONE)
-    finally:
-        consumer.unregisterProducer()
 
 
 #: What a client reads while the model loads: an SSE comment, which every

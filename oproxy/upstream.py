@@ -240,6 +240,19 @@ class BodyReader(Protocol):
         if self.transport is not None and not self._finished:
             self._producer().stopProducing()
 
+    def _stop_waiting(self, waiter: defer.Deferred[None]) -> None:
+        """
+        The caller stopped listening (the client went away): forget the
+        wait, then close the connection.
+
+        The wait is forgotten first: the cancelled Deferred fails with
+        ``CancelledError`` on its own, and the connection's end, which
+        comes a turn later, must not wake it a second time.
+        """
+        if self._waiter is waiter:
+            self._waiter = None
+        self.abort()
+
     async def next_lines(self) -> list[bytes]:
         """
         The lines received since the last call; an empty list means the end.
@@ -249,7 +262,7 @@ class BodyReader(Protocol):
                 raise self._failure
             if self._finished:
                 return []
-            self._waiter = defer.Deferred(lambda _: self.abort())
+            self._waiter = defer.Deferred(self._stop_waiting)
             await self._waiter
         lines = list(self._lines)
         self._lines.clear()

@@ -21,7 +21,6 @@ from typing import Any, cast
 
 import orjson
 from twisted.internet import defer
-from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -345,10 +344,7 @@ async def relay_ndjson(scope: Scope, lines: Lines, route_name: str | None = None
             scope.app.metrics.first_token.labels(route_name, scope.model_label).observe(
                 scope.first_token_seconds
             )
-        pacer = ClientPacer()
-        consumer = cast(IConsumer, request)
-        consumer.registerProducer(pacer, True)
-        try:
+        with ClientPacer(request) as pacer:
             request.write(ndjson_line(first))
             try:
                 async for line in lines:
@@ -362,8 +358,6 @@ async def relay_ndjson(scope: Scope, lines: Lines, route_name: str | None = None
             except Exception:
                 log.failure("Native stream failed after it began")
                 request.write(ndjson_line({"error": ServerError().message}))
-        finally:
-            consumer.unregisterProducer()
 
 
 def render_json(scope: Scope, payload: Any, status: int = 200) -> bytes:
