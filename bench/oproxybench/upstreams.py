@@ -209,6 +209,13 @@ def serve_paced(port: int, stream_file: Path, pace_ms: float, lifetime: float) -
     case.  It stops after ``lifetime`` seconds or when its parent exits.
     """
     lines = stream_file.read_bytes().splitlines(keepends=True)
+    # The health probe's GET /api/version and /api/ps, and /api/tags: a
+    # backend that fails its probes is taken out of service.
+    answers = {
+        name: (stream_file.parent / name).read_bytes()
+        for name in ("version", "ps", "tags")
+        if (stream_file.parent / name).exists()
+    }
     first, rest = lines[0], b"".join(lines[1:])
     pace = pace_ms / 1000
 
@@ -237,13 +244,7 @@ def serve_paced(port: int, stream_file: Path, pace_ms: float, lifetime: float) -
                 buffer = buffer[length:]
                 date = formatdate(usegmt=True).encode()
                 if not head.startswith(b"POST /api/chat "):
-                    body = b"404 page not found"
-                    sock.sendall(
-                        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nDate: "
-                        + date
-                        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
-                        + body
-                    )
+                    sock.sendall(_canned_or_missing(head, answers, date))
                     continue
                 sock.sendall(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nDate: "
@@ -269,6 +270,25 @@ def serve_paced(port: int, stream_file: Path, pace_ms: float, lifetime: float) -
 
         threading.Thread(target=watchdog, daemon=True).start()
         server.serve_forever(poll_interval=0.5)
+
+
+def _canned_or_missing(head: bytes, answers: dict[str, bytes], date: bytes) -> bytes:
+    """A canned ``GET /api/NAME`` answer, as nginx serves it, else Ollama's 404."""
+    match = re.match(rb"GET /api/(\w+) ", head)
+    body = answers.get(match.group(1).decode()) if match else None
+    status, kind = b"200 OK", b"application/json; charset=utf-8"
+    if body is None:
+        status, kind, body = b"404 Not Found", b"text/plain", b"404 page not found"
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: "
+        + kind
+        + b"\r\nDate: "
+        + date
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
 
 
 def start_paced(
