@@ -46,7 +46,6 @@ from oproxy.translate.common import (
     present,
     raise_for_upstream_error,
     require_object_body,
-    require_single_choice,
     sampling_options,
     unsupported_value,
     usage_from_ollama,
@@ -617,9 +616,12 @@ def chat_request_to_ollama(
     :param fetched_images: base64 images for the http(s) URLs that
         :func:`remote_image_urls` listed, fetched by the HTTP layer.
     :raises InvalidRequest: naming the first bad field.
+
+    ``n`` is checked but not sent: Ollama makes one choice a call, and the
+    HTTP layer (:mod:`oproxy.api.choices`) makes one call per choice.
     """
     body = require_object_body(body)
-    require_single_choice(body)
+    optional_integer(body, "n", "n", minimum=1)  # the HTTP layer runs one call per choice
     wants_usage_chunk(body)
     native: dict[str, Any] = {
         "model": model,
