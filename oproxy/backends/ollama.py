@@ -2,7 +2,9 @@
 The Ollama adapter: the OpenAI API on top of Ollama's native ``/api/*``.
 
 Translation is done by the pure functions in :mod:`oproxy.translate`; this
-module only sends, receives and maps Ollama's errors to ours.
+module only sends, receives and maps Ollama's errors to ours.  Each call is
+one generation (one prompt, one choice): :mod:`oproxy.api.choices` runs the
+prompts of a list and the ``n`` choices of a request as separate calls.
 """
 
 from __future__ import annotations
