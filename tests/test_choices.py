@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.web.server import Site
 
-from oproxy.api.choices import derived_seed, run_bounded
+from oproxy.api.choices import derived_seed, requested_generations, run_bounded
 from oproxy.config import BackendConfig, RequestLimits
 from oproxy.streaming import merge
 from oproxy.testing import GenerationStats
@@ -389,6 +389,29 @@ def test_seeds_wrap_within_64_bits() -> None:
     assert [derived_seed(7, i) for i in range(3)] == [7, 8, 9]
     assert derived_seed(2**63 - 1, 1) == -(2**63)
     assert derived_seed(-1, 2) == 1
+
+
+def test_generation_bodies() -> None:
+    limits = RequestLimits()
+    chat = requested_generations("chat", {"n": 2, "seed": 4.0}, limits)
+    assert chat.bodies({"n": 2, "seed": 4.0, "messages": []}) == [
+        {"seed": 4, "messages": []},
+        {"seed": 5, "messages": []},
+    ]
+    # Ollama's own options.seed counts as the seed when there is no other.
+    native = chat.bodies({"n": 2, "options": {"seed": 1, "top_k": 3}})
+    assert [b["options"] for b in native] == [{"seed": 1, "top_k": 3}, {"seed": 2, "top_k": 3}]
+    assert [b["seed"] for b in chat.bodies({"seed": 9, "options": {"seed": 1}})] == [9, 10]
+    # A seed out of range is left for the translation to refuse.
+    assert [b["seed"] for b in chat.bodies({"seed": 2**64})] == [2**64, 2**64]
+    assert chat.bodies({"seed": "x"}) == [{"seed": "x"}, {"seed": "x"}]
+    body = {"prompt": ["a", "b"], "n": 2, "best_of": 2}
+    completions = requested_generations("completions", body, limits)
+    assert completions.count == 4
+    assert completions.bodies(body) == [{"prompt": p} for p in ("a", "a", "b", "b")]
+    one = requested_generations("completions", {"prompt": ["a"], "n": 3}, limits)
+    assert one.count == 3 and one.bodies({"prompt": ["a"]}) == [{"prompt": ["a"]}] * 3
+    assert requested_generations("completions", {"prompt": [1, 2, 3]}, limits).count == 1
 
 
 async def _items(values: list[int], opened: list[int], closed: list[int], name: int) -> Any:

@@ -42,6 +42,8 @@ from oproxy.config import RequestLimits
 from oproxy.errors import InvalidRequest
 from oproxy.streaming import merge
 from oproxy.translate.common import (
+    INT64_MAX,
+    INT64_MIN,
     as_integer,
     invalid_value,
     new_completion_id,
@@ -93,16 +95,13 @@ class Generations:
     def bodies(self, body: Mapping[str, Any]) -> list[dict[str, Any]]:
         """One body per generation, in index order, each asking for one choice."""
         base = {key: value for key, value in body.items() if key not in _FANNED_OUT}
-        seed = _whole(present(base, "seed"))
-        prompts: Sequence[Any] = self.prompts if self.prompts is not None else (base.get("prompt"),)
+        prompts: Sequence[Any] = self.prompts if self.prompts is not None else (None,)
         bodies = []
         for prompt in prompts:
             for choice in range(self.n):
-                one = dict(base)
+                one = _seeded(base, choice)
                 if self.prompts is not None:
                     one["prompt"] = prompt
-                if seed is not None:
-                    one["seed"] = derived_seed(seed, choice)
                 bodies.append(one)
         return bodies
 
@@ -255,7 +254,26 @@ def _check_best_of(body: Mapping[str, Any], n: int) -> None:
 
 def derived_seed(seed: int, choice: int) -> int:
     """Choice ``choice``'s seed: ``seed + choice``, wrapped into the int64 range."""
-    return (seed + choice + 2**63) % 2**64 - 2**63
+    return (seed + choice - INT64_MIN) % 2**64 + INT64_MIN
+
+
+def _seeded(body: Mapping[str, Any], choice: int) -> dict[str, Any]:
+    """
+    A copy of ``body`` with choice ``choice``'s seed: from ``seed``, else
+    from Ollama's ``options.seed`` (the OpenAI field wins, as everywhere).
+    A seed that is not an int64 is left for the translation to refuse.
+    """
+    one = dict(body)
+    seed = _whole(present(body, "seed"))
+    if seed is not None:
+        if INT64_MIN <= seed <= INT64_MAX:
+            one["seed"] = derived_seed(seed, choice)
+        return one
+    options = body.get("options")
+    seed = _whole(options.get("seed")) if isinstance(options, Mapping) else None
+    if seed is not None and INT64_MIN <= seed <= INT64_MAX and isinstance(options, Mapping):
+        one["options"] = {**options, "seed": derived_seed(seed, choice)}
+    return one
 
 
 def _whole(value: Any) -> int | None:
