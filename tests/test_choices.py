@@ -306,6 +306,19 @@ async def test_several_choices_are_never_cached(proxy: Proxy) -> None:
     assert len(sent(proxy, "/api/chat")) == 4
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_deterministic_prompt_list_is_cached_and_replayed_whole(
+    proxy: Proxy, stream: bool
+) -> None:
+    fields = {"prompt": ["one", "two words", "three"], "temperature": 0, "stream": stream}
+    first, first_body = await post(proxy, "completions", **fields)
+    second, second_body = await post(proxy, "completions", **fields)
+    assert (header(first, "x-cache"), header(second, "x-cache")) == ("MISS", "HIT")
+    assert second_body == first_body
+    assert len(sent(proxy, "/api/generate")) == 3
+
+
 # --------------------------------------------------------------------------
 # An OpenAI-compatible backend: fanned out the same way
 
