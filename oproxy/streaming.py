@@ -284,41 +284,69 @@ async def relay_sse_with_keepalive(
         await _relay_from(request, first, chunks, clock)
 
 
-async def merge(iterators: list[AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
+async def merge(
+    iterators: list[AsyncGenerator[T, None]], *, concurrency: int | None = None
+) -> AsyncGenerator[T, None]:
     """
     Interleave several async iterators, yielding items as they come.
 
-    Used to run the prompts of one completions request concurrently.  The
-    first failure stops the others.
+    Used to run the generations of one request (its prompts, its ``n``
+    choices) side by side.  At most ``concurrency`` iterators are pulled at
+    once (all of them when ``None``); the next one starts when one ends, so
+    iterators that open their upstream lazily (on their first step) never
+    have more than that many upstream calls open.  Each iterator is pulled
+    only when its previous item has been taken, so a client that reads
+    slowly slows every source rather than letting them pile up here.
+
+    The first failure stops the others.  Closing the merge, or a failure,
+    closes every iterator, those never started included.
     """
     if len(iterators) == 1:
         async with aclosing(iterators[0]) as only:
             async for item in only:
                 yield item
         return
-    queue: defer.DeferredQueue[tuple[str, Any]] = defer.DeferredQueue()
+    queue: defer.DeferredQueue[tuple[str, Any, defer.Deferred[None] | None]]
+    queue = defer.DeferredQueue()
+    waiting = iter(iterators)  # shared: each lane takes the next one when it is free
 
-    async def pump(iterator: AsyncGenerator[T, None]) -> None:
-        async with aclosing(iterator):
-            async for item in iterator:
-                queue.put(("item", item))
-        queue.put(("end", None))
+    async def lane() -> None:
+        for iterator in waiting:
+            async with aclosing(iterator):
+                async for item in iterator:
+                    taken: defer.Deferred[None] = defer.Deferred()
+                    queue.put(("item", item, taken))
+                    await taken
+        queue.put(("end", None, None))
 
     def failed(failure: Any) -> None:
         if not failure.check(defer.CancelledError):
-            queue.put(("error", failure))
+            queue.put(("error", failure, None))
 
-    pumps = [defer.Deferred.fromCoroutine(pump(it)).addErrback(failed) for it in iterators]
-    remaining = len(pumps)
+    lanes = len(iterators) if concurrency is None else max(1, min(concurrency, len(iterators)))
+    running = [defer.Deferred.fromCoroutine(lane()).addErrback(failed) for _ in range(lanes)]
+    remaining = lanes
+    taken: defer.Deferred[None] | None = None
     try:
         while remaining:
-            kind, value = await queue.get()
+            kind, value, taken = await queue.get()
             if kind == "item":
                 yield value
+                if taken is not None:
+                    taken.callback(None)
+                    taken = None
             elif kind == "end":
                 remaining -= 1
             else:
                 value.raiseException()
     finally:
-        for running in pumps:
-            running.cancel()
+        # The lane whose item was taken last may not be waiting yet (its
+        # put may be what ran the consumer up to here), so cancelling the
+        # lane would not reach it: refuse its item instead, which stops it
+        # whenever it gets to wait.
+        if taken is not None:
+            taken.cancel()
+        for each in running:
+            each.cancel()
+        for never_started in waiting:
+            await never_started.aclose()

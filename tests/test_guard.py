@@ -227,6 +227,107 @@ async def test_an_abandoned_stream_is_still_counted(guarded: Any) -> None:
     assert used < 500
 
 
+# -- several generations in one request ----------------------------------------------
+
+
+async def complete(proxy: Proxy, token: str, **body: Any) -> tuple[Any, Any]:
+    response, raw = await post_json(
+        proxy.client,
+        proxy.v1("completions"),
+        {"model": "llama3.2", "prompt": "Say hi", **body},
+        bearer(token),
+    )
+    return response, orjson.loads(raw) if raw else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_generation_counts_as_a_request(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice", limits=Limits(rpm=5)))
+    response, body = await complete(proxy, "sk-alice", prompt=["a", "b"], n=2)
+    assert response.code == 200 and len(body["choices"]) == 4
+    assert header(response, "x-ratelimit-remaining-requests") == "1"
+    # Two more generations do not fit in the one left: refused whole, before
+    # anything runs, and nothing is charged.
+    response, body = await chat(proxy, "sk-alice", {**CHAT, "n": 2})
+    assert response.code == 429
+    assert (body["error"]["type"], body["error"]["code"]) == ("requests", "rate_limit_exceeded")
+    assert "Requested 2" in body["error"]["message"]
+    assert len(proxy.fake.stats.requests) == 4
+    response, _ = await chat(proxy, "sk-alice")
+    assert response.code == 200
+    assert header(response, "x-ratelimit-remaining-requests") == "0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_generations_than_the_limit_can_never_pass(guarded: Any) -> None:
+    proxy = guarded(
+        key(
+            "alice",
+            "sk-alice",
+            limits=Limits(rpm=100),
+            model_limits=(("llama3*", Limits(rpm=3)),),
+        )
+    )
+    response, body = await chat(proxy, "sk-alice", {**CHAT, "n": 4})
+    assert response.code == 429
+    assert header(response, "x-should-retry") == "false"
+    assert "Limit 3, Requested 4" in body["error"]["message"]
+    assert "fewer choices (n)" in body["error"]["message"]
+    assert proxy.fake.stats.requests == []
+    assert (await chat(proxy, "sk-alice", {**CHAT, "n": 3}))[0].code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_are_reserved_and_settled_for_every_choice(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice", limits=Limits(tpm=10_000, daily_tokens=10**6)))
+    response, body = await chat(proxy, "sk-alice", {**CHAT, "max_tokens": 3000, "n": 4})
+    assert response.code == 429 and body["error"]["type"] == "tokens"
+    assert proxy.fake.stats.requests == []
+    response, body = await chat(proxy, "sk-alice", {**CHAT, "max_tokens": 1000, "n": 3})
+    assert response.code == 200
+    # The estimate covered three generations, each 1000 and its prompt.
+    assert int(header(response, "x-ratelimit-remaining-tokens") or 0) <= 10_000 - 3 * 1001
+    bucket = f"cfg:alice:day:{periods(reactor.seconds())[0]}"
+    used = body["usage"]["total_tokens"]
+    await settled_to(proxy, bucket, used)
+    _, single = await chat(proxy, "sk-alice", {**CHAT, "max_tokens": 1000})
+    await settled_to(proxy, bucket, used + single["usage"]["total_tokens"])
+    # Settled to the sum of the three generations' usage.
+    assert used == 3 * single["usage"]["total_tokens"]
+
+
+async def settled_to(proxy: Proxy, bucket: str, tokens: int) -> None:
+    """Wait for the background settlement to bring a quota counter to ``tokens``."""
+    for _ in range(250):
+        if await proxy.app.guard.store.quota_used(bucket) == tokens:
+            return
+        await task.deferLater(reactor, 0.02)
+    assert await proxy.app.guard.store.quota_used(bucket) == tokens
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abandoned_stream_of_several_choices_is_still_counted(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice", limits=Limits(daily_tokens=1_000_000)))
+    client = await raw_post(
+        proxy.url,
+        "/v1/chat/completions",
+        {**CHAT, "model": "slow", "stream": True, "max_tokens": 500, "n": 2},
+        bearer("sk-alice"),
+    )
+    while client.received.count(b"data: ") < 8:
+        await task.deferLater(reactor, 0.01)
+    client.transport.loseConnection()
+    while proxy.fake.stats.aborted < 2:
+        await task.deferLater(reactor, 0.01)
+    await task.deferLater(reactor, 0.05)
+    day = periods(reactor.seconds())[0]
+    used = await proxy.app.guard.store.quota_used(f"cfg:alice:day:{day}")
+    generated = client.received.count(b'"content"')
+    # The estimate (2 x (500 + prompt)) was settled to both prompts and what was generated.
+    assert 2 * 4 + generated - 4 <= used <= 2 * 4 + generated + 20
+    assert used < 500
+
+
 @pytest_twisted.ensureDeferred
 async def test_secrets_never_reach_the_store_or_the_log(guarded: Any, tmp_path: Path) -> None:
     proxy = guarded(require_keys=True)

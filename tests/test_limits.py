@@ -18,6 +18,7 @@ from oproxy.security.limits import (
     corrections,
     estimate_completion_tokens,
     estimate_prompt_tokens,
+    generation_count,
     go_duration,
     periods,
     plan,
@@ -135,6 +136,53 @@ def test_completion_estimates() -> None:
     assert estimate_completion_tokens("chat", {"max_completion_tokens": 7}) == 7
     assert estimate_completion_tokens("completions", {"prompt": ["a", "b"], "max_tokens": 5}) == 10
     assert estimate_completion_tokens("embeddings", {"max_tokens": 5}) == 0
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "count"),
+    [
+        ("chat", {}, 1),
+        ("chat", {"n": 3}, 3),
+        ("chat", {"n": 3.0}, 3),  # as the handlers read it
+        ("chat", {"n": 0}, 1),
+        ("chat", {"n": True}, 1),
+        ("completions", {"prompt": "a", "n": 2}, 2),
+        ("completions", {"prompt": ["a", "b", "c"], "n": 2}, 6),
+        ("completions", {"prompt": [[1, 2], [3]]}, 2),
+        ("completions", {"prompt": [0, 5, 7]}, 1),  # one prompt of token ids
+        ("embeddings", {"input": ["a", "b"], "n": 4}, 1),
+    ],
+)
+def test_generation_counts(route: str, body: dict[str, object], count: int) -> None:
+    assert generation_count(route, body) == count
+
+
+def test_every_generation_is_estimated_and_counted() -> None:
+    body = {"prompt": ["abcd", "efgh"], "n": 3, "max_tokens": 5}
+    # Each choice reads its prompt: the usage summed over generations counts it n times.
+    assert estimate_prompt_tokens("completions", body) == 2 * 3
+    assert estimate_completion_tokens("completions", body) == 5 * 2 * 3
+    spent = plan(
+        ALICE,
+        "qwen3",
+        prompt_estimate=6,
+        completion_estimate=30,
+        now=0,
+        lease_id="r",
+        generations=6,
+    )
+    assert [(r.bucket, r.cost) for r in spent.rates if r.family == "requests"] == [
+        ("cfg:alice:rpm", 6),
+        ("cfg:alice:model:qwen3:rpm", 6),
+    ]
+    assert len(spent.leases) == 1  # still one request in flight
+
+
+def test_a_request_of_too_many_generations_is_told_why() -> None:
+    refusal = Refusal("rate", "cfg:alice:rpm", 5, 0, 8, family="requests")
+    error = refusal_error(refusal, ALICE, [])
+    assert "Limit 5, Requested 8" in error.message and "fewer choices (n)" in error.message
+    assert error.headers["x-should-retry"] == "false"
 
 
 def test_headers_show_the_tightest_bucket_of_each_family() -> None:

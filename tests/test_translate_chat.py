@@ -650,10 +650,11 @@ def test_logprobs_pass_through() -> None:
     assert rejected(request(logprobs="yes")).param == "logprobs"
 
 
-def test_only_one_choice_is_supported() -> None:
-    assert "n" not in translate(request(n=1))
-    error = rejected(request(n=2))
-    assert (error.param, error.code) == ("n", "unsupported_value")
+def test_n_is_checked_but_never_sent() -> None:
+    # One native call makes one choice; the HTTP layer makes one call per choice.
+    assert translate(request(n=3)) == translate(request(n=1)) == translate(request())
+    assert "n" not in translate(request(n=2))
+    assert rejected(request(n=0)).param == "n"
     assert rejected(request(n=True)).param == "n"
 
 

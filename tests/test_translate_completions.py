@@ -24,6 +24,7 @@ from oproxy.translate.completions import (
     echo_requested,
     ollama_generate_to_choice,
     requested_logprobs,
+    single_prompt,
 )
 from tests.openai_schema import assert_valid, assert_valid_sse, to_sse
 
@@ -125,13 +126,25 @@ def test_only_a_positive_logprobs_asks_for_logprobs() -> None:
     assert "top_logprobs" not in native
 
 
+def test_one_generation_takes_one_prompt() -> None:
+    assert single_prompt({"prompt": "a"}) == single_prompt({"prompt": ["a"]}) == "a"
+    with pytest.raises(InvalidRequest) as info:
+        single_prompt({"prompt": ["a", "b"]})  # lists are split before they get here
+    assert info.value.param == "prompt"
+
+
+def test_n_and_best_of_are_checked_but_never_sent() -> None:
+    assert translate({"n": 3, "best_of": 3}) == translate({})
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
         ({"logprobs": True}, "logprobs"),
         ({"logprobs": 21}, "logprobs"),
-        ({"n": 2}, "n"),
-        ({"best_of": 3}, "best_of"),
+        ({"n": 0}, "n"),
+        ({"n": "2"}, "n"),
+        ({"best_of": 0}, "best_of"),
         ({"echo": "yes"}, "echo"),
         ({"suffix": 1}, "suffix"),
         ({"stop": [None]}, "stop"),

@@ -2,7 +2,9 @@
 The Ollama adapter: the OpenAI API on top of Ollama's native ``/api/*``.
 
 Translation is done by the pure functions in :mod:`oproxy.translate`; this
-module only sends, receives and maps Ollama's errors to ours.
+module only sends, receives and maps Ollama's errors to ours.  Each call is
+one generation (one prompt, one choice): :mod:`oproxy.api.choices` runs the
+prompts of a list and the ``n`` choices of a request as separate calls.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from oproxy.errors import (
     UpstreamBusy,
     UpstreamError,
 )
-from oproxy.streaming import merge
 from oproxy.translate import chat, completions, embeddings, models
 from oproxy.translate.common import (
     combined_usage,
@@ -130,31 +131,22 @@ class OllamaBackend:
             call.on_cut_short,
         )
 
-    async def _one_completion(
-        self, call: Call, body: Mapping[str, Any], prompt: str, index: int
-    ) -> tuple[dict[str, Any], dict[str, int]]:
+    async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        prompt = completions.single_prompt(body)
         native = completions.completion_request_to_ollama(
             body, model=call.upstream_model, prompt=prompt
         )
         answer = await self._post("/api/generate", native, call)
         choice = completions.ollama_generate_to_choice(
             answer,
-            index=index,
+            index=0,
             echo_prompt=prompt if completions.echo_requested(body) else None,
             logprobs_requested=completions.requested_logprobs(body) is not None,
         )
         usage = usage_from_ollama(answer)
-        return choice, usage
-
-    async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
-        prompts = completions.completion_prompts(body)
-        results = await _gather(
-            [self._one_completion(call, body, prompt, i) for i, prompt in enumerate(prompts)]
-        )
-        usage = combined_usage(u for _, u in results)
         call.on_usage(usage)
         return completions.completion_response(
-            [choice for choice, _ in results],
+            [choice],
             completion_id=new_completion_id("cmpl-"),
             model=call.client_model,
             created=call.created,
@@ -164,66 +156,31 @@ class OllamaBackend:
     async def completion_stream(
         self, call: Call, body: Mapping[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
-        prompts = completions.completion_prompts(body)
+        prompt = completions.single_prompt(body)
+        native = completions.completion_request_to_ollama(
+            body, model=call.upstream_model, prompt=prompt
+        )
         completion_id = new_completion_id("cmpl-")
-        translators = [
-            completions.CompletionStreamTranslator(
-                completion_id,
-                call.client_model,
-                call.created,
-                index=i,
-                echo_prompt=prompt if completions.echo_requested(body) else None,
-                logprobs_requested=completions.requested_logprobs(body) is not None,
-            )
-            for i, prompt in enumerate(prompts)
-        ]
-        streams = await _gather(
-            discard=_close_later,
-            coroutines=[
-                self._stream(
-                    "/api/generate",
-                    completions.completion_request_to_ollama(
-                        body, model=call.upstream_model, prompt=prompt
-                    ),
-                    call,
-                )
-                for prompt in prompts
-            ],
+        translator = completions.CompletionStreamTranslator(
+            completion_id,
+            call.client_model,
+            call.created,
+            index=0,
+            echo_prompt=prompt if completions.echo_requested(body) else None,
+            logprobs_requested=completions.requested_logprobs(body) is not None,
         )
-        merged = merge(
-            [
-                _translated(
-                    lines,
-                    t.feed,
-                    lambda t=t: t.done,  # type: ignore[misc]
-                    self.name,
-                    cut_short=call.on_cut_short,
-                )
-                for lines, t in zip(streams, translators, strict=True)
-            ]
+        lines = await self._stream("/api/generate", native, call)
+        chunks = _translated(
+            lines,
+            translator.feed,
+            lambda: translator.done,
+            self.name,
+            lambda: call.on_usage(translator.usage or {}),
+            call.on_cut_short,
         )
-        return self._with_usage_chunk(merged, translators, completion_id, call, body)
-
-    async def _with_usage_chunk(
-        self,
-        chunks: AsyncGenerator[dict[str, Any], None],
-        translators: list[completions.CompletionStreamTranslator],
-        completion_id: str,
-        call: Call,
-        body: Mapping[str, Any],
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                yield chunk
-        usage = combined_usage(t.usage for t in translators if t.usage is not None)
-        call.on_usage(usage)
-        if wants_usage_chunk(body):
-            yield completions.completion_usage_chunk(
-                completion_id=completion_id,
-                model=call.client_model,
-                created=call.created,
-                usage=usage,
-            )
+        if not wants_usage_chunk(body):
+            return chunks
+        return _with_usage_chunk(chunks, translator, completion_id, call)
 
     async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
         inputs = embeddings.embedding_inputs(body)
@@ -309,37 +266,32 @@ async def _translated(
     finished()
 
 
-def _close_later(stream: AsyncGenerator[Any, None]) -> None:
-    """Close an upstream stream that is no longer wanted (its socket too)."""
-    defer.Deferred.fromCoroutine(stream.aclose())
+async def _with_usage_chunk(
+    chunks: AsyncGenerator[dict[str, Any], None],
+    translator: completions.CompletionStreamTranslator,
+    completion_id: str,
+    call: Call,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The chunks, then the usage chunk ``stream_options.include_usage`` asks for."""
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            yield chunk
+    yield completions.completion_usage_chunk(
+        completion_id=completion_id,
+        model=call.client_model,
+        created=call.created,
+        usage=translator.usage or combined_usage(()),
+    )
 
 
-async def _gather(
-    coroutines: list[Any], discard: Callable[[Any], object] = lambda _: None
-) -> list[Any]:
-    """
-    Run coroutines concurrently; on the first failure cancel the others.
-
-    :param discard: called with the result of each coroutine that succeeded
-        when another failed, so that (for example) an opened upstream stream
-        is closed rather than left for the garbage collector.
-    """
+async def _gather(coroutines: list[Any]) -> list[Any]:
+    """Run coroutines concurrently; on the first failure cancel the others."""
     deferreds = [defer.Deferred.fromCoroutine(c) for c in coroutines]
-    succeeded: list[Any] = []
-
-    def remember(result: Any) -> Any:
-        succeeded.append(result)
-        return result
-
-    for running in deferreds:
-        running.addCallback(remember)
     try:
         return await defer.gatherResults(deferreds, consumeErrors=True)
     except BaseException as e:
         for running in deferreds:
             running.cancel()
-        for result in succeeded:
-            discard(result)
         if isinstance(e, defer.FirstError):
             e.subFailure.raiseException()
         raise

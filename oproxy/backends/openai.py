@@ -11,6 +11,12 @@ usage-only chunk the proxy asked for is dropped unless the client asked too.
 Upstream errors become the project's typed errors, so that a router can tell
 "try another backend" (unreachable, busy, timed out) from "the request is
 wrong" before the first byte has gone to the client.
+
+Each call is one generation: ``n`` and prompt lists are fanned out by
+:mod:`oproxy.api.choices` before they get here, as for Ollama, because
+several of these servers (LM Studio, llama.cpp's server) ignore ``n`` and
+would answer with fewer choices than asked for, and because one request's
+concurrency on the backend stays bounded the same way everywhere.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from oproxy.security.limits import (
     corrections,
     estimate_completion_tokens,
     estimate_prompt_tokens,
+    generation_count,
     plan,
     rate_headers,
     refusal_error,
@@ -227,6 +228,11 @@ class Guard:
         """
         Check the model, then charge every limit and quota at once.
 
+        A request that runs several generations (prompts times ``n``) is
+        charged for each of them against ``rpm``, and its token estimate
+        covers them all, in the same atomic step: it is admitted whole or
+        refused whole, before anything runs.
+
         Returns ``None`` when nothing limits the caller (nothing to settle).
 
         :raises PermissionDenied: the key may not use ``model``.
@@ -250,6 +256,7 @@ class Guard:
             completion_estimate=estimate_completion_tokens(route, body),
             now=now,
             lease_id=request_id,
+            generations=generation_count(route, body),
         )
         try:
             admission = await self._use(

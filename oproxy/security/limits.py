@@ -70,14 +70,23 @@ def plan(
     completion_estimate: int,
     now: float,
     lease_id: str,
+    generations: int = 1,
 ) -> Plan:
-    """The charges for one request by ``caller`` for ``model`` at ``now``."""
+    """
+    The charges for one request by ``caller`` for ``model`` at ``now``.
+
+    :param generations: what the request costs against ``rpm``: the
+        generations it runs on the backends (see :func:`generation_count`),
+        so that a list of prompts or ``n`` choices cannot pass as one
+        request.  It still holds one parallel slot: it is one request in
+        flight, and its own concurrency is bounded by the server.
+    """
     estimate = prompt_estimate + completion_estimate
     limits = caller.policy.limits
     subject = caller.subject
     rates: list[RateCharge] = []
     if limits.rpm is not None:
-        rates.append(RateCharge(f"{subject}:rpm", "requests", 1, limits.rpm))
+        rates.append(RateCharge(f"{subject}:rpm", "requests", generations, limits.rpm))
     if limits.tpm is not None:
         rates.append(RateCharge(f"{subject}:tpm", "tokens", estimate, limits.tpm))
     per_model = caller.policy.limits_for_model(model) if model is not None else None
@@ -85,7 +94,7 @@ def plan(
         _, model_limits = per_model
         where = f"{subject}:model:{model}"
         if model_limits.rpm is not None:
-            rates.append(RateCharge(f"{where}:rpm", "requests", 1, model_limits.rpm))
+            rates.append(RateCharge(f"{where}:rpm", "requests", generations, model_limits.rpm))
         if model_limits.tpm is not None:
             rates.append(RateCharge(f"{where}:tpm", "tokens", estimate, model_limits.tpm))
     quotas: list[QuotaCharge] = []
@@ -139,11 +148,45 @@ def _utc_timestamp(year: int, month: int) -> int:
 # -- estimating tokens before the call -------------------------------------------
 
 
+def choice_count(route: str, body: Mapping[str, Any]) -> int:
+    """
+    The choices (``n``) a chat or completions request asks for: each is a
+    generation of its own.  Anything but a positive whole number counts as
+    one (the handler refuses it before admission anyway).
+    """
+    if route not in ("chat", "completions"):
+        return 1
+    return _whole(body.get("n")) or 1
+
+
+def prompt_count(route: str, body: Mapping[str, Any]) -> int:
+    """
+    The prompts of a completions request: a list's length, where a list of
+    token ids is one prompt.
+    """
+    if route != "completions":
+        return 1
+    prompt = body.get("prompt")
+    if not isinstance(prompt, list) or not prompt or _is_token(prompt[0]):
+        return 1
+    return len(prompt)
+
+
+def generation_count(route: str, body: Mapping[str, Any]) -> int:
+    """
+    The generations a request runs on the backends: every prompt times
+    every choice.  Each counts as a request against ``rpm``.
+    """
+    return choice_count(route, body) * prompt_count(route, body)
+
+
 def estimate_prompt_tokens(route: str, body: Mapping[str, Any]) -> int:
     """
     A deliberately simple guess at a prompt's tokens: text characters / 4,
-    token arrays by length, a fixed share per image.  The reservation is
-    corrected by the real usage afterwards, so it needs to be sane, not exact.
+    token arrays by length, a fixed share per image, times ``n`` (each
+    choice is a generation that reads the prompt, and the usage reported
+    is the sum over the generations).  The reservation is corrected by the
+    real usage afterwards, so it needs to be sane, not exact.
 
     Ollama's native bodies are read too (``/api/generate``'s top-level
     ``images``, ``/api/embeddings``' ``prompt``), so the native routes are
@@ -158,7 +201,8 @@ def estimate_prompt_tokens(route: str, body: Mapping[str, Any]) -> int:
         images += _native_images(body.get("images"))
     else:
         characters, images = _count(body.get("input") if "input" in body else body.get("prompt"))
-    return math.ceil(characters / 4) + images * IMAGE_TOKEN_ESTIMATE
+    once = math.ceil(characters / 4) + images * IMAGE_TOKEN_ESTIMATE
+    return once * choice_count(route, body)
 
 
 def _native_images(images: Any) -> int:
@@ -197,7 +241,8 @@ def _count(node: Any) -> tuple[float, int]:
 def estimate_completion_tokens(route: str, body: Mapping[str, Any]) -> int:
     """
     ``max_completion_tokens`` / ``max_tokens`` (else Ollama's
-    ``options.num_predict``) times ``n`` and prompts, or a default.
+    ``options.num_predict``) for every generation (see
+    :func:`generation_count`), or a default for each.
     """
     if route == "embeddings":
         return 0
@@ -209,17 +254,27 @@ def estimate_completion_tokens(route: str, body: Mapping[str, Any]) -> int:
         value = body.get(name)
         if _positive_int(value):
             cap = value
-    n = body.get("n")
-    choices = n if _positive_int(n) else 1
-    prompt = body.get("prompt") if route == "completions" else None
-    prompts = (
-        len(prompt) if isinstance(prompt, list) and prompt and not _positive_int(prompt[0]) else 1
-    )
-    return cap * choices * prompts
+    return cap * generation_count(route, body)
 
 
 def _positive_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _whole(value: Any) -> int | None:
+    """
+    A positive whole number as an ``int``, also when sent as ``2.0`` (as
+    JavaScript clients may, and as the handlers accept), else ``None``.
+    """
+    if _positive_int(value):
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        return int(value)
+    return None
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # -- what the client is told -------------------------------------------------------
@@ -303,10 +358,14 @@ def refusal_error(refusal: Refusal, caller: Caller, rates: Sequence[RateState]) 
     name = _RATE_NAMES[family]
     if refusal.retry_after is None:
         headers["x-should-retry"] = "false"
+        advice = (
+            "Ask for fewer tokens (max_tokens) or a shorter prompt."
+            if family == "tokens"
+            else "Ask for fewer choices (n) or send fewer prompts: each counts as a request."
+        )
         return _typed(
             f"Request too large for {who} on {name}: Limit {refusal.limit}, "
-            f"Requested {refusal.requested}. Ask for fewer tokens (max_tokens) "
-            "or a shorter prompt.",
+            f"Requested {refusal.requested}. {advice}",
             family,
             headers,
         )

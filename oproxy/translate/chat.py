@@ -49,7 +49,6 @@ from oproxy.translate.common import (
     present,
     raise_for_upstream_error,
     require_object_body,
-    require_single_choice,
     sampling_options,
     unsupported_value,
     usage_from_ollama,
@@ -649,9 +648,12 @@ def chat_request_to_ollama(
         layer: the http(s) URLs that :func:`remote_image_urls` listed,
         fetched, and data URLs in formats Ollama cannot read, converted.
     :raises InvalidRequest: naming the first bad field.
+
+    ``n`` is checked but not sent: Ollama makes one choice a call, and the
+    HTTP layer (:mod:`oproxy.api.choices`) makes one call per choice.
     """
     body = require_object_body(body)
-    require_single_choice(body)
+    optional_integer(body, "n", "n", minimum=1)  # the HTTP layer runs one call per choice
     wants_usage_chunk(body)
     native: dict[str, Any] = {
         "model": model,

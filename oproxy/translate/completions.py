@@ -1,10 +1,10 @@
 """
 ``/v1/completions`` (legacy) ⇄ Ollama ``/api/generate``.
 
-A prompt list fans out into one native call per prompt; the HTTP layer makes
-those calls, builds one choice per prompt with
-:func:`ollama_generate_to_choice` (or one :class:`CompletionStreamTranslator`
-per prompt) and wraps them with :func:`completion_response`.
+Each prompt of a list, and each of ``n`` choices, is one native call: the
+HTTP layer (:mod:`oproxy.api.choices`) splits the request, the Ollama
+adapter builds each call's choice with :func:`ollama_generate_to_choice`
+(or a :class:`CompletionStreamTranslator`), and the HTTP layer joins them.
 
 Better than Ollama's /v1: prompt lists work, ``echo`` works, requested
 ``logprobs`` are returned, and stream chunks carry no zero ``usage``.
@@ -29,7 +29,6 @@ from oproxy.translate.common import (
     optional_string,
     raise_for_upstream_error,
     require_object_body,
-    require_single_choice,
     sampling_options,
     unsupported_value,
     usage_from_ollama,
@@ -90,6 +89,17 @@ def completion_prompts(body: Mapping[str, Any]) -> list[str]:
     return list(prompt)
 
 
+def single_prompt(body: Mapping[str, Any]) -> str:
+    """
+    The one prompt of a request for one generation (a string, or a list of
+    one): the HTTP layer splits longer lists, each prompt its own call.
+    """
+    prompts = completion_prompts(body)
+    if len(prompts) != 1:
+        raise invalid_value("prompt", "Invalid 'prompt': expected one prompt for one generation.")
+    return prompts[0]
+
+
 def echo_requested(body: Mapping[str, Any]) -> bool:
     """Whether the prompt is to be echoed before the completion."""
     return optional_boolean(body, "echo", "echo") is True
@@ -115,13 +125,15 @@ def completion_request_to_ollama(
 
     ``raw`` is sent as false so the model's template still applies, as with
     Ollama's /v1.  ``suffix`` enables fill-in-the-middle on models that
-    support it.
+    support it.  ``n`` and ``best_of`` are checked but not sent: Ollama
+    makes one choice a call, and the HTTP layer (:mod:`oproxy.api.choices`)
+    makes one call per prompt and choice.
 
     :raises InvalidRequest: naming the first bad field.
     """
     body = require_object_body(body)
-    require_single_choice(body, "n")
-    require_single_choice(body, "best_of")
+    optional_integer(body, "n", "n", minimum=1)
+    optional_integer(body, "best_of", "best_of", minimum=1)
     echo_requested(body)
     wants_usage_chunk(body)
     native: dict[str, Any] = {

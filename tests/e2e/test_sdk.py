@@ -93,6 +93,64 @@ def test_completions(client: openai.OpenAI) -> None:
     assert all(c.text for c in reply.choices)
 
 
+def test_chat_n(client: openai.OpenAI) -> None:
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Name a colour"}
+    ]
+    reply = client.chat.completions.create(model="llama3.2", messages=messages, n=2, seed=3)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert all(c.message.content and c.finish_reason == "stop" for c in reply.choices)
+    single = client.chat.completions.create(model="llama3.2", messages=messages, seed=3)
+    assert reply.usage is not None and single.usage is not None
+    assert reply.usage.total_tokens == 2 * single.usage.total_tokens
+
+    stream = client.chat.completions.create(
+        model="llama3.2",
+        messages=messages,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts = ["", ""]
+    finished: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+        if chunk.usage:
+            usage = chunk.usage
+    assert texts == [c.message.content for c in reply.choices]
+    assert finished == {0: "stop", 1: "stop"}
+    assert usage is not None and usage.total_tokens == reply.usage.total_tokens
+
+
+def test_completions_n(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="llama3.2", prompt=["one", "two"], n=2, max_tokens=5)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert reply.choices[0].text == reply.choices[1].text != reply.choices[2].text
+    stream = client.completions.create(
+        model="llama3.2", prompt=["one", "two"], n=2, max_tokens=5, stream=True
+    )
+    texts = ["", "", "", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in reply.choices]
+
+
+def test_too_many_choices_or_prompts(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as many_choices:
+        client.chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], n=9
+        )
+    assert many_choices.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as many_prompts:
+        client.completions.create(model="llama3.2", prompt=["x"] * 65)
+    assert many_prompts.value.param == "prompt"
+
+
 def test_embeddings_default_encoding_matches_float(client: openai.OpenAI) -> None:
     default = client.embeddings.create(model="all-minilm", input=["hello", "world"])
     floats = client.embeddings.create(
