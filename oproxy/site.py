@@ -64,6 +64,10 @@ BODY = "body"
 
 _REPEATED_SLASHES = re.compile(rb"//+")
 
+#: What Twisted's own factory wraps each channel in (looked up once: the
+#: module's attributes go through a deprecation proxy).
+_ChannelWrapper: Any = http._GenericHTTPChannelProtocol  # type: ignore[attr-defined]
+
 _STATUS_CLASSES = {
     1: b"Informational",
     2: b"Success",
@@ -334,7 +338,7 @@ class ProxySite(server.Site):
 
     def protocol(self) -> Any:  # type: ignore[override]
         # What Twisted's own factory builds, around a channel with deadlines.
-        return http._GenericHTTPChannelProtocol(ProxyChannel())  # type: ignore[no-untyped-call]
+        return _ChannelWrapper(ProxyChannel())  # type: ignore[no-untyped-call]
 
     def buildProtocol(self, addr: Any) -> Any:
         client = client_of(addr)
