@@ -14,6 +14,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from klein import Klein
@@ -24,6 +25,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import RequestRedirect
 
 from oproxy.after_send import AfterSend
 from oproxy.api import admin, chat, completions, embeddings, models, native, native_models
@@ -39,6 +41,7 @@ from oproxy.errors import (
     OProxyError,
     RequestTooLarge,
     ServerError,
+    UnsupportedMediaType,
     UpstreamBusy,
     UpstreamError,
     UpstreamTimeout,
@@ -473,6 +476,24 @@ class ProxyApp:
 
     # -- errors Klein raises before a handler runs -------------------------
 
+    @app.handle_errors(RequestRedirect)
+    def relative_redirect(self, request: IRequest, failure: Any) -> bytes:
+        """
+        Routing's redirects (a path with an encoded slash that merges into
+        another) with a relative ``Location``: werkzeug builds an absolute
+        URL from the client's ``Host`` header, which must never be echoed
+        back as somewhere to go.
+        """
+        request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
+        target = urlsplit(failure.value.new_url)
+        location = "/" + target.path.lstrip("/")
+        if target.query:
+            location += "?" + target.query
+        request.setResponseCode(failure.value.code)
+        request.setHeader(b"location", location.encode("utf-8"))
+        request.setHeader(b"content-length", b"0")
+        return b""
+
     @app.handle_errors(WerkzeugNotFound)
     def not_found(self, request: IRequest, failure: Any) -> bytes:
         request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
@@ -544,7 +565,7 @@ def _request_id(request: IRequest) -> str:
 
 def _read_json(request: IRequest) -> dict[str, Any]:
     """
-    The request body as a JSON object, or a clear 400/413.
+    The request body as a JSON object, or a clear 400/413/415.
     """
     if getattr(request, "body_too_large", False):
         limit = getattr(request, "max_body_bytes", 0)
@@ -556,6 +577,7 @@ def _read_json(request: IRequest) -> dict[str, Any]:
             "We could not parse the JSON body of your request: the body is empty.",
             code="invalid_json",
         )
+    _require_json_media_type(request)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -565,6 +587,50 @@ def _read_json(request: IRequest) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+#: Ollama's own documentation posts with ``curl -d``, which says it sends a form.
+_FORM = b"application/x-www-form-urlencoded"
+
+
+def _media_type(content_type: bytes) -> bytes:
+    return content_type.split(b";", 1)[0].strip().lower()
+
+
+def _require_json_media_type(request: IRequest) -> None:
+    """
+    Refuse a body that does not say it is JSON, with ``415``.
+
+    A web page may make a browser send a form (``text/plain``, URL-encoded
+    or multipart) to any site without asking it first; only a JSON
+    ``Content-Type`` makes the browser ask (CORS), and oproxy answers no
+    such question.  Were form bodies parsed as JSON, any page its users
+    visit could drive a proxy that has no keys.  So JSON routes take
+    ``application/json`` and ``+json`` types (with parameters), and
+    otherwise only what no page can send:
+
+    * no ``Content-Type`` at all, from a client that is not a browser (no
+      ``Origin`` header: a browser sends one with every cross-site
+      ``POST``), as scripts posting a JSON string without a header do;
+    * on Ollama's native routes, URL-encoded bodies from such a client too,
+      because ``curl -d`` sends that and is how Ollama's users call them.
+    """
+    content_type = request.getHeader(b"content-type")
+    media_type = _media_type(content_type) if content_type is not None else None
+    if media_type is not None and (
+        media_type == b"application/json" or (media_type.endswith(b"+json") and b"/" in media_type)
+    ):
+        return
+    from_a_page = request.getHeader(b"origin") is not None
+    if not from_a_page and (
+        media_type is None or (media_type == _FORM and request.path.startswith(b"/api/"))
+    ):
+        return
+    sent = "none" if media_type is None else f"`{media_type.decode('latin-1')}`"
+    raise UnsupportedMediaType(
+        f"Unsupported Content-Type {sent}: this route takes a JSON body, "
+        "sent with `Content-Type: application/json`."
+    )
 
 
 def _error_response(request: IRequest, error: OProxyError) -> bytes:

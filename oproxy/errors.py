@@ -120,6 +120,22 @@ class RequestTooLarge(OProxyError):
     default_code = "request_too_large"
 
 
+class RequestTimeout(OProxyError):
+    """The client did not send a request's head or body in time."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class UnsupportedMediaType(OProxyError):
+    """A body that is not JSON (by its ``Content-Type``) on a route that takes JSON."""
+
+    status = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
 class RateLimited(OProxyError):
     """Too many requests or tokens; ``Retry-After`` says when to come back."""
 

@@ -172,6 +172,26 @@ class Metrics:
             ["operation"],
             registry=registry,
         )
+        self.connections_open = Gauge(
+            "oproxy_connections_open",
+            "Client connections open now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.connections_refused = Counter(
+            "oproxy_connections_refused",
+            "Client connections closed at once because a cap was reached, by cap "
+            "(max_connections, max_connections_per_client, descriptors).",
+            ["reason"],
+            registry=registry,
+        )
+        self.request_read_timeouts = Counter(
+            "oproxy_request_read_timeouts",
+            "Connections answered 408 and closed because the client did not send a "
+            "request's head or body in time, by phase (head, body).",
+            ["phase"],
+            registry=registry,
+        )
 
     def count_tokens(self, usage: Mapping[str, int], *, model: str, key: str | None) -> None:
         key_label = key or "-"

@@ -32,6 +32,7 @@ from oproxy.backends.ollama import OllamaBackend
 from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.config import Config, ConfigError, load_config, with_overrides
+from oproxy.connections import descriptor_limit, raise_descriptor_limit
 from oproxy.health import BackendHealth, ProbeService
 from oproxy.http11 import IdleConnections, LeanAgent
 from oproxy.images.fetch import Images
@@ -233,7 +234,17 @@ def log_request_line(line: str) -> None:
 
 
 def build_site(app: ProxyApp, request_lines: Callable[[str], None] = log_request_line) -> ProxySite:
-    site = ProxySite(app.resource(), lambda: app.config.limits.max_body_bytes)
+    """
+    The site over the app: connections, request heads and bodies bounded
+    by the current configuration's ``limits`` (:mod:`oproxy.site`).
+    """
+    site = ProxySite(
+        app.resource(),
+        lambda: app.config.limits,
+        metrics=app.metrics,
+        descriptors=descriptor_limit(),
+        reactor=app.clock,
+    )
     site.displayTracebacks = False
     site.noisy = False
 
@@ -379,6 +390,8 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     origin = (options["config"], tuple(options["listen"]), options["backend"])
     workers = config.workers or os.cpu_count() or 1
     report_errors(reactor, config)
+    # Before any worker starts: they inherit it.
+    raise_descriptor_limit()
     try:
         if workers == 1:
             return serve_here(
