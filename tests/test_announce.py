@@ -17,7 +17,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 
 from oproxy.announce import backend_line, bound_address, listener_line, without_credentials
-from oproxy.config import BackendConfig
+from oproxy.config import BackendConfig, RequestLimits
 from oproxy.health import BackendHealth, ProbeService
 from oproxy.serving import ServingService
 from oproxy.site import ProxySite
@@ -111,7 +111,7 @@ def test_credentials_in_a_url_are_not_logged() -> None:
 async def test_a_serving_process_says_the_port_it_really_bound(
     logged: list[str], proxy: Proxy, tmp_path: Path
 ) -> None:
-    site = ProxySite(Resource(), lambda: 1024)
+    site = ProxySite(Resource(), RequestLimits, metrics=proxy.app.metrics)
     descriptions = ["tcp:0:interface=127.0.0.1", f"unix:{tmp_path}/s.sock"]
     ports = [_listen_now(reactor, d, site) for d in descriptions]
     serving = ServingService(
@@ -132,7 +132,7 @@ async def test_a_serving_process_says_the_port_it_really_bound(
 
 @pytest_twisted.ensureDeferred
 async def test_a_worker_says_nothing_of_its_listeners(logged: list[str], proxy: Proxy) -> None:
-    site = ProxySite(Resource(), lambda: 1024)
+    site = ProxySite(Resource(), RequestLimits, metrics=proxy.app.metrics)
     ports = [_listen_now(reactor, "tcp:0:interface=127.0.0.1", site)]
     serving = ServingService(reactor, proxy.app, site, ports, lambda: 1.0)
     serving.startService()
