@@ -241,7 +241,7 @@ class BackendsDown(OProxyError):
     def __init__(self, model: str, backends: list[str], retry_after: float) -> None:
         seconds = max(1, int(retry_after + 0.999))
         super().__init__(
-            f"Every backend serving the model `{model}` is down "
+            f"Every backend serving the model `{model}` is down or failing it "
             f"({', '.join(sorted(set(backends)))}). Please try again in {seconds}s.",
             headers={"retry-after": str(seconds)},
         )

@@ -90,6 +90,15 @@ _MESSAGE = {
     },
 }
 
+_CHOICES = {
+    "type": "integer",
+    "minimum": 1,
+    "description": (
+        "Choices to generate, run as separate generations on the backend; "
+        "at most the server's limits.max_n (8 by default)."
+    ),
+}
+
 _OPTIONS = {
     "type": "object",
     "description": "Ollama options passed through (num_ctx, top_k, keep_alive, ...).",
@@ -134,6 +143,7 @@ SCHEMAS: dict[str, Any] = {
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
             "top_p": {"type": "number", "minimum": 0, "maximum": 1},
             "seed": {"type": "integer"},
+            "n": _CHOICES,
             "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "max_tokens": {"type": "integer", "minimum": 1},
             "max_completion_tokens": {"type": "integer", "minimum": 1},
@@ -173,6 +183,8 @@ SCHEMAS: dict[str, Any] = {
             "suffix": {"type": "string"},
             "echo": {"type": "boolean"},
             "stream": {"type": "boolean"},
+            "n": _CHOICES,
+            "best_of": {"type": "integer", "minimum": 1, "description": "Must equal n."},
             "max_tokens": {"type": "integer", "minimum": 1},
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
             "logprobs": {"type": "integer", "minimum": 0},

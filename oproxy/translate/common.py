@@ -400,20 +400,6 @@ def wants_usage_chunk(body: Mapping[str, Any]) -> bool:
     return flag is True
 
 
-def require_single_choice(body: Mapping[str, Any], key: str = "n") -> None:
-    """
-    Refuse ``n`` (or ``best_of``) other than 1.
-
-    Ollama produces one choice per call; answering ``n: 3`` with one choice,
-    as Ollama's /v1 does, silently breaks clients that index ``choices[2]``.
-    """
-    count = optional_integer(body, key, key)
-    if count is not None and count != 1:
-        raise unsupported_value(
-            key, f"Invalid value for '{key}': only 1 is supported by this server, got {count}."
-        )
-
-
 # --------------------------------------------------------------------------
 # Sampling options
 
