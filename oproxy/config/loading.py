@@ -54,23 +54,17 @@ def interpolate(text: str, environ: Mapping[str, str], key: str = "") -> str:
     return _REFERENCE.sub(substitute, text)
 
 
-def _interpolate_tree(node: Any, environ: Mapping[str, str]) -> Any:
+def _interpolate_tree(node: Any, environ: Mapping[str, str], key: str = "") -> Any:
     if isinstance(node, str):
-        return interpolate(node, environ)
-    parts: list[tuple[Any, Any]] = []
+        return interpolate(node, environ, key)
     if isinstance(node, list):
-        parts = list(enumerate(node))
-    elif isinstance(node, dict):
-        parts = list(node.items())
-    else:
-        return node
-    done = []
-    for where, value in parts:
-        try:
-            done.append((where, _interpolate_tree(value, environ)))
-        except ConfigError as e:
-            raise e.within(where if isinstance(node, list) else str(where)) from None
-    return [v for _, v in done] if isinstance(node, list) else dict(done)
+        return [_interpolate_tree(v, environ, f"{key}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        return {
+            k: _interpolate_tree(v, environ, f"{key}.{k}" if key else str(k))
+            for k, v in node.items()
+        }
+    return node
 
 
 def normalise_ollama_url(value: str, key: str = "") -> str:
@@ -99,13 +93,9 @@ def _fill(document: dict[str, Any], section: str, key: str, value: str | None) -
     Put ``value`` at ``section.key`` unless the file says something there,
     so that a default from the environment is checked like the file's own.
     """
-    part = _or_empty(document.get(section))
+    part = _or(document.get(section), {})
     if value and isinstance(part, dict) and part.get(key) is None:
         document[section] = {**part, key: value}
-
-
-def _or_empty(section: Any) -> Any:
-    return _or(section, {})
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -118,14 +108,14 @@ def _fill_backends(document: dict[str, Any]) -> None:
     A backend's default name is its place in the list; its timeouts are
     the global ones, overridden key by key.
     """
-    listed, shared = document.get("backends"), _or_empty(document.get("timeouts"))
+    listed, shared = document.get("backends"), _or(document.get("timeouts"), {})
     if not isinstance(listed, list) or not isinstance(shared, dict):
         return
     filled = []
     for index, given in enumerate(listed):
-        given = _or_empty(given)
+        given = _or(given, {})
         if isinstance(given, dict):
-            own = _or_empty(given.get("timeouts"))
+            own = _or(given.get("timeouts"), {})
             given = {**given, "name": _or(given.get("name"), f"backend{index}")}
             if isinstance(own, dict) and shared:
                 given["timeouts"] = {**shared, **{k: _or(v, shared.get(k)) for k, v in own.items()}}
@@ -141,11 +131,12 @@ def _model_rules(models: Any) -> tuple[ModelRule, ...]:
     except ConfigError as e:
         raise e.within("models") from None
     for pattern, body in given.items():
+        body = _or(body, {})
         try:
             if isinstance(body, dict) and "pattern" in body:
                 raise ConfigError("pattern", "is not a known setting")
             rule = {**body, "pattern": pattern} if isinstance(body, dict) else body
-            rules.append(structure({"pattern": pattern} if body is None else rule, ModelRule))
+            rules.append(structure(rule, ModelRule))
         except ConfigError as e:
             raise e.within(pattern).within("models") from None
     return tuple(rules)

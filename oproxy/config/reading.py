@@ -136,7 +136,7 @@ def _section_of(cl: type[Any]) -> Callable[[Any, Any], Any]:
             overrides[field.name] = override(rename=mark.key)
             known.add(mark.key)
     subsections = {k.split(".", 1)[0] for k in known if "." in k}
-    generated = make_dict_structure_fn(cl, _converter, **overrides)
+    generated = make_dict_structure_fn(cl, _converter, _cattrs_use_linecache=False, **overrides)
 
     def section(value: Any, _: Any) -> Any:
         given = mapping({} if value is None else value)

@@ -9,8 +9,6 @@ type says how its value is checked (``Seconds``, ``ByteSize``...: see
 under another key in the file.
 """
 
-from __future__ import annotations
-
 from fnmatch import fnmatchcase
 from typing import Annotated
 
@@ -40,7 +38,7 @@ from oproxy.config.values import (
     invalid,
     one_of,
 )
-from oproxy.security.policy import KeyPolicy, Limits
+from oproxy.security.policy import LIMIT_NAMES, KeyPolicy, Limits
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
@@ -186,28 +184,17 @@ class ListedKey:
 
     def api_key(self) -> APIKey:
         """The key as the guard keeps it: its digest, and its policy."""
-        if self.key is not None and self.key_sha256 is None:
-            digest = self.key
-        elif self.key_sha256 is not None and self.key is None:
-            digest = self.key_sha256
-        else:
+        if (self.key is None) == (self.key_sha256 is None):
             raise invalid("needs exactly one of key or key_sha256")
-        limits = Limits(
-            rpm=self.rpm,
-            tpm=self.tpm,
-            max_parallel=self.max_parallel,
-            daily_tokens=self.daily_tokens,
-            monthly_tokens=self.monthly_tokens,
-        )
         policy = KeyPolicy(
             models=self.models,
             networks=self.networks,
             expires=self.expires,
-            limits=limits,
+            limits=Limits(**{name: getattr(self, name) for name in LIMIT_NAMES}),
             model_limits=self.model_limits,
             admin=self.admin,
         )
-        return APIKey(name=self.name, sha256=digest, policy=policy)
+        return APIKey(self.name, self.key or self.key_sha256 or b"", policy)
 
 
 @attrs.frozen
