@@ -140,6 +140,8 @@ def _section_of(cl: type[Any]) -> Callable[[Any, Any], Any]:
 
     def section(value: Any, _: Any) -> Any:
         given = mapping({} if value is None else value)
+        for spelt in (k for k in given if "." in k and k in known):
+            raise ConfigError(spelt, "is not a known setting")  # only nested, as documented
         for name in subsections & given.keys():
             inner = given.pop(name)
             try:

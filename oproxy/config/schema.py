@@ -165,7 +165,8 @@ class APIKey:
 class ListedKey:
     """
     An entry of ``auth.keys`` as the file writes it: the key (or its
-    digest) and its policy, flat.  It becomes an :class:`APIKey`.
+    digest) and its policy, flat.  It becomes an :class:`APIKey`; the plain
+    key is digested as it is read, so no object ever holds it.
     """
 
     name: str
@@ -184,7 +185,8 @@ class ListedKey:
 
     def api_key(self) -> APIKey:
         """The key as the guard keeps it: its digest, and its policy."""
-        if (self.key is None) == (self.key_sha256 is None):
+        digest = self.key or self.key_sha256
+        if digest is None or None not in (self.key, self.key_sha256):
             raise invalid("needs exactly one of key or key_sha256")
         policy = KeyPolicy(
             models=self.models,
@@ -194,7 +196,7 @@ class ListedKey:
             model_limits=self.model_limits,
             admin=self.admin,
         )
-        return APIKey(self.name, self.key or self.key_sha256 or b"", policy)
+        return APIKey(self.name, digest, policy)
 
 
 @attrs.frozen
