@@ -77,7 +77,7 @@ class CachePolicy:
     read: bool
     write: bool
     max_age: float | None
-    ttl: float = CacheConfig.ttl
+    ttl: float = CacheConfig().ttl
 
 
 NO_CACHE_POLICY = CachePolicy(key=None, read=False, write=False, max_age=None)

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from twisted.internet import defer, task
 
 from oproxy import __version__, launch
-from oproxy.config import Config, ConfigError, load_config
+from oproxy.config import Config, ConfigError, default_state_path, load_config, parse_expiry
 from oproxy.security import keys
 from oproxy.security.limits import periods
 from oproxy.security.policy import (
@@ -46,7 +46,6 @@ from oproxy.security.records import (
     shown_name,
     status,
 )
-from oproxy.security.settings import default_state_path, parse_expiry
 from oproxy.state.base import IStateStore, KeyRecord, StateUnavailable
 from oproxy.state.opening import open_store
 

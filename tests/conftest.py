@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
+from attrs import evolve
 from twisted.internet import reactor, task
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -108,7 +109,7 @@ def proxy_config(
         backends=(backend,),
         images=ImagesConfig(allow_private_networks=True),
     )
-    return replace(config, **changes)
+    return evolve(config, **changes)
 
 
 @pytest.fixture

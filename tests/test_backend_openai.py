@@ -33,7 +33,7 @@ from oproxy.backends.openai import (
     split_base_url,
     upstream_error,
 )
-from oproxy.config import BackendConfig, Timeouts
+from oproxy.config import APIKey, AuthConfig, BackendConfig, RoutingConfig, Timeouts
 from oproxy.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -44,8 +44,7 @@ from oproxy.errors import (
     UpstreamUnavailable,
 )
 from oproxy.routing.router import Router, RoutingState
-from oproxy.routing.settings import RoutingConfig
-from oproxy.security.settings import APIKey, AuthConfig, hash_key
+from oproxy.security.keys import hash_key
 from oproxy.testing.fake_openai import BROKEN_MESSAGE, DEFAULT_OPENAI_MODELS, FakeOpenAI
 from oproxy.upstream import sse_data
 from tests.httputil import header, post_json, raw_post, sse_events

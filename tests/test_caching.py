@@ -12,8 +12,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from oproxy.config import CacheConfig
-from oproxy.security.settings import APIKey, AuthConfig, hash_key
+from oproxy.config import APIKey, AuthConfig, CacheConfig
+from oproxy.security.keys import hash_key
 from tests.conftest import Proxy
 from tests.httputil import header, post_json, sse_events
 from tests.test_redis import RedisServer, redis_server  # noqa: F401 - a fixture

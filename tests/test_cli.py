@@ -16,10 +16,9 @@ import pytest_twisted
 
 from oproxy.cli import check_config, keys_command, parser
 from oproxy.launch import config_to_serve, twistd_arguments
-from oproxy.security.keys import parse_token
+from oproxy.security.keys import hash_key, parse_token
 from oproxy.security.policy import KeyPolicy
 from oproxy.security.records import new_key
-from oproxy.security.settings import hash_key
 from oproxy.state.sqlite import SQLiteStore
 
 

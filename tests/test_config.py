@@ -271,3 +271,109 @@ def test_sentry_settings_from_file_or_environment() -> None:
     with pytest.raises(ConfigError) as raised:
         load_config("sentry: {dsn: 'not a url'}", {})
     assert raised.value.key == "sentry.dsn"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "limits: {max_body_bytes: lots}",
+            "limits.max_body_bytes: must be a positive size such as 32MiB, not 'lots'",
+        ),
+        ("backends: [{name: x}]", "backends[0].url: is required"),
+        ("lisen: []", "lisen: is not a known setting"),
+        ("lisen:", "lisen: is not a known setting"),
+        (
+            "timeouts: {connect: yes}",
+            "timeouts.connect: must be a positive number of seconds, not True",
+        ),
+        ("listen: []", "listen: must name at least one endpoint"),
+        (
+            "images: {allow_hosts: ['bad host']}",
+            "images.allow_hosts[0]: must be a host name or a network (CIDR), not 'bad host'",
+        ),
+        ("auth: {anonymous: 1}", "auth.anonymous: must be true or false, not an integer"),
+        (
+            "auth: {keys: [{name: a, key: k}, {name: a, key: j}]}",
+            "auth.keys: key name 'a' is used twice",
+        ),
+        (
+            "routing: {circuit_breaker: {failures: 0}}",
+            "routing.circuit_breaker.failures: must be a positive whole number, not 0",
+        ),
+        (
+            "routing: {circuit_breaker: {colour: red}}",
+            "routing.circuit_breaker.colour: is not a known setting",
+        ),
+        (
+            "routing: {circuit_breaker: [3]}",
+            "routing.circuit_breaker: must be a mapping, not a list",
+        ),
+        ("routing: {breaker_failures: 3}", "routing.breaker_failures: is not a known setting"),
+        ("routing: {models: {x: {}}}", "routing.models: is not a known setting"),
+        ("models: {x: {pattern: y}}", "models.x.pattern: is not a known setting"),
+        ("models: {'[ab]*': {tagret: y}}", "models.[ab]*.tagret: is not a known setting"),
+        (
+            "metrics: {bearer_token: 5}",
+            "metrics.bearer_token: must be a non-empty string, not an integer",
+        ),
+        ("metrics: {token_sha256: abc}", "metrics.token_sha256: is not a known setting"),
+        (
+            "auth: {keys: [{name: a, key: k, sha256: abc}]}",
+            "auth.keys[0].sha256: is not a known setting",
+        ),
+        ("access_log: {max_bytes: 1MiB}", "access_log.path: is required"),
+        (
+            "backends: [{url: 'http://x', timeouts: {conect: 1}}]",
+            "backends[0].timeouts.conect: is not a known setting",
+        ),
+    ],
+)
+def test_errors_name_the_key_as_the_file_spells_it(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(text, {})
+    assert str(raised.value) == message
+
+
+def test_empty_values_mean_the_defaults() -> None:
+    text = "limits: {max_n: null}\nrouting: {circuit_breaker: }\naccess_log: {}\nimages:\n"
+    config = load_config(text, {})
+    assert config == load_config(None, {})
+    assert config.access_log is None
+
+
+def test_a_backends_timeouts_are_the_global_ones_overridden_key_by_key() -> None:
+    config = load_config(
+        "timeouts: {connect: 7}\n"
+        "backends: [{name: a, url: 'http://a', timeouts: {first_byte: 9}}, {url: 'http://b'}]",
+        {},
+    )
+    a, b = config.backends
+    assert (a.timeouts.connect, a.timeouts.first_byte, a.timeouts.between_chunks) == (7, 9, 300)
+    assert (b.name, b.timeouts) == ("backend1", config.timeouts)
+    assert load_config("timeouts: {connect: 7}", {}).backends[0].timeouts.connect == 7
+
+
+@pytest.mark.parametrize(
+    "url", ["rediss://:secret@redis.example:6380/1", "unix:///run/redis.sock?db=2"]
+)
+def test_redis_urls_may_use_tls_or_a_socket(url: str) -> None:
+    config = load_config(
+        f"cache: {{backend: redis, redis_url: '{url}'}}\nstate: {{backend: redis, url: '{url}'}}",
+        {},
+    )
+    assert (config.cache.redis_url, config.state.url) == (url, url)
+
+
+def test_secrets_are_not_in_a_repr() -> None:
+    config = load_config(
+        """
+backends: [{name: up, type: openai, url: "http://x/v1", api_key: sk-upstream}]
+metrics: {bearer_token: scrape-me}
+auth: {keys: [{name: alice, key: sk-alice}]}
+""",
+        {},
+    )
+    assert config.metrics.token_sha256 == hashlib.sha256(b"scrape-me").digest()
+    shown = repr(config)
+    assert "scrape-me" not in shown and "sk-upstream" not in shown and "sk-alice" not in shown

@@ -17,8 +17,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from oproxy.config import BackendConfig, ImagesConfig, RequestLimits, Timeouts
-from oproxy.security.settings import APIKey, AuthConfig, hash_key
+from oproxy.config import APIKey, AuthConfig, BackendConfig, ImagesConfig, RequestLimits, Timeouts
+from oproxy.security.keys import hash_key
 from tests.conftest import Proxy, listen
 from tests.httputil import header, post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid

@@ -16,13 +16,14 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
 
+from oproxy.config import APIKey, AuthConfig, StateConfig
 from oproxy.errors import QuotaExceeded, RateLimited
 from oproxy.metrics import Metrics
 from oproxy.security.guard import Guard
+from oproxy.security.keys import hash_key
 from oproxy.security.limits import Caller, periods
 from oproxy.security.policy import KeyPolicy, Limits, policy_to_json
 from oproxy.security.records import new_key
-from oproxy.security.settings import APIKey, AuthConfig, StateConfig, hash_key
 from oproxy.state.sqlite import SQLiteStore
 from tests.conftest import Proxy
 from tests.httputil import header, post_json, raw_post

@@ -15,10 +15,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from oproxy import __version__
-from oproxy.config import BackendConfig
+from oproxy.config import APIKey, AuthConfig, BackendConfig
 from oproxy.health import BackendHealth, probe
+from oproxy.security.keys import hash_key
 from oproxy.security.policy import KeyPolicy
-from oproxy.security.settings import APIKey, AuthConfig, hash_key
 from tests.conftest import Proxy, listen
 from tests.httputil import post_json
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
 import pytest_twisted
+from attrs import evolve
 from PIL import Image
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -290,7 +291,7 @@ async def test_redirects_are_capped(server: Server) -> None:
     assert await images.fetch(url, config) == PNG
     url = server.url(f"/redirect/?to={url}")
     await fetch_fails(images, url, config)
-    await fetch_fails(images, url, replace(config, max_redirects=0))
+    await fetch_fails(images, url, evolve(config, max_redirects=0))
 
 
 # -- through the proxy ------------------------------------------------------------------

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oproxy.config import ConfigError, load_config
+from oproxy.config import ConfigError, default_state_path, load_config
 from oproxy.security import keys
+from oproxy.security.keys import hash_key
 from oproxy.security.policy import (
     KeyPolicy,
     Limits,
@@ -21,7 +22,6 @@ from oproxy.security.policy import (
     policy_to_json,
 )
 from oproxy.security.records import check_key_name, shown_name
-from oproxy.security.settings import default_state_path, hash_key
 
 
 def test_issued_keys_have_the_documented_shape() -> None:

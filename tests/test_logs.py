@@ -12,9 +12,9 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.logger import formatEvent, globalLogPublisher
 
-from oproxy.config import AccessLogConfig
+from oproxy.config import AccessLogConfig, APIKey, AuthConfig
 from oproxy.logs import AccessLog, Rotator, redacted, rotate
-from oproxy.security.settings import APIKey, AuthConfig, hash_key
+from oproxy.security.keys import hash_key
 from tests.conftest import Proxy
 from tests.httputil import post_json
 

@@ -17,13 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 
-from oproxy.config import MetricsConfig, RequestLimits, load_config
+from oproxy.config import APIKey, AuthConfig, MetricsConfig, RequestLimits, StateConfig, load_config
 from oproxy.errors import Unauthorized
 from oproxy.health import ProbeService
+from oproxy.security.keys import hash_key
 from oproxy.security.policy import KeyPolicy
 from oproxy.security.records import new_key
 from oproxy.security.scraping import check_scraper, is_local
-from oproxy.security.settings import APIKey, AuthConfig, StateConfig, hash_key
 from oproxy.tap import build_site
 from tests.conftest import Proxy
 from tests.httputil import RawClient, header, post_json

@@ -17,8 +17,7 @@ from twisted.internet import defer, reactor, task
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from oproxy.config import BackendConfig
-from oproxy.routing.settings import ModelRule, RoutingConfig
+from oproxy.config import BackendConfig, ModelRule, RoutingConfig
 from oproxy.testing.fake_ollama import FakeOllama
 from oproxy.testing.fake_openai import FakeOpenAI
 from tests.conftest import Proxy, listen

@@ -18,11 +18,10 @@ from twisted.internet import reactor, task
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from oproxy.config import BackendConfig
-from oproxy.routing.settings import ModelRule, RoutingConfig
+from oproxy.config import APIKey, AuthConfig, BackendConfig, ModelRule, RoutingConfig, StateConfig
+from oproxy.security.keys import hash_key
 from oproxy.security.limits import estimate_completion_tokens, estimate_prompt_tokens
 from oproxy.security.policy import KeyPolicy, Limits
-from oproxy.security.settings import APIKey, AuthConfig, StateConfig, hash_key
 from oproxy.testing import DEFAULT_MODELS, FakeModel
 from oproxy.testing.fake_ollama import FakeOllama
 from tests.conftest import Proxy, listen

@@ -5,8 +5,9 @@ and let go of a cache the new configuration replaces.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
+
+from attrs import evolve
 
 from oproxy.cache import ResponseCache
 from oproxy.config import CacheConfig, ConfigError
@@ -38,7 +39,7 @@ def test_a_replaced_cache_is_closed_and_a_kept_one_is_not(proxy: Proxy) -> None:
     same = proxy.app.config
     assert reloader(proxy, lambda: same).reload()
     assert proxy.app.cache is original and not original.closed
-    changed = replace(same, cache=CacheConfig(enabled=False))
+    changed = evolve(same, cache=CacheConfig(enabled=False))
     assert reloader(proxy, lambda: changed).reload()
     assert proxy.app.cache is not original
     assert original.closed

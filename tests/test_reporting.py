@@ -21,9 +21,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from oproxy import __version__
-from oproxy.config import SentryConfig
+from oproxy.config import APIKey, AuthConfig, SentryConfig
 from oproxy.reporting import start_reporting, stop_reporting
-from oproxy.security.settings import APIKey, AuthConfig, hash_key
+from oproxy.security.keys import hash_key
 from tests.conftest import listen
 from tests.httputil import post_json
 

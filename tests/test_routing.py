@@ -12,13 +12,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 
-from oproxy.config import ConfigError, load_config
+from oproxy.config import ConfigError, ModelRule, RoutingConfig, load_config
 from oproxy.errors import BackendsDown, ModelNotFound
 from oproxy.health import BackendHealth
 from oproxy.routing.breaker import GO, Outcome
 from oproxy.routing.catalog import name_forms
 from oproxy.routing.router import Route, Router, RoutingState
-from oproxy.routing.settings import ModelRule, RoutingConfig
 
 
 @dataclass

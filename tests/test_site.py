@@ -29,10 +29,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from oproxy.config import RequestLimits, StateConfig
+from oproxy.config import AuthConfig, RequestLimits, StateConfig
 from oproxy.metrics import Metrics
 from oproxy.security.policy import Limits
-from oproxy.security.settings import AuthConfig
 from oproxy.site import IDLE_TIMEOUT, LINGER_SECONDS, ProxySite, reason_phrase
 from tests.conftest import Proxy, listen
 from tests.test_failures import error_of, wait_until
@@ -567,7 +566,8 @@ async def test_native_routes_take_curl_d_but_not_from_a_page(proxy: Proxy) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_415_comes_after_the_key_check(proxy_factory: Any) -> None:
-    from oproxy.security.settings import APIKey, hash_key
+    from oproxy.config import APIKey
+    from oproxy.security.keys import hash_key
 
     proxy = proxy_factory(auth=AuthConfig(keys=(APIKey("a", hash_key("sk-a")),)))
     code, _ = await post(

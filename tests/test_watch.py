@@ -288,10 +288,10 @@ def test_bad_reload_settings(text: str, key: str) -> None:
 def test_only_a_given_file_is_watched_and_only_when_asked(
     path: str | None, settings: ReloadConfig, watched: bool
 ) -> None:
-    from dataclasses import replace
+    from attrs import evolve
 
     top = service.MultiService()
-    config = replace(load_config(None, {}), reload=settings)
+    config = evolve(load_config(None, {}), reload=settings)
     add_config_watcher(top, path, config, task.Clock(), Calls())
     watchers = [s for s in top if isinstance(s, ConfigWatcher)]
     assert bool(watchers) == watched

@@ -8,6 +8,7 @@ store: list, create (the key is in the answer, once), show, revoke, rotate.
 from __future__ import annotations
 
 from oproxy.api.scope import Scope
+from oproxy.config import parse_expiry
 from oproxy.errors import InvalidRequest, NotFound, PermissionDenied
 from oproxy.security.keys import looks_like_key_id
 from oproxy.security.policy import PolicyError, policy_from_json
@@ -18,7 +19,6 @@ from oproxy.security.records import (
     revoke_key,
     rotate_key,
 )
-from oproxy.security.settings import parse_expiry
 from oproxy.state.base import KeyRecord
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from attrs import evolve
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
@@ -119,7 +120,7 @@ class OpenAIBackend:
         base = split_base_url(config.url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._upstream = Upstream(
-            replace(config, url=base.origin), agent, clock, extra_headers=headers
+            evolve(config, url=base.origin), agent, clock, extra_headers=headers
         )
         self._api = base.api
         self._health = base.health

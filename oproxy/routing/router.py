@@ -21,12 +21,12 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from oproxy.backends.base import Backend
+from oproxy.config import ModelRule, RoutingConfig
 from oproxy.errors import BackendsDown, ModelNotFound
 from oproxy.health import BackendHealth
 from oproxy.metrics import Metrics
 from oproxy.routing.breaker import ANSWERED, GO, Breaker, Outcome, Permit
 from oproxy.routing.catalog import Catalog
-from oproxy.routing.settings import ModelRule, RoutingConfig
 from oproxy.state.base import IStateStore
 
 #: A model list older than this is refreshed before a name is declared unknown.

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from oproxy.config import AuthConfig, StateConfig
 from oproxy.errors import InvalidRequest, PermissionDenied, StoreUnavailable, Unauthorized
 from oproxy.metrics import Metrics
 from oproxy.security.keys import hash_key, parse_token
@@ -37,7 +38,6 @@ from oproxy.security.limits import (
     refusal_error,
 )
 from oproxy.security.policy import KeyPolicy, Limits, PolicyError, policy_from_json
-from oproxy.security.settings import AuthConfig, StateConfig
 from oproxy.state.base import IStateStore, Lease, StateUnavailable
 
 log = Logger()

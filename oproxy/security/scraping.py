@@ -15,12 +15,11 @@ import functools
 import hmac
 import ipaddress
 
-from oproxy.config import MetricsConfig
+from oproxy.config import AuthConfig, MetricsConfig
 from oproxy.errors import PermissionDenied, Unauthorized
 from oproxy.security.guard import Guard, bearer_token
 from oproxy.security.keys import hash_key
 from oproxy.security.policy import Network
-from oproxy.security.settings import AuthConfig
 
 NEEDS_CREDENTIAL = (
     "Metrics need a credential here: send Authorization: Bearer with the "

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from oproxy.config import StateConfig, default_state_path
 from oproxy.redis import RedisClient
-from oproxy.security.settings import StateConfig, default_state_path
 from oproxy.state.base import IStateStore
 from oproxy.state.redis import RedisStateStore
 from oproxy.state.sqlite import SQLiteStore
