@@ -173,6 +173,8 @@ class ProbeService(service.Service):
         self._clock = clock
         self._interval = interval
         self._loop: task.LoopingCall | None = None
+        #: Fires when the loop has stopped, after the probe under way, if any.
+        self._looping: defer.Deferred[Any] | None = None
         self._first_round = first_round
 
     def _probe(self) -> defer.Deferred[Any]:
@@ -192,9 +194,17 @@ class ProbeService(service.Service):
         super().startService()  # type: ignore[no-untyped-call]
         self._loop = task.LoopingCall(self._probe)
         self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
+        self._looping = self._loop.start(self._interval, now=True)
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop probing; the Deferred fires once a probe under way has ended,
+        so the connection pool it uses is not closed under it.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        looping, self._looping = self._looping, None
+        if looping is None:
+            return defer.succeed(None)
+        return looping.addCallback(lambda _: None)
