@@ -25,6 +25,8 @@ joins this tree.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,10 +55,7 @@ class CannotServe(Exception):
     """
     A listener cannot be bound: the daemon says so in one line and stops.
 
-    In the foreground the line goes to standard error and the process exits
-    with status 1, as it would before anything started.  A detached daemon
-    (``twistd`` without ``-n``) raises this to ``twistd``, whose waiting
-    parent prints it and exits with status 1.
+    See :class:`Refusal` for how the process stops.
     """
 
 
@@ -72,18 +71,38 @@ def bound(bind: Callable[[], T]) -> T:
         raise CannotServe(f"oproxy: cannot listen: {e}") from None
 
 
-def refuse(reason: CannotServe, *, foreground: bool) -> NoReturn:
+@dataclass(frozen=True)
+class Refusal:
     """
-    Stop a process that cannot serve, saying why in one line.
+    How a process that cannot serve stops, saying why in one line.
 
     ``twistd`` has made ``sys.stderr`` a log file by now; the person who
-    started the daemon reads the terminal's.  A detached daemon has no
-    terminal: ``twistd`` tells its parent, which prints the reason and exits.
+    started the daemon reads the terminal's, so the line goes there, as it
+    would have before anything started.  A detached daemon has no terminal:
+    the reason is raised to ``twistd``, which tells the parent it forked
+    from, which prints it and exits with status 1 (a ``SystemExit`` there
+    would leave that parent waiting for ever).
+
+    :ivar foreground: ``twistd -n``, a worker, or no ``twistd`` at all.
+    :ivar pidfile: the pid file ``twistd`` wrote, removed on the way out
+        (``twistd`` removes it itself when the process is detached).
     """
-    if not foreground:
-        raise reason
-    print(reason, file=sys.__stderr__)
-    raise SystemExit(1)
+
+    foreground: bool = True
+    pidfile: str | None = None
+
+    def __call__(self, reason: CannotServe) -> NoReturn:
+        if not self.foreground:
+            raise reason
+        if self.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(self.pidfile)
+        print(reason, file=sys.__stderr__)
+        raise SystemExit(1)
+
+
+#: A process in the foreground, without a pid file: workers, and tests.
+FOREGROUND = Refusal()
 
 
 class Closing(Protocol):
@@ -122,8 +141,7 @@ class ProcessService(service.MultiService):
     to stop, and a process that cannot bind stops with one line.
 
     :param reporting: the Sentry reporting service, when a DSN is set.
-    :param foreground: whether the process runs in the foreground (or is a
-        worker), rather than detached by ``twistd``: see :func:`refuse`.
+    :param refusal: how the process stops when it cannot bind.
     :param prepare: done first, before binding: raising the descriptor
         limit, which the site sizes itself by and workers inherit.
     """
@@ -132,12 +150,12 @@ class ProcessService(service.MultiService):
         self,
         *,
         reporting: service.IService | None = None,
-        foreground: bool = True,
+        refusal: Refusal = FOREGROUND,
         prepare: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reporting = reporting
-        self.foreground = foreground
+        self.refusal = refusal
         self._prepare = prepare
         if reporting is not None:
             self.addService(reporting)
@@ -152,7 +170,7 @@ class ProcessService(service.MultiService):
             self.bind()
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotServe as reason:
-            refuse(reason, foreground=self.foreground)
+            self.refusal(reason)
 
     def bind(self) -> None:
         """Bind what this process serves on (with privileges, if it had any)."""
@@ -230,10 +248,10 @@ class ProxyService(ProcessService):
         drain_timeout: Callable[[], float],
         descriptions: Sequence[str] | None = None,
         reporting: service.IService | None = None,
-        foreground: bool = True,
+        refusal: Refusal = FOREGROUND,
         prepare: Callable[[], object] | None = None,
     ) -> None:
-        super().__init__(reporting=reporting, foreground=foreground, prepare=prepare)
+        super().__init__(reporting=reporting, refusal=refusal, prepare=prepare)
         self.reactor = reactor
         self.resources = resources
         self._make_site = make_site

@@ -46,7 +46,7 @@ from oproxy.routing.breaker import CircuitSync
 from oproxy.routing.router import Router, RoutingState
 from oproxy.security.guard import Guard
 from oproxy.security.settings import StateConfig
-from oproxy.service import ProcessService, ProxyService, Resources
+from oproxy.service import FOREGROUND, ProcessService, ProxyService, Refusal, Resources
 from oproxy.serving import SignalService
 from oproxy.site import ProxySite
 from oproxy.state.base import IStateStore
@@ -294,7 +294,7 @@ def serving_service(
     announce_listeners: bool = True,
     announce_backends: bool = True,
     builders: Builders = BUILDERS,
-    foreground: bool = True,
+    refusal: Refusal = FOREGROUND,
 ) -> ProxyService:
     """
     The serving side, for a single process or a worker: the app, its site on
@@ -335,7 +335,7 @@ def serving_service(
         drain_timeout=lambda: app.config.drain_timeout,
         descriptions=config.listen if announce_listeners else None,
         reporting=reporting_service(config),
-        foreground=foreground,
+        refusal=refusal,
         prepare=raise_descriptor_limit,
     )
     path, overrides, backend_url = options_config
@@ -423,13 +423,18 @@ def logs_plainly_to_stdout(options: usage.Options) -> bool:
     return bool(to_stdout and not twistd.get("syslog") and not twistd.get("logger"))
 
 
-def runs_in_foreground(options: usage.Options) -> bool:
+def refusal_for(options: usage.Options) -> Refusal:
     """
-    Whether ``twistd`` keeps the process in the foreground (``-n``), rather
-    than detaching it; without ``twistd`` (tests) it is in the foreground.
+    How the daemon stops when it cannot bind, as ``twistd`` runs it: in the
+    foreground (``-n``) or detached; without ``twistd`` (tests), in the
+    foreground.
     """
     twistd = getattr(options, "parent", None)
-    return twistd is None or bool(twistd.get("nodaemon"))
+    if twistd is None:
+        return FOREGROUND
+    if not twistd.get("nodaemon"):
+        return Refusal(foreground=False)
+    return Refusal(foreground=True, pidfile=twistd.get("pidfile") or None)
 
 
 def makeService(
@@ -449,7 +454,7 @@ def makeService(
     assert config is not None
     origin = (options["config"], tuple(options["listen"]), options["backend"])
     workers = config.workers or os.cpu_count() or 1
-    foreground = runs_in_foreground(options)
+    refusal = refusal_for(options)
     if workers == 1:
         return serving_service(
             reactor,
@@ -457,7 +462,7 @@ def makeService(
             config,
             lambda site: [_listen_now(reactor, d, site) for d in config.listen],
             builders=builders,
-            foreground=foreground,
+            refusal=refusal,
         )
     spec = WorkerSpec(
         config_path=origin[0],
@@ -468,7 +473,7 @@ def makeService(
     )
     top = ProcessService(
         reporting=reporting_service(config),
-        foreground=foreground,
+        refusal=refusal,
         # Before any worker starts: they inherit it.
         prepare=raise_descriptor_limit,
     )

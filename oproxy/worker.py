@@ -22,15 +22,18 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import atexit
+import contextlib
 import json
 import os
 import select
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import app, service
 from twisted.internet import task
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver, Logger, eventAsText, formatTime, globalLogBeginner
 from twisted.python.threadable import isInIOThread
 from zope.interface import provider
@@ -158,7 +161,10 @@ class WorkerDuties(service.Service):
     def _check_parent(self) -> None:
         if os.getppid() != self._parent:
             log.warn("Master process is gone; stopping")
-            self._reactor.stop()
+            if self._watch is not None and self._watch.running:
+                self._watch.stop()
+            with contextlib.suppress(ReactorNotRunning):
+                self._reactor.stop()  # unless it is stopping already
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -167,7 +173,7 @@ class WorkerDuties(service.Service):
 
 
 def worker_service(
-    reactor: Any, spec: dict[str, Any], config: Config, request_lines: Any
+    reactor: Any, spec: dict[str, Any], config: Config, request_lines: Callable[[str], None]
 ) -> ProxyService:
     """The tree a single process would build, over the sockets the master bound."""
     top = serving_service(

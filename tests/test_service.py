@@ -8,6 +8,7 @@ test turns: each step can be held back to see that the next one waits.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from oproxy.security.guard import Guard, Ticket
 from oproxy.security.limits import Caller, plan
 from oproxy.security.policy import KeyPolicy, Limits
 from oproxy.security.settings import StateConfig
-from oproxy.service import CannotServe, ProcessService, ProxyService, Resources
+from oproxy.service import CannotServe, ProcessService, ProxyService, Refusal, Resources
 
 
 class Journal(list[str]):
@@ -290,11 +291,14 @@ def test_a_cache_a_reload_replaced_is_closed_and_waited_for() -> None:
 
 
 def test_a_port_in_use_stops_the_foreground_daemon_with_one_line(
-    capfd: pytest.CaptureFixture[str],
+    capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     journal = Journal()
     reactor = MemoryReactorClock()
     top = build(journal, reactor, FakeSite(journal))
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text("12345")
+    top.refusal = Refusal(foreground=True, pidfile=str(pidfile))
 
     def taken(site: Any) -> Any:
         raise CannotListenError("127.0.0.1", 8000, OSError(98, "Address already in use"))
@@ -306,6 +310,7 @@ def test_a_port_in_use_stops_the_foreground_daemon_with_one_line(
     said = capfd.readouterr().err
     assert said == "oproxy: cannot listen on 8000: [Errno 98] Address already in use\n"
     assert journal == []
+    assert not pidfile.exists(), "twistd's pid file goes with the process"
 
 
 def test_a_detached_daemon_hands_the_line_to_twistd(capfd: pytest.CaptureFixture[str]) -> None:
@@ -320,7 +325,7 @@ def test_a_detached_daemon_hands_the_line_to_twistd(capfd: pytest.CaptureFixture
             raise CannotServe("oproxy: cannot listen on 8000: [Errno 98] Address already in use")
 
     with pytest.raises(CannotServe) as refused:
-        Refusing(foreground=False).privilegedStartService()
+        Refusing(refusal=Refusal(foreground=False)).privilegedStartService()
     assert not isinstance(refused.value, SystemExit)
     assert str(refused.value).startswith("oproxy: cannot listen on 8000")
     assert capfd.readouterr().err == ""
