@@ -21,9 +21,12 @@ from typing import Any
 import openai
 import pytest
 
+from tests import redisserver
 from tests.e2e.conftest import Daemon, free_port, start_twistd, wait_for
 from tests.e2e.test_keys_limits import oproxy_command
 from tests.e2e.test_workers import STOPPED_CLEANLY, log_text
+
+redis_server = redisserver.redis_server
 
 #: Tokens the stream asks for: the slow model sends one every 50 ms, so
 #: the stream lasts about six seconds.
@@ -38,14 +41,14 @@ PROMPT = "a " * 200
 STORE_CLOSED_TOO_EARLY = ("State store settle failed", "was closed")
 
 
-def write_config(path: Path, port: int, fake: Daemon, workers: int, state: Path) -> None:
+def write_config(path: Path, port: int, fake: Daemon, workers: int, state: str) -> None:
     path.write_text(
         f"""
 listen: ["tcp:{port}:interface=127.0.0.1"]
 workers: {workers}
 backends:
   - {{name: local, type: ollama, url: "{fake.url}"}}
-state: {{path: '{state}'}}
+state: {state}
 drain_timeout: 30
 reload: {{watch: false}}
 """
@@ -105,15 +108,27 @@ def daily_tokens(config: Path, name: str) -> int:
     return used
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("workers", "store"),
+    [(1, "sqlite"), (2, "sqlite"), (2, "redis")],
+)
 def test_sigterm_during_a_stream_settles_its_real_usage_and_frees_its_slot(
-    workers: int, workdir: Path, fake_ollama_process: Daemon
+    workers: int, store: str, workdir: Path, fake_ollama_process: Daemon, request: Any
 ) -> None:
+    """
+    With Redis the settlement is answered after the stream has ended, not
+    at once as SQLite's is: the store must stay open until it is.
+    """
+    name = f"drain-{workers}-{store}"
     port = free_port()
-    config = workdir / f"drain-{workers}.yaml"
-    state = workdir / f"drain-{workers}.db"
+    config = workdir / f"{name}.yaml"
+    if store == "redis":
+        redis = request.getfixturevalue("redis_server")
+        state = f"{{backend: redis, url: '{redis.url}/5', namespace: 'drain:'}}"
+    else:
+        state = f"{{path: '{workdir / name}.db'}}"
     write_config(config, port, fake_ollama_process, workers, state)
-    daemon = start_daemon(workdir, config, port, workers, f"drain-{workers}")
+    daemon = start_daemon(workdir, config, port, workers, name)
     try:
         made = oproxy_command(
             config, "create", "graceful", "--daily-tokens", "100000", "--max-parallel", "1"
@@ -137,15 +152,12 @@ def test_sigterm_during_a_stream_settles_its_real_usage_and_frees_its_slot(
     assert stream.chunks[-2].choices[0].finish_reason == "length"
     usage = stream.usage
     assert usage.completion_tokens == MAX_TOKENS
-    log = log_text(daemon)
-    for said in STORE_CLOSED_TOO_EARLY:
-        assert said not in log, log
     # What the stream really used is charged, not what was reserved for it.
     assert daily_tokens(config, "graceful") == usage.total_tokens
 
     # The parallel slot was given back: a new daemon on the same state
     # admits the key at once (a leaked slot would refuse it for a minute).
-    again = start_daemon(workdir, config, port, workers, f"drain-{workers}-again")
+    again = start_daemon(workdir, config, port, workers, f"{name}-again")
     try:
         client = openai.OpenAI(base_url=f"{again.url}/v1", api_key=key, max_retries=0)
         answer = client.chat.completions.create(
@@ -154,3 +166,6 @@ def test_sigterm_during_a_stream_settles_its_real_usage_and_frees_its_slot(
         assert answer.choices[0].message.content
     finally:
         again.stop()
+    log = log_text(daemon)
+    for said in STORE_CLOSED_TOO_EARLY:
+        assert said not in log, log
