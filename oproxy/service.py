@@ -105,8 +105,8 @@ class Refusal:
 FOREGROUND = Refusal()
 
 
-class Closing(Protocol):
-    """Something the tree closes, and waits for."""
+class Pool(Protocol):
+    """The upstream connection pool, as the tree sees it: something to close."""
 
     def closeCachedConnections(self) -> Any: ...
 
@@ -129,7 +129,7 @@ class Resources:
 
     guard: Guard
     cache: Callable[[], ResponseCache]
-    pool: Closing
+    pool: Pool
     after_send: AfterSend
     access_log: AccessLog | None
     draining: Callable[[], None]
