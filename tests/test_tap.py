@@ -300,3 +300,14 @@ def test_how_a_daemon_that_cannot_bind_stops_follows_twistd() -> None:
     assert refusal_for(parsed) == Refusal(foreground=True, pidfile=None)
     parsed.parent = {"nodaemon": False, "pidfile": "twistd.pid"}
     assert refusal_for(parsed) == Refusal(foreground=False)
+
+
+def test_nothing_in_the_package_adds_a_reactor_trigger_of_its_own() -> None:
+    """``twistd`` stops the tree in its trigger; one of ours would run beside it."""
+    package = Path(__file__).parent.parent / "oproxy"
+    adding = [
+        str(path.relative_to(package))
+        for path in sorted(package.rglob("*.py"))
+        if "addSystemEventTrigger" in path.read_text(encoding="utf-8")
+    ]
+    assert adding == []
