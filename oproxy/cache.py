@@ -493,9 +493,17 @@ class ResponseCache:
     def __init__(self, store: ICacheStore, clock: IReactorTime) -> None:
         self.store_backend = store
         self._clock = clock
+        #: Streams being stored in the background, which :meth:`close` awaits.
+        self._storing: set[defer.Deferred[None]] = set()
 
     async def close(self) -> None:
-        """Let go of the store; used when a reload replaces this cache."""
+        """
+        Let go of the store (entries, a Redis connection), once the streams
+        being stored in the background are stored: at a stop, and when a
+        reload replaces this cache.
+        """
+        while self._storing:
+            await defer.DeferredList(list(self._storing))
         await self.store_backend.close()
 
     async def lookup(self, policy: CachePolicy) -> CachedAnswer | None:
@@ -583,15 +591,22 @@ class ResponseCache:
                 seen.append(chunk)
                 yield chunk
         if seen:
-            defer.Deferred.fromCoroutine(self.store(policy, seen, stream=True))
+            storing = defer.Deferred.fromCoroutine(self.store(policy, seen, stream=True))
+            if not storing.called:
+                self._storing.add(storing)
+                storing.addBoth(self._stored, storing)
+
+    def _stored(self, result: object, storing: defer.Deferred[None]) -> object:
+        self._storing.discard(storing)
+        return result
 
 
 def build_cache(config: CacheConfig, reactor: Any) -> tuple[ResponseCache, RedisClient | None]:
     """
     The cache the configuration asks for, and its Redis client if it has one.
 
-    For the composition root, which owns the client: close it at shutdown.
-    Nothing connects here; a Redis store connects on first use.
+    Nothing connects here; a Redis store connects on first use, and
+    :meth:`ResponseCache.close` closes its client.
     """
     if config.backend == "redis":
         client = RedisClient(reactor, config.redis_url)

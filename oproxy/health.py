@@ -8,6 +8,7 @@ completion, so a health check can never load a model or cost GPU time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from oproxy import __version__
 from oproxy.backends.base import Backend
@@ -173,28 +175,64 @@ class ProbeService(service.Service):
         self._clock = clock
         self._interval = interval
         self._loop: task.LoopingCall | None = None
+        #: Fires when the loop has stopped, after the probe under way, if any.
+        self._looping: defer.Deferred[Any] | None = None
+        #: The probe under way, cancelled by a stop.
+        self._probing: defer.Deferred[None] | None = None
         self._first_round = first_round
 
     def _probe(self) -> defer.Deferred[Any]:
         async def probe_and_learn() -> None:
             router = self._app.router
             found = await probe_all(router.backends, self._clock, self._app.metrics)
+            if not self.running:
+                return  # stopped meanwhile: nothing more to learn
             router.note_probes(found)
             await router.refresh_models()
             first_round, self._first_round = self._first_round, None
             if first_round is not None:
                 first_round(found)
 
+        def failed(failure: Failure) -> None:
+            if self.running:  # else cancelled by the stop: not news
+                log.failure("Probe failed", failure)
+
+        def ended(result: object) -> object:
+            self._probing = None
+            return result
+
         probing = defer.Deferred.fromCoroutine(probe_and_learn())
-        return probing.addErrback(lambda failure: log.failure("Probe failed", failure))
+        probing.addErrback(failed).addBoth(ended)
+        if not probing.called:
+            self._probing = probing
+        return probing
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._loop = task.LoopingCall(self._probe)
         self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
+        self._looping = self._loop.start(self._interval, now=True)
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop probing.  A probe under way is cancelled (a stopping process
+        has no use for what it would find, and a backend that does not
+        answer would hold the stop for as long as its timeouts); the
+        Deferred fires once it has let go of its connections, so that the
+        pool it uses is not closed under it, or after :data:`PROBE_TIMEOUT`
+        at most.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._probing is not None:
+            self._probing.cancel()
+        looping, self._looping = self._looping, None
+        if looping is None:
+            return defer.succeed(None)
+
+        async def stopped() -> None:
+            with contextlib.suppress(DeadlineExceeded):
+                await within(looping, PROBE_TIMEOUT, self._clock)
+
+        return defer.Deferred.fromCoroutine(stopped())

@@ -55,13 +55,24 @@ def body_for_log(value: Any, keys: frozenset[str], cap: int) -> str:
 
 
 class AccessLog:
-    """Appends JSON lines to the access log; reopens it after a rotation."""
+    """
+    Appends JSON lines to the access log; reopens it after a rotation.
+
+    Built without touching the file: the process's service tree opens it
+    when it starts (a path that cannot be written stops the start) and
+    closes it once the last request's line is written.  A line written
+    before :meth:`open` opens the file itself.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
         self._inode: tuple[int, int] | None = None
-        self._open()
+
+    def open(self) -> None:
+        """Open (or create) the file, if it is not open yet."""
+        if self._fd < 0:
+            self._open()
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -72,9 +83,13 @@ class AccessLog:
 
     def write(self, record: Mapping[str, Any]) -> None:
         """One record, one line, one ``write``."""
+        if self._fd < 0:
+            self._open()
         os.write(self._fd, orjson.dumps(record) + b"\n")
 
     def reopen_if_rotated(self) -> None:
+        if self._fd < 0:
+            return  # not open (yet, or any more): nothing to follow
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
@@ -139,6 +154,9 @@ class Rotator:
 class AccessLogService(service.Service):
     """
     Keep a writer's file current and, in the one rotating process, rotate.
+
+    The file itself belongs to the process's tree, which closes it after
+    the last request's line (this service stops before that).
     """
 
     def __init__(self, clock: Any, access_log: AccessLog | None, rotator: Rotator | None) -> None:
@@ -163,8 +181,6 @@ class AccessLogService(service.Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self._access_log is not None:
-            self._access_log.close()
 
 
 def json_lines(event: Mapping[str, Any]) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from oproxy.app import ProxyApp
@@ -32,9 +31,13 @@ class Reloader:
         load: Callable[[], Config],
         build_router: Callable[[Config], Router],
         build_cache: Callable[[Config], ResponseCache],
+        *,
+        retire_cache: Callable[[ResponseCache], object],
         source: str | None = None,
     ) -> None:
         """
+        :param retire_cache: takes a cache the new configuration replaced;
+            the process's tree closes it (and a stop waits for that).
         :param source: the file ``load`` reads, named in the log so that an
             operator who edited it sees which file was refused and why.
         """
@@ -43,6 +46,7 @@ class Reloader:
         self._load = load
         self._build_router = build_router
         self._build_cache = build_cache
+        self._retire_cache = retire_cache
 
     def reload(self) -> bool:
         """
@@ -66,8 +70,6 @@ class Reloader:
         cache = previous if config.cache == old.cache else self._build_cache(config)
         self._app.swap(config, self._build_router(config), cache)
         if cache is not previous:
-            # Requests still using the old cache see a failing store: a miss.
-            closing = defer.Deferred.fromCoroutine(previous.close())
-            closing.addErrback(lambda failure: log.failure("Closing the old cache", failure))
+            self._retire_cache(previous)
         log.info("Configuration reloaded from {source}", source=self._source)
         return True

@@ -13,9 +13,11 @@ fields as tags.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.application import service
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
@@ -52,6 +54,20 @@ class SentryObserver:
             self._sdk.capture_exception((failure.type, failure.value, failure.getTracebackObject()))
 
 
+#: Why a configured DSN cannot be served.
+NO_SDK = "sentry.dsn is set but sentry-sdk is not installed: pip install 'oproxy[sentry]'"
+
+
+def check_reporting(config: SentryConfig) -> None:
+    """
+    Refuse, before anything starts, a DSN that cannot be reported to.
+
+    :raises RuntimeError: a DSN is configured but ``sentry-sdk`` is missing.
+    """
+    if config.dsn and importlib.util.find_spec("sentry_sdk") is None:
+        raise RuntimeError(NO_SDK)
+
+
 def start_reporting(config: SentryConfig) -> SentryObserver | None:
     """
     Initialise the SDK and observe the global log; ``None`` without a DSN.
@@ -63,9 +79,7 @@ def start_reporting(config: SentryConfig) -> SentryObserver | None:
     try:
         import sentry_sdk
     except ImportError:
-        raise RuntimeError(
-            "sentry.dsn is set but sentry-sdk is not installed: pip install 'oproxy[sentry]'"
-        ) from None
+        raise RuntimeError(NO_SDK) from None
     sentry_sdk.init(
         dsn=config.dsn,
         environment=config.environment,
@@ -88,3 +102,26 @@ def stop_reporting(observer: SentryObserver | None) -> None:
     import sentry_sdk
 
     sentry_sdk.flush(timeout=5)
+
+
+class ReportingService(service.Service):
+    """
+    Report to Sentry while the process runs.
+
+    The process's tree starts it before anything else and stops it after
+    everything else, so that failures while starting, draining and closing
+    are reported too, and what is queued is sent before the process exits.
+    """
+
+    def __init__(self, config: SentryConfig) -> None:
+        self._config = config
+        self._observer: SentryObserver | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._observer = start_reporting(self._config)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        observer, self._observer = self._observer, None
+        stop_reporting(observer)

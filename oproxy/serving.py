@@ -2,28 +2,30 @@
 Serving a site on listeners, and stopping gracefully.
 
 On stop the process stops accepting at once, answers ``Connection: close``
-to whatever arrives on open connections, lets in-flight requests and streams
-finish up to the drain deadline, and only then lets the reactor go.
+to whatever arrives on open connections, and lets in-flight requests and
+streams finish up to the drain deadline; requests still running then are
+cut off, so that their handlers end (and settle what they used) before the
+process closes what they were using (:mod:`oproxy.service`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 
-from oproxy.announce import log_listeners
-from oproxy.app import ProxyApp
 from oproxy.site import ProxySite
 from oproxy.upstream import DeadlineExceeded, within
 
-#: How long flushing and closing idle client connections may take.
+#: How long flushing and closing client connections may take, and how long
+#: requests cut off at the drain deadline may take to end.
 CLOSE_GRACE = 5.0
 
 log = Logger()
@@ -43,65 +45,42 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-class ServingService(service.Service):
+async def drain(
+    clock: IReactorTime, site: ProxySite, ports: Sequence[IListeningPort], deadline: float
+) -> None:
     """
-    Own the listening ports; on stop, close them and drain for
-    ``drain_timeout()`` seconds.
+    Stop listening on ``ports``, then wait up to ``deadline`` seconds for
+    the requests in flight on ``site`` to end, then close its connections.
 
-    The ports are bound before the service starts (by the composition root),
-    so that a port in use stops the daemon with a message instead of leaving
-    it running deaf.
-
-    :param descriptions: the endpoint strings ``ports`` were bound from;
-        given, the service says on start what each serves and where.
+    When the deadline passes, the requests still running are cut off (their
+    connections aborted), so that their handlers are cancelled and end
+    within :data:`CLOSE_GRACE`; either way, when this returns, every request
+    that ended has run its own ending (its settlement among it).
     """
-
-    def __init__(
-        self,
-        reactor: Any,
-        app: ProxyApp,
-        site: ProxySite,
-        ports: list[IListeningPort],
-        drain_timeout: Callable[[], float],
-        *,
-        descriptions: Sequence[str] | None = None,
-    ) -> None:
-        self._reactor = reactor
-        self._app = app
-        self._site = site
-        self._ports = ports
-        self._drain_timeout = drain_timeout
-        self._descriptions = descriptions
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        if self._descriptions is not None:
-            hosts = [port.getHost() for port in self._ports]
-            log_listeners(zip(self._descriptions, hosts, strict=True))
-
-    async def _drain(self) -> None:
-        self._app.draining = True
-        ports, self._ports = self._ports, []
-        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
-        deadline = self._drain_timeout()
-        if self._site.in_flight:
-            log.info(
-                "Draining {count} in-flight request(s) for up to {deadline:g} seconds",
-                count=self._site.in_flight,
-                deadline=deadline,
-            )
-        try:
-            await within(self._site.idle(), deadline, self._reactor)
-            await within(self._site.close_connections(), CLOSE_GRACE, self._reactor)
-        except DeadlineExceeded:
-            log.warn(
-                "Drain deadline passed with {count} request(s) still in flight",
-                count=self._site.in_flight,
-            )
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
-        return defer.Deferred.fromCoroutine(self._drain())
+    await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+    if site.in_flight:
+        log.info(
+            "Draining {count} in-flight request(s) for up to {deadline:g} seconds",
+            count=site.in_flight,
+            deadline=deadline,
+        )
+    try:
+        await within(site.idle(), deadline, clock)
+    except DeadlineExceeded:
+        log.warn(
+            "Drain deadline passed with {count} request(s) still in flight",
+            count=site.in_flight,
+        )
+        site.abort_connections()
+        with contextlib.suppress(DeadlineExceeded):
+            await within(site.idle(), CLOSE_GRACE, clock)
+    else:
+        with contextlib.suppress(DeadlineExceeded):
+            await within(site.close_connections(), CLOSE_GRACE, clock)
+    # The site counts a request done when its connection is lost, a moment
+    # before the request's handler is cancelled (and settles): one turn of
+    # the reactor lets that end run before anything is closed under it.
+    await task.deferLater(clock, 0, lambda: None)
 
 
 class SignalService(service.Service):

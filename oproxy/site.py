@@ -375,6 +375,17 @@ class ProxySite(server.Site):
                 channel.transport.loseConnection()
         return defer.gatherResults(closing)
 
+    def abort_connections(self) -> None:
+        """
+        Cut every client connection now, as the drain deadline does to
+        requests still running: their handlers are cancelled (which stops
+        the upstream's generation) and settle what they used.
+        """
+        for channel in list(self._connections):
+            transport: Any = channel.transport
+            if transport is not None:
+                transport.abortConnection()
+
     def _make_request(self, channel: ProxyChannel, *args: Any, **kw: Any) -> BoundedRequest:
         request = BoundedRequest(channel, *args, **kw)  # type: ignore[no-untyped-call]
         request.max_body_bytes = self.request_limits().max_body_bytes

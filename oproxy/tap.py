@@ -2,8 +2,9 @@
 ``twistd oproxy``: the command line and the composition root.
 
 Only this module (and its twin for worker processes, :mod:`oproxy.worker`)
-touches the global reactor, reads files and builds connection pools;
-everything below receives what it needs.
+wires things together; everything below receives what it needs.  It builds
+and does no I/O: the service tree it returns (:mod:`oproxy.service`) binds,
+opens and closes, when ``twistd`` starts and stops it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service
@@ -31,21 +32,24 @@ from oproxy.backends.base import Backend
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
-from oproxy.config import Config, ConfigError, load_config, with_overrides
+from oproxy.config import CacheConfig, Config, ConfigError, load_config, with_overrides
 from oproxy.connections import descriptor_limit, raise_descriptor_limit
 from oproxy.health import BackendHealth, ProbeService
 from oproxy.http11 import IdleConnections, LeanAgent
 from oproxy.images.fetch import Images
-from oproxy.listeners import bind
+from oproxy.listeners import Listener, bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
-from oproxy.metrics import MULTIPROCESS_ENV, Metrics, metrics_for_this_process
+from oproxy.metrics import Metrics, metrics_for_this_process
 from oproxy.reload import Reloader
-from oproxy.reporting import start_reporting, stop_reporting
+from oproxy.reporting import ReportingService, check_reporting
 from oproxy.routing.breaker import CircuitSync
 from oproxy.routing.router import Router, RoutingState
 from oproxy.security.guard import Guard
-from oproxy.serving import ServingService, SignalService, freeze_startup_heap
+from oproxy.security.settings import StateConfig
+from oproxy.service import FOREGROUND, ProcessService, ProxyService, Refusal, Resources
+from oproxy.serving import SignalService
 from oproxy.site import ProxySite
+from oproxy.state.base import IStateStore
 from oproxy.state.opening import open_store
 from oproxy.upstream import ReusedEndpoints, Upstream
 from oproxy.watch import ConfigWatcher
@@ -179,12 +183,33 @@ def build_router(
     return Router(backends, config.routing, state)
 
 
-def build_response_cache(config: Config, reactor: Any) -> ResponseCache:
-    """The response cache; a Redis client is closed when the reactor stops."""
-    cache, redis = build_cache(config.cache, reactor)
-    if redis is not None:
-        reactor.addSystemEventTrigger("before", "shutdown", redis.close)
+def response_cache(config: CacheConfig, reactor: Any) -> ResponseCache:
+    """The response cache; closing it closes its Redis client, if it has one."""
+    cache, _ = build_cache(config, reactor)
     return cache
+
+
+@dataclass(frozen=True)
+class Builders:
+    """
+    How the composition root makes what the service tree owns and closes.
+
+    Each builds without I/O (a store or a cache connects on first use); tests
+    give their own to see what is opened and closed, and in which order.
+
+    :ivar store: the state store a ``state:`` section names.
+    :ivar cache: the response cache a ``cache:`` section asks for.
+    :ivar pool: the upstream connection pool.
+    :ivar bind: binds one listener for a master's workers.
+    """
+
+    store: Callable[[StateConfig, Any], IStateStore] = open_store
+    cache: Callable[[CacheConfig, Any], ResponseCache] = response_cache
+    pool: Callable[[Any], ConnectionPool] = connection_pool
+    bind: Callable[[Any, str, int], Listener] = bind
+
+
+BUILDERS = Builders()
 
 
 def build_app(
@@ -193,10 +218,14 @@ def build_app(
     pool: ConnectionPool,
     access_log: AccessLog | None = None,
     after_send: AfterSend | None = None,
+    builders: Builders = BUILDERS,
 ) -> ProxyApp:
-    """Wire the app over the shared pool."""
+    """
+    Wire the app over the shared pool.  Nothing is opened: the guard's
+    store opens when :meth:`Guard.start` runs (the service tree does that).
+    """
     metrics = metrics_for_this_process()
-    guard = build_guard(config, reactor, metrics)
+    guard = build_guard(config, reactor, metrics, builders)
     # Circuits are shared with the other workers through the same store.
     routing = RoutingState.new(reactor, config.routing, store=guard.store, metrics=metrics)
     return ProxyApp(
@@ -204,7 +233,7 @@ def build_app(
         build_router(config, reactor, pool, routing),
         clock=reactor,
         images=Images(reactor),
-        cache=build_response_cache(config, reactor),
+        cache=builders.cache(config.cache, reactor),
         metrics=metrics,
         guard=guard,
         access_log=access_log,
@@ -212,17 +241,14 @@ def build_app(
     )
 
 
-def build_guard(config: Config, reactor: Any, metrics: Metrics) -> Guard:
+def build_guard(
+    config: Config, reactor: Any, metrics: Metrics, builders: Builders = BUILDERS
+) -> Guard:
     """
-    Keys, limits and quotas over the configured state store.
-
-    The store is opened here (a SQLite file is created on first use) and
-    closed when the reactor stops.  Changing ``state:`` needs a restart.
+    Keys, limits and quotas over the configured state store, not yet
+    started.  Changing ``state:`` needs a restart.
     """
-    guard = Guard(open_store(config.state, reactor), reactor, metrics, config.state)
-    guard.start()
-    reactor.addSystemEventTrigger("before", "shutdown", guard.stop)
-    return guard
+    return Guard(builders.store(config.state, reactor), reactor, metrics, config.state)
 
 
 _access = Logger(namespace="oproxy.access")
@@ -256,54 +282,70 @@ def build_site(app: ProxyApp, request_lines: Callable[[str], None] = log_request
     return site
 
 
-def serve_here(
+def serving_service(
     reactor: Any,
     options_config: tuple[str | None, Sequence[str], str | None],
     config: Config,
-    listen: Any,
+    listen: Callable[[ProxySite], list[IListeningPort]],
     rotate_access_log: bool = True,
     watch_config: bool = True,
     request_lines: Callable[[str], None] = log_request_line,
     *,
     announce_listeners: bool = True,
     announce_backends: bool = True,
-) -> service.MultiService:
+    builders: Builders = BUILDERS,
+    refusal: Refusal = FOREGROUND,
+) -> ProxyService:
     """
     The serving side, for a single process or a worker: the app, its site on
-    the listeners ``listen(site)`` returns, graceful drain, ``SIGHUP``
-    reloads, reloads when the file changes (unless a master watches it), and
-    the access log (rotated here unless a master does it).
+    the listeners ``listen(site)`` binds (or adopts), graceful drain,
+    ``SIGHUP`` reloads, reloads when the file changes (unless a master
+    watches it), and the access log (rotated here unless a master does it).
+
+    Only built: the returned tree binds, opens and closes (:mod:`oproxy.service`).
 
     :param announce_listeners: log what each listener serves, and where
         (unless a master did).
     :param announce_backends: log how each backend answered the first probe
         (in one worker only).
     """
-    pool = connection_pool(reactor)
+    pool = builders.pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
     after_send = AfterSend(reactor)
-    # Requests finished as the reactor stops are still counted and logged.
-    reactor.addSystemEventTrigger("after", "shutdown", after_send.run)
-    app = build_app(config, reactor, pool, access_log, after_send)
-    site = build_site(app, request_lines)
+    app = build_app(config, reactor, pool, access_log, after_send, builders)
+
+    def draining() -> None:
+        app.draining = True
+
+    def make_site() -> ProxySite:
+        return build_site(app, request_lines)
+
+    top = ProxyService(
+        reactor,
+        Resources(
+            guard=app.guard,
+            cache=lambda: app.cache,
+            pool=pool,
+            after_send=after_send,
+            access_log=access_log,
+            draining=draining,
+        ),
+        make_site=make_site,
+        bind=listen,
+        drain_timeout=lambda: app.config.drain_timeout,
+        descriptions=config.listen if announce_listeners else None,
+        reporting=reporting_service(config),
+        refusal=refusal,
+        prepare=raise_descriptor_limit,
+    )
     path, overrides, backend_url = options_config
     reloader = Reloader(
         app,
         lambda: load_configuration(path, overrides, backend_url),
         lambda new: build_router(new, reactor, pool, app.router.state),
-        lambda new: build_response_cache(new, reactor),
+        lambda new: builders.cache(new.cache, reactor),
+        retire_cache=top.retire_cache,
         source=path,
-    )
-    top = service.MultiService()
-    top.addService(
-        ServingService(
-            reactor,
-            app,
-            site,
-            listen(site),
-            lambda: app.config.drain_timeout,
-            descriptions=config.listen if announce_listeners else None,
-        )
     )
     top.addService(SignalService(reactor, signal.SIGHUP, reloader.reload))
     if watch_config:
@@ -319,7 +361,6 @@ def serve_here(
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))
-    reactor.callWhenRunning(freeze_startup_heap)
     return top
 
 
@@ -338,14 +379,16 @@ def add_config_watcher(
         top.addService(ConfigWatcher(path, reload, reactor, config.reload.interval))
 
 
-def report_errors(reactor: Any, config: Config) -> None:
-    """Send unhandled errors to Sentry when a DSN is configured."""
+def reporting_service(config: Config) -> ReportingService | None:
+    """
+    Error reporting to Sentry when a DSN is configured, started and stopped
+    with the process's tree; a DSN without the SDK stops the daemon now.
+    """
     try:
-        observer = start_reporting(config.sentry)
+        check_reporting(config.sentry)
     except RuntimeError as e:
         raise SystemExit(f"oproxy: {e}") from None
-    if observer is not None:
-        reactor.addSystemEventTrigger("after", "shutdown", stop_reporting, observer)
+    return ReportingService(config.sentry) if config.sentry.dsn else None
 
 
 def _listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
@@ -380,7 +423,29 @@ def logs_plainly_to_stdout(options: usage.Options) -> bool:
     return bool(to_stdout and not twistd.get("syslog") and not twistd.get("logger"))
 
 
-def makeService(options: Options, reactor: Any = None) -> service.IService:
+def refusal_for(options: usage.Options) -> Refusal:
+    """
+    How the daemon stops when it cannot bind, as ``twistd`` runs it: in the
+    foreground (``-n``) or detached; without ``twistd`` (tests), in the
+    foreground.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return FOREGROUND
+    if not twistd.get("nodaemon"):
+        return Refusal(foreground=False)
+    return Refusal(foreground=True, pidfile=twistd.get("pidfile") or None)
+
+
+def makeService(
+    options: Options, reactor: Any = None, builders: Builders = BUILDERS
+) -> service.IService:
+    """
+    The daemon's service tree, built without I/O: nothing is bound, opened
+    or started until ``twistd`` starts the tree (:mod:`oproxy.service`).
+
+    :param builders: how the resources the tree owns are made (tests).
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -389,22 +454,16 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     assert config is not None
     origin = (options["config"], tuple(options["listen"]), options["backend"])
     workers = config.workers or os.cpu_count() or 1
-    report_errors(reactor, config)
-    # Before any worker starts: they inherit it.
-    raise_descriptor_limit()
-    try:
-        if workers == 1:
-            return serve_here(
-                reactor,
-                origin,
-                config,
-                lambda site: [_listen_now(reactor, d, site) for d in config.listen],
-            )
-        listeners = [bind(reactor, description, workers) for description in config.listen]
-    except CannotListenError as e:
-        raise SystemExit(f"oproxy: cannot listen on {e.port}: {e.socketError}") from None
-    except OSError as e:
-        raise SystemExit(f"oproxy: cannot listen: {e}") from None
+    refusal = refusal_for(options)
+    if workers == 1:
+        return serving_service(
+            reactor,
+            origin,
+            config,
+            lambda site: [_listen_now(reactor, d, site) for d in config.listen],
+            builders=builders,
+            refusal=refusal,
+        )
     spec = WorkerSpec(
         config_path=origin[0],
         listen=origin[1],
@@ -412,19 +471,13 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         listeners=tuple((FIRST_INHERITED_FD + i, d) for i, d in enumerate(config.listen)),
         log_fd=FIRST_INHERITED_FD + len(config.listen) if logs_plainly_to_stdout(options) else None,
     )
-    top = service.MultiService()
-    # A private metrics directory per daemon instance: new at every start, so
-    # no sample of an earlier run is ever added in.
-    metrics_directory = tempfile.mkdtemp(prefix="oproxy-metrics-")
-    pool = WorkerPool(
-        reactor,
-        workers,
-        spec,
-        listeners,
-        lambda: config.drain_timeout,
-        environment={MULTIPROCESS_ENV: metrics_directory},
-        metrics_directory=metrics_directory,
+    top = ProcessService(
+        reporting=reporting_service(config),
+        refusal=refusal,
+        # Before any worker starts: they inherit it.
+        prepare=raise_descriptor_limit,
     )
+    pool = WorkerPool(reactor, workers, spec, lambda: config.drain_timeout, bind=builders.bind)
     top.addService(pool)
     top.addService(SignalService(reactor, signal.SIGHUP, pool.reload))
     # One watcher, here: the workers are told the way SIGHUP tells them.

@@ -3,9 +3,11 @@ The child side of multi-process serving: ``python -m oproxy.worker``.
 
 A worker is started by the master (:mod:`oproxy.workers`) with its listening
 sockets already open on inherited descriptors and a description of itself in
-``$OPROXY_WORKER``.  It builds the same service a single process would,
-adopts the sockets, serves, drains on ``SIGTERM``, reloads on ``SIGHUP``, and
-exits if the master goes away.
+``$OPROXY_WORKER``.  It builds the same service tree a single process would
+(:class:`oproxy.service.ProxyService`), over the sockets it adopts instead
+of binding, serves, drains and closes in the same order on ``SIGTERM``,
+reloads on ``SIGHUP``, and stops if the master goes away.  Twisted's
+application machinery starts and stops the tree, as ``twistd`` does.
 """
 
 from __future__ import annotations
@@ -20,20 +22,26 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import atexit
+import contextlib
 import json
 import os
 import select
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from twisted.application import app, service
 from twisted.internet import task
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver, Logger, eventAsText, formatTime, globalLogBeginner
 from twisted.python.threadable import isInIOThread
 from zope.interface import provider
 
+from oproxy.config import Config
 from oproxy.listeners import adopt
-from oproxy.tap import load_configuration, report_errors, serve_here
+from oproxy.service import ProxyService
+from oproxy.tap import load_configuration, serving_service
 from oproxy.workers import READY
 
 log = Logger()
@@ -129,29 +137,46 @@ def _start_logging(reactor: Any, index: int, log_fd: int | None) -> tuple[Batche
     return out, sink.add
 
 
-def _watch_parent(reactor: Any) -> task.LoopingCall:
-    parent = os.getppid()
+class WorkerDuties(service.Service):
+    """
+    What a worker does besides serving: tell the master it serves (once the
+    reactor runs, so its signal handlers are in place), and stop when the
+    master has gone away.
+    """
 
-    def check() -> None:
-        if os.getppid() != parent:
+    def __init__(self, reactor: Any, interval: float = PARENT_CHECK_INTERVAL) -> None:
+        self._reactor = reactor
+        self._interval = interval
+        self._parent = -1
+        self._watch: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._parent = os.getppid()
+        self._watch = task.LoopingCall(self._check_parent)
+        self._watch.clock = self._reactor
+        self._watch.start(self._interval, now=False)
+        self._reactor.callLater(0, _announce_ready)
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self._parent:
             log.warn("Master process is gone; stopping")
-            reactor.stop()
+            if self._watch is not None and self._watch.running:
+                self._watch.stop()
+            with contextlib.suppress(ReactorNotRunning):
+                self._reactor.stop()  # unless it is stopping already
 
-    watcher = task.LoopingCall(check)
-    watcher.clock = reactor
-    watcher.start(PARENT_CHECK_INTERVAL, now=False)
-    return watcher
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
 
 
-def main() -> None:
-    from twisted.internet import reactor
-
-    spec = json.loads(os.environ["OPROXY_WORKER"])
-    out, request_lines = _start_logging(reactor, spec["index"], spec.get("log_fd"))
-    atexit.register(out.flush)
-    config = load_configuration(spec["config"], spec["listen"], spec["backend"])
-    report_errors(reactor, config)
-    top = serve_here(
+def worker_service(
+    reactor: Any, spec: dict[str, Any], config: Config, request_lines: Callable[[str], None]
+) -> ProxyService:
+    """The tree a single process would build, over the sockets the master bound."""
+    top = serving_service(
         reactor,
         (spec["config"], spec["listen"], spec["backend"]),
         config,
@@ -164,10 +189,25 @@ def main() -> None:
         announce_listeners=False,  # the master said what serves where
         announce_backends=bool(spec.get("announce_backends")),
     )
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    _watch_parent(reactor)
-    reactor.callWhenRunning(_announce_ready)
+    top.addService(WorkerDuties(reactor))
+    return top
+
+
+def main() -> None:
+    from twisted.internet import reactor
+
+    spec = json.loads(os.environ["OPROXY_WORKER"])
+    out, request_lines = _start_logging(reactor, spec["index"], spec.get("log_fd"))
+    atexit.register(out.flush)
+    config = load_configuration(spec["config"], spec["listen"], spec["backend"])
+    application = service.Application("oproxy-worker")
+    top = worker_service(reactor, spec, config, request_lines)
+    top.setServiceParent(application)  # type: ignore[no-untyped-call]
+    # As twistd runs a tree: adopt (the privileged step, here without
+    # privileges), then start; Twisted stops the tree before the reactor
+    # stops, and waits for it to have drained and closed.
+    service.IService(application).privilegedStartService()
+    app.startApplication(application, False)
     reactor.run()
 
 

@@ -1,8 +1,9 @@
 """
 The master side of multi-process serving: spawn, supervise, drain, join.
 
-The master binds every listener once, then starts ``N`` worker processes
-(``python -m oproxy.worker``) that inherit the listening sockets.  A worker
+The master binds every listener once (with privileges, if it has any), then
+starts ``N`` worker processes (``python -m oproxy.worker``) that inherit the
+listening sockets, and a private directory for their metrics.  A worker
 that dies is restarted with exponential backoff.  On stop the master sends
 ``SIGTERM`` to every worker (each stops accepting and drains), waits up to
 the drain deadline plus a grace period, and kills what is left.  ``SIGHUP``
@@ -18,8 +19,10 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
@@ -31,7 +34,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oproxy.announce import log_listeners
-from oproxy.listeners import Listener
+from oproxy.listeners import Listener, bind
+from oproxy.metrics import MULTIPROCESS_ENV
+from oproxy.service import bound
 
 log = Logger()
 
@@ -112,9 +117,24 @@ class _WorkerProtocol(ProcessProtocol):
         self._ended(self.index, reason)
 
 
+def metrics_directory() -> str:
+    """
+    A private metrics directory per daemon instance: new at every start, so
+    no sample of an earlier run is ever added in.
+    """
+    return tempfile.mkdtemp(prefix="oproxy-metrics-")
+
+
 class WorkerPool(service.Service):
     """
-    Keep ``count`` workers alive while running; stop them gracefully.
+    Bind the listeners; keep ``count`` workers alive while running; stop
+    them gracefully, then close the listeners and remove the metrics.
+
+    :param bind: binds one endpoint description for ``count`` workers
+        (:func:`oproxy.listeners.bind`).
+    :param make_metrics_directory: makes the directory the workers' metrics
+        are shared in, at start; it is removed at stop.  ``None``: workers
+        keep their metrics to themselves.
     """
 
     def __init__(
@@ -122,23 +142,25 @@ class WorkerPool(service.Service):
         reactor: Any,
         count: int,
         spec: WorkerSpec,
-        listeners: Sequence[Listener],
         drain_timeout: Callable[[], float],
         executable: str = sys.executable,
         *,
+        bind: Callable[[Any, str, int], Listener] = bind,
+        make_metrics_directory: Callable[[], str] | None = metrics_directory,
         environment: dict[str, str] | None = None,
-        metrics_directory: str | None = None,
     ) -> None:
         self._reactor = reactor
         self._count = count
         self._spec = spec
+        self._bind = bind
         # Holding the sockets keeps them open for the children, and keeps
         # the connections queued on a dead worker's socket for its successor.
-        self._listeners = tuple(listeners)
+        self.listeners: tuple[Listener, ...] = ()
         self._drain_timeout = drain_timeout
         self._executable = executable
         self._environment = dict(environment or {})
-        self._metrics_directory = metrics_directory
+        self._make_metrics_directory = make_metrics_directory
+        self.metrics_directory: str | None = None
         self._processes: dict[int, Any] = {}
         self._started_at: dict[int, float] = {}
         self._delays: dict[int, float] = {}
@@ -146,18 +168,33 @@ class WorkerPool(service.Service):
         self._stopping = False
         self._all_gone: defer.Deferred[None] | None = None
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind every listener, before ``twistd`` drops privileges.
+
+        :raises CannotServe: an address cannot be bound.
+        """
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self.listeners = tuple(
+            bound(partial(self._bind, self._reactor, description, self._count))
+            for _, description in self._spec.listeners
+        )
+
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if self._make_metrics_directory is not None:
+            self.metrics_directory = self._make_metrics_directory()
+            self._environment[MULTIPROCESS_ENV] = self.metrics_directory
         # Said here, once, rather than by every worker.
-        bound = [(each.description, each.sockets[0].getsockname()) for each in self._listeners]
-        log_listeners(bound, self._count)
+        addresses = [(each.description, each.sockets[0].getsockname()) for each in self.listeners]
+        log_listeners(addresses, self._count)
         for index in range(self._count):
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
         self._restarts.pop(index, None)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
-        for (target, _), listener in zip(self._spec.listeners, self._listeners, strict=True):
+        for (target, _), listener in zip(self._spec.listeners, self.listeners, strict=True):
             child_fds[target] = listener.fileno_for(index)
         if self._spec.log_fd is not None:
             # Descriptor 1 itself: twistd has put a logging file-like object
@@ -181,9 +218,9 @@ class WorkerPool(service.Service):
 
     def _ended(self, index: int, reason: Failure) -> None:
         process = self._processes.pop(index, None)
-        if process is not None and self._metrics_directory is not None:
+        if process is not None and self.metrics_directory is not None:
             # Its live gauges (in-flight requests) must stop counting.
-            mark_process_dead(process.pid, self._metrics_directory)
+            mark_process_dead(process.pid, self.metrics_directory)
         if self._stopping:
             if not self._processes and self._all_gone is not None:
                 self._all_gone.callback(None)
@@ -229,7 +266,7 @@ class WorkerPool(service.Service):
         # Close the master's copies of the listening sockets: once the
         # workers close theirs, the kernel refuses new connections instead
         # of queueing them for nobody.
-        for listener in self._listeners:
+        for listener in self.listeners:
             listener.close()
         if not self._processes:
             return
@@ -242,8 +279,9 @@ class WorkerPool(service.Service):
             killer.cancel()
 
     def _remove_metrics(self) -> None:
-        if self._metrics_directory is not None:
-            shutil.rmtree(self._metrics_directory, ignore_errors=True)
+        directory, self.metrics_directory = self.metrics_directory, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]

@@ -127,8 +127,9 @@ def proxy_factory(fake_ollama: tuple[FakeOllama, str]) -> Iterator[Any]:
         pool = connection_pool(reactor)
         access_log = AccessLog(config.access_log.path) if config.access_log else None
         app = build_app(config, reactor, pool, access_log)
+        app.guard.start()
         running = listen(build_site(app))
-        cleanups.append(app.guard.stop)
+        cleanups.append(app.guard.close)
         cleanups.append(running.port.stopListening)
         cleanups.append(pool.closeCachedConnections)
         return Proxy(url=running.url, app=app, fake=fake, fake_url=fake_url, client=client)

@@ -16,10 +16,11 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 
+from oproxy.after_send import AfterSend
 from oproxy.announce import backend_line, bound_address, listener_line, without_credentials
 from oproxy.config import BackendConfig, RequestLimits
 from oproxy.health import BackendHealth, ProbeService
-from oproxy.serving import ServingService
+from oproxy.service import ProxyService, Resources
 from oproxy.site import ProxySite
 from oproxy.tap import _listen_now
 from tests.conftest import Proxy
@@ -107,19 +108,50 @@ def test_credentials_in_a_url_are_not_logged() -> None:
     assert without_credentials("http://host:8000") == "http://host:8000"
 
 
+class NothingToClose:
+    """A guard, cache and pool that open and close nothing."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    close = stop
+    closeCachedConnections = stop
+
+
+def serving(site: ProxySite, descriptions: list[str], *, announce: bool) -> ProxyService:
+    """A serving process's tree over ``site``, with nothing else to open."""
+    nothing = NothingToClose()
+    return ProxyService(
+        reactor,
+        Resources(
+            guard=nothing,  # type: ignore[arg-type]
+            cache=lambda: nothing,  # type: ignore[arg-type,return-value]
+            pool=nothing,
+            after_send=AfterSend(reactor),
+            access_log=None,
+            draining=lambda: None,
+        ),
+        make_site=lambda: site,
+        bind=lambda site: [_listen_now(reactor, d, site) for d in descriptions],
+        drain_timeout=lambda: 1.0,
+        descriptions=descriptions if announce else None,
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_serving_process_says_the_port_it_really_bound(
     logged: list[str], proxy: Proxy, tmp_path: Path
 ) -> None:
     site = ProxySite(Resource(), RequestLimits, metrics=proxy.app.metrics)
     descriptions = ["tcp:0:interface=127.0.0.1", f"unix:{tmp_path}/s.sock"]
-    ports = [_listen_now(reactor, d, site) for d in descriptions]
-    serving = ServingService(
-        reactor, proxy.app, site, ports, lambda: 1.0, descriptions=descriptions
-    )
-    serving.startService()
+    top = serving(site, descriptions, announce=True)
+    top.privilegedStartService()
+    top.startService()
     try:
-        port = ports[0].getHost().port
+        port = top.ports[0].getHost().port
         assert port != 0
         said = [line for line in logged if line.startswith(VERSION_PREFIX)]
         assert said == [
@@ -127,16 +159,16 @@ async def test_a_serving_process_says_the_port_it_really_bound(
             f"{VERSION_PREFIX}unix:{tmp_path}/s.sock (API /v1, docs /docs, metrics /metrics)",
         ]
     finally:
-        await serving.stopService()
+        await top.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_worker_says_nothing_of_its_listeners(logged: list[str], proxy: Proxy) -> None:
     site = ProxySite(Resource(), RequestLimits, metrics=proxy.app.metrics)
-    ports = [_listen_now(reactor, "tcp:0:interface=127.0.0.1", site)]
-    serving = ServingService(reactor, proxy.app, site, ports, lambda: 1.0)
-    serving.startService()
-    await serving.stopService()
+    top = serving(site, ["tcp:0:interface=127.0.0.1"], announce=False)
+    top.privilegedStartService()
+    top.startService()
+    await top.stopService()
     assert not [line for line in logged if line.startswith(VERSION_PREFIX)]
 
 

@@ -624,6 +624,36 @@ def test_recording_with_a_bypass_policy_passes_chunks_through() -> None:
     assert now(drain(cache.recording(policy, chunks_of(CHUNKS)))) == CHUNKS
 
 
+class HeldStore(MemoryStore):
+    """A store whose writes finish when the test says so, as Redis's do later."""
+
+    def __init__(self, clock: task.Clock) -> None:
+        super().__init__(clock, 1 << 20)
+        self.writing: defer.Deferred[None] = defer.Deferred()
+        self.closed = False
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        await self.writing
+        assert not self.closed, "written after the store was closed"
+        await super().set(key, value, ttl)
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
+
+
+def test_closing_waits_for_the_streams_being_stored() -> None:
+    clock = task.Clock()
+    store = HeldStore(clock)
+    cache = ResponseCache(store, clock)
+    assert now(drain(cache.recording(policy_for(STREAM), chunks_of(CHUNKS)))) == CHUNKS
+    closing = defer.Deferred.fromCoroutine(cache.close())
+    assert not closing.called and not store.closed
+    store.writing.callback(None)
+    assert closing.called and store.closed
+    assert len(store) == 0
+
+
 def test_replay_of_a_plain_answer_is_one_chunk() -> None:
     answer = CachedAnswer(stored_at=0, body={"a": 1}, stream=False)
     assert now(drain(replay(answer))) == [{"a": 1}]

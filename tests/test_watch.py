@@ -236,6 +236,7 @@ def test_a_bad_file_is_reloaded_refused_and_named_in_the_log(
         lambda: load_configuration(str(path)),
         lambda config: proxy.app.router,
         lambda config: proxy.app.cache,
+        retire_cache=lambda cache: None,
         source=str(path),
     )
     clock = task.Clock()

@@ -57,9 +57,17 @@ def test_the_master_says_where_once_and_one_worker_says_how_the_backends_are(
 
     clock = SpawningClock()
     spec = WorkerSpec(None, (), None, ((3, listener.description),))
-    pool = WorkerPool(clock, 2, spec, [listener], lambda: 1.0)
+    pool = WorkerPool(
+        clock,
+        2,
+        spec,
+        lambda: 1.0,
+        bind=lambda reactor, description, count: listener,
+        make_metrics_directory=None,
+    )
     globalLogPublisher.addObserver(observe)
     try:
+        pool.privilegedStartService()
         pool.startService()
     finally:
         globalLogPublisher.removeObserver(observe)

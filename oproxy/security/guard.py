@@ -127,6 +127,9 @@ class Guard:
         self.store_up = True
         self._leases: dict[tuple[str, str], Lease] = {}
         self._refresher: task.LoopingCall | None = None
+        #: Store writes started and not yet answered (settlements, renewals):
+        #: what :meth:`stop` waits for before the store may close.
+        self._writing: set[defer.Deferred[Any]] = set()
 
     # -- who ------------------------------------------------------------------
 
@@ -298,11 +301,33 @@ class Guard:
             self.store.settle(rates, quotas, spent.leases, self.clock.seconds()), "settle"
         )
         done.addErrback(lambda f: f.trap(StateUnavailable))
+        self._until_written(done)
+
+    def _until_written(self, writing: defer.Deferred[Any]) -> None:
+        """
+        Remember a store write until it is answered, so that :meth:`stop`
+        waits for it.  SQLite answers at once (nothing to remember); Redis
+        answers later, and a store closed before would lose the write.
+        """
+        if writing.called:
+            return
+        self._writing.add(writing)
+
+        def written(result: Any) -> Any:
+            self._writing.discard(writing)
+            return result
+
+        writing.addBoth(written)
 
     # -- upkeep -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Refresh stored-key presence and renew leases every few seconds."""
+        """
+        Refresh stored-key presence and renew leases every few seconds.
+
+        The first refresh is the store's first use: a SQLite file is opened
+        (and made, the first time) here, not when the guard is built.
+        """
         self._refresher = task.LoopingCall(self.refresh)
         self._refresher.clock = self.clock
         self._refresher.start(REFRESH_SECONDS, now=True).addErrback(
@@ -310,9 +335,30 @@ class Guard:
         )
 
     def stop(self) -> defer.Deferred[None]:
+        """
+        Stop the upkeep and wait for every store write already started: the
+        settlements of requests that have ended, and a renewal under way.
+
+        The store stays open (see :meth:`close`); whoever owns the process's
+        resources calls this once no request is left to settle.
+        """
         if self._refresher is not None and self._refresher.running:
             self._refresher.stop()
-        return self.store.close()
+        return defer.Deferred.fromCoroutine(self._written())
+
+    async def _written(self) -> None:
+        while self._writing:
+            # A write's answer may start another (a renewal after a refresh).
+            await defer.DeferredList(list(self._writing))
+
+    def close(self) -> defer.Deferred[None]:
+        """Stop (waiting for the writes under way), then close the store."""
+
+        async def stop_and_close() -> None:
+            await self.stop()
+            await self.store.close()
+
+        return defer.Deferred.fromCoroutine(stop_and_close())
 
     def refresh(self) -> defer.Deferred[None]:
         """Re-read whether stored keys exist; push back the expiry of held leases."""
@@ -330,7 +376,9 @@ class Guard:
             except StateUnavailable:
                 pass
 
-        return defer.Deferred.fromCoroutine(run())
+        refreshing = defer.Deferred.fromCoroutine(run())
+        self._until_written(refreshing)
+        return refreshing
 
     async def check(self) -> dict[str, Any]:
         """
