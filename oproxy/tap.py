@@ -32,7 +32,7 @@ from oproxy.backends.base import Backend
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
-from oproxy.config import CacheConfig, Config, ConfigError, load_config, with_overrides
+from oproxy.config import CacheConfig, Config, ConfigError, StateConfig, load_config, with_overrides
 from oproxy.connections import descriptor_limit, raise_descriptor_limit
 from oproxy.health import BackendHealth, ProbeService
 from oproxy.http11 import IdleConnections, LeanAgent
@@ -45,7 +45,6 @@ from oproxy.reporting import ReportingService, check_reporting
 from oproxy.routing.breaker import CircuitSync
 from oproxy.routing.router import Router, RoutingState
 from oproxy.security.guard import Guard
-from oproxy.security.settings import StateConfig
 from oproxy.service import FOREGROUND, ProcessService, ProxyService, Refusal, Resources
 from oproxy.serving import SignalService
 from oproxy.site import ProxySite

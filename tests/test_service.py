@@ -18,11 +18,11 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 
 from oproxy.after_send import AfterSend
+from oproxy.config import StateConfig
 from oproxy.metrics import Metrics
 from oproxy.security.guard import Guard, Ticket
 from oproxy.security.limits import Caller, plan
 from oproxy.security.policy import KeyPolicy, Limits
-from oproxy.security.settings import StateConfig
 from oproxy.service import CannotServe, ProcessService, ProxyService, Refusal, Resources
 
 

@@ -11,15 +11,16 @@ and the connection pool are made by recording builders, to see them close.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from attrs import evolve
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ProcessTerminated
@@ -27,12 +28,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from oproxy.cache import MemoryStore, ResponseCache
-from oproxy.config import CacheConfig
+from oproxy.config import CacheConfig, StateConfig
 from oproxy.health import ProbeService
 from oproxy.logs import AccessLogService
 from oproxy.metrics import MULTIPROCESS_ENV
 from oproxy.routing.breaker import CircuitSync
-from oproxy.security.settings import StateConfig
 from oproxy.service import ProcessService, ProxyService, Refusal
 from oproxy.serving import SignalService
 from oproxy.site import ProxySite
@@ -75,7 +75,7 @@ class RecordingPool(ConnectionPool):
 
 
 def recording(journal: list[str]) -> Builders:
-    return replace(
+    return dataclasses.replace(
         BUILDERS,
         store=lambda config, reactor: RecordingStore(str(config.path), journal),
         cache=lambda config, reactor: RecordingCache(reactor, journal),
@@ -273,8 +273,8 @@ def test_a_dsn_without_the_sdk_stops_before_anything_starts(
     monkeypatch.setattr(importlib.util, "find_spec", without_sentry)
     parsed = options(tmp_path, workers=1)
     assert parsed.config is not None
-    parsed.config = replace(
-        parsed.config, sentry=replace(parsed.config.sentry, dsn="https://k@sentry.invalid/1")
+    parsed.config = evolve(
+        parsed.config, sentry=evolve(parsed.config.sentry, dsn="https://k@sentry.invalid/1")
     )
     reactor = MemoryReactorClock()
     with pytest.raises(SystemExit) as stopped:
