@@ -34,7 +34,7 @@ def reloader(proxy: Proxy, load: Any) -> Reloader:
 
 def test_a_replaced_cache_is_closed_and_a_kept_one_is_not(proxy: Proxy) -> None:
     original = RecordingCache(proxy.app.cache.store_backend, proxy.app.clock)
-    proxy.app.cache = original
+    proxy.app.swap(proxy.app.config, proxy.app.router, original)
     same = proxy.app.config
     assert reloader(proxy, lambda: same).reload()
     assert proxy.app.cache is original and not original.closed

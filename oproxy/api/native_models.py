@@ -35,7 +35,7 @@ from oproxy.api.native import (
     verbatim_error,
 )
 from oproxy.api.scope import Scope
-from oproxy.backends.ollama import OllamaBackend
+from oproxy.backends.base import IModelManagement, INativeOllama
 from oproxy.errors import InvalidRequest, OProxyError, UpstreamUnavailable
 from oproxy.routing.catalog import name_forms
 from oproxy.upstream import DeadlineExceeded, within
@@ -50,26 +50,29 @@ LISTING_SECONDS = 10.0
 BACKEND_HEADER = b"x-oproxy-backend"
 
 
-def ollama_backends(scope: Scope, *, healthy: bool = True) -> list[OllamaBackend]:
-    """The Ollama backends, without those whose circuit is open (unless asked)."""
+def ollama_backends(scope: Scope, *, healthy: bool = True) -> list[INativeOllama]:
+    """
+    The backends that speak Ollama's native API, without those whose
+    circuit is open (unless asked).
+    """
     breaker = scope.router.state.breaker
     return [
-        backend
+        INativeOllama(backend)
         for backend in scope.router.backends
-        if isinstance(backend, OllamaBackend) and not (healthy and breaker.is_open(backend.name))
+        if INativeOllama.providedBy(backend) and not (healthy and breaker.is_open(backend.name))
     ]
 
 
 # -- listings -------------------------------------------------------------------------
 
 
-async def _get(scope: Scope, backend: OllamaBackend, path: str) -> dict[str, Any] | None:
+async def _get(scope: Scope, backend: INativeOllama, path: str) -> dict[str, Any] | None:
     """One backend's answer to a ``GET``, or ``None`` if it has none to give now."""
     try:
         status, body = await within(
             defer.Deferred.fromCoroutine(backend.upstream.request_json("GET", path)),
             LISTING_SECONDS,
-            scope.app.clock,
+            scope.services.clock,
         )
     except (OProxyError, DeadlineExceeded) as e:
         log.info(
@@ -149,12 +152,16 @@ async def banner(scope: Scope) -> bytes | None:
 # -- management -----------------------------------------------------------------------
 
 
-def managed_backends(scope: Scope, model: str) -> list[OllamaBackend]:
+def managed_backends(scope: Scope, model: str) -> list[IModelManagement]:
     """
     Where a management request goes: the backend the client names, else the
     only Ollama backend, else every one the model's rule allows.
     """
-    everyone = ollama_backends(scope, healthy=False)
+    everyone = [
+        IModelManagement(backend)
+        for backend in scope.router.backends
+        if IModelManagement.providedBy(backend)
+    ]
     named = scope.request.getHeader(BACKEND_HEADER)
     if named is not None:
         name = named.decode("utf-8", "replace")
@@ -201,7 +208,7 @@ async def _progress(scope: Scope, path: str, *, refresh: bool) -> bytes | None:
         await relay_ndjson(scope, lines)
         return None
     answer: Any = None
-    done: list[OllamaBackend] = []
+    done: list[IModelManagement] = []
     try:
         for backend in backends:
             scope.backend_label = backend.name
@@ -219,7 +226,7 @@ async def _progress(scope: Scope, path: str, *, refresh: bool) -> bytes | None:
 
 async def _each_progress(
     scope: Scope,
-    backends: Sequence[OllamaBackend],
+    backends: Sequence[IModelManagement],
     path: str,
     body: dict[str, Any],
     *,
@@ -230,7 +237,7 @@ async def _each_progress(
     that fails (an error answer, or an ``{"error": ...}`` line) ends the
     stream: the error is its last line, as Ollama ends a failed pull.
     """
-    finished: list[OllamaBackend] = []
+    finished: list[IModelManagement] = []
     refreshed = False
     try:
         for backend in backends:
@@ -276,14 +283,14 @@ async def copy(scope: Scope) -> bytes | None:
 
 
 async def _on_each(
-    scope: Scope, method: str, path: str, backends: Sequence[OllamaBackend]
+    scope: Scope, method: str, path: str, backends: Sequence[IModelManagement]
 ) -> bytes | None:
     """
     Send the request to each backend; a backend that lacks the model is
     passed over while another had it.  Ollama answers success with an empty
     body, and so does this.
     """
-    done: list[OllamaBackend] = []
+    done: list[IModelManagement] = []
     missing: OProxyError | None = None
     for backend in backends:
         scope.backend_label = backend.name

@@ -30,8 +30,9 @@ from urllib.parse import quote, urlsplit
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
+from zope.interface import implementer
 
-from oproxy.backends.base import Call
+from oproxy.backends.base import Call, IBackend
 from oproxy.config import BackendConfig
 from oproxy.errors import (
     InvalidRequest,
@@ -95,6 +96,7 @@ def split_base_url(url: str) -> BaseURL:
     return BaseURL(origin=f"{parts.scheme}://{parts.netloc}", api=api, health=root + "/health")
 
 
+@implementer(IBackend)
 class OpenAIBackend:
     """
     A server that speaks the OpenAI API, spoken to in that same API.
@@ -126,8 +128,6 @@ class OpenAIBackend:
         #: Whether the server has ``/health``; unknown until the first probe.
         self._has_health: bool | None = None
         self.weight = config.weight
-
-    kind = "openai"
 
     @property
     def name(self) -> str:
