@@ -3,9 +3,9 @@ The app the composition root wires: the services in force, the pipeline
 that serves with them, and the web resource over the route table.
 
 Handlers never see this object: they get a :class:`~oproxy.api.scope.Scope`
-holding a :class:`~oproxy.api.services.Services` record.  The properties
-below are for the composition root, the services that run beside the app
-(probes, reloads, drain) and tests.
+holding a :class:`~oproxy.api.services.Services` record.  The services it
+names as attributes are for the composition root, the services that run
+beside the app (probes, reloads, drain) and tests.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class ProxyApp:
         )
         self.pipeline = Pipeline(services)
         self._resource: IResource | None = None
+        # The services in force, by name, for the composition root: plain
+        # attributes, as the site reads the limits for every request.
+        self.config, self.router, self.cache = config, router, cache
+        self.clock, self.images, self.guard = clock, images, guard
+        self.metrics, self.access_log = metrics, access_log
+        self.after_send = services.after_send
 
     @property
     def services(self) -> Services:
@@ -72,6 +78,7 @@ class ProxyApp:
     def swap(self, config: Config, router: Router, cache: ResponseCache) -> None:
         """Make a new configuration live; requests in flight keep theirs."""
         self.pipeline.services = self.pipeline.services.reloaded(config, router, cache)
+        self.config, self.router, self.cache = config, router, cache
 
     def resource(self) -> IResource:
         """The web resource serving the route table (:mod:`oproxy.web.routes`)."""
@@ -87,41 +94,3 @@ class ProxyApp:
     @draining.setter
     def draining(self, value: bool) -> None:
         self.pipeline.draining = value
-
-    # -- the services in force, by name --------------------------------------------
-
-    @property
-    def config(self) -> Config:
-        return self.services.config
-
-    @property
-    def router(self) -> Router:
-        return self.services.router
-
-    @property
-    def cache(self) -> ResponseCache:
-        return self.services.cache
-
-    @property
-    def clock(self) -> IReactorTime:
-        return self.services.clock
-
-    @property
-    def images(self) -> Images:
-        return self.services.images
-
-    @property
-    def guard(self) -> Guard:
-        return self.services.guard
-
-    @property
-    def metrics(self) -> Metrics:
-        return self.services.metrics
-
-    @property
-    def after_send(self) -> AfterSend:
-        return self.services.after_send
-
-    @property
-    def access_log(self) -> AccessLog | None:
-        return self.services.access_log

@@ -52,7 +52,7 @@ async def answer(
         route_name,
         scope.body,
         model=first.upstream_model,
-        backend=scope.router.pool_name(model),
+        backend=scope.services.router.pool_name(model),
         key_name=scope.caller.subject if scope.caller and scope.caller.name else None,
         cache_control=b", ".join(request.requestHeaders.getRawHeaders(b"cache-control", []))
         or None,

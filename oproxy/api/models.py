@@ -18,7 +18,7 @@ from oproxy.routing.router import Route
 
 
 async def list_all(scope: Scope) -> bytes | None:
-    router = scope.router
+    router = scope.services.router
     catalog = router.state.catalog
     await router.refresh_models()
     data: list[dict[str, Any]] = []
@@ -48,7 +48,7 @@ async def retrieve(scope: Scope) -> bytes | None:
     model_id = unquote(scope.params["model_id"])
     if not scope.may_use(model_id):
         raise ModelNotFound(model_id)
-    routes = await scope.router.routes(model_id)
+    routes = await scope.services.router.routes(model_id)
     routes = [r for r in routes if r.client_model == model_id]  # not a fallback's
 
     async def look_up(route: Route) -> dict[str, Any]:

@@ -55,10 +55,10 @@ def ollama_backends(scope: Scope, *, healthy: bool = True) -> list[INativeOllama
     The backends that speak Ollama's native API, without those whose
     circuit is open (unless asked).
     """
-    breaker = scope.router.state.breaker
+    breaker = scope.services.router.state.breaker
     return [
         INativeOllama(backend)
-        for backend in scope.router.backends
+        for backend in scope.services.router.backends
         if INativeOllama.providedBy(backend) and not (healthy and breaker.is_open(backend.name))
     ]
 
@@ -108,7 +108,7 @@ async def tags(scope: Scope) -> bytes | None:
     copies of their target's entry, as far as the caller's key may use them.
     """
     listed = await _union(scope, "/api/tags")
-    for rule in scope.router.config.models:
+    for rule in scope.services.router.config.models:
         if rule.is_glob or rule.target is None or rule.pattern in listed:
             continue
         target = next((listed[f] for f in name_forms(rule.target) if f in listed), None)
@@ -159,7 +159,7 @@ def managed_backends(scope: Scope, model: str) -> list[IModelManagement]:
     """
     everyone = [
         IModelManagement(backend)
-        for backend in scope.router.backends
+        for backend in scope.services.router.backends
         if IModelManagement.providedBy(backend)
     ]
     named = scope.request.getHeader(BACKEND_HEADER)
@@ -173,7 +173,7 @@ def managed_backends(scope: Scope, model: str) -> list[IModelManagement]:
         if not everyone:
             raise InvalidRequest("no Ollama backend is configured")
         return everyone
-    rule = scope.router.config.rule_for(model)
+    rule = scope.services.router.config.rule_for(model)
     patterns = rule.backends if rule is not None else ()
     allowed = [b for b in everyone if not patterns or any(fnmatchcase(b.name, p) for p in patterns)]
     if not allowed:
@@ -220,7 +220,7 @@ async def _progress(scope: Scope, path: str, *, refresh: bool) -> bytes | None:
             done.append(backend)
     finally:
         if refresh and done:
-            await scope.router.state.catalog.refresh(done)
+            await scope.services.router.state.catalog.refresh(done)
     return render_json(scope, answer)
 
 
@@ -259,12 +259,12 @@ async def _each_progress(
                 break
             finished.append(backend)
         if refresh and finished:
-            await scope.router.state.catalog.refresh(finished)
+            await scope.services.router.state.catalog.refresh(finished)
         refreshed = True
     finally:
         if refresh and finished and not refreshed:
             # The stream was cut short: refresh what changed in the background.
-            defer.Deferred.fromCoroutine(scope.router.state.catalog.refresh(finished))
+            defer.Deferred.fromCoroutine(scope.services.router.state.catalog.refresh(finished))
 
 
 async def delete(scope: Scope) -> bytes | None:
@@ -305,7 +305,7 @@ async def _on_each(
             raise verbatim_error(status, answer, backend.name)
     if not done and missing is not None:
         raise missing
-    await scope.router.state.catalog.refresh(done)
+    await scope.services.router.state.catalog.refresh(done)
     scope.request.setResponseCode(200)
     if isinstance(scope.request, Request):
         scope.request.defaultContentType = None  # nothing to label, as Ollama

@@ -17,7 +17,7 @@ from oproxy.backends.base import Call, IInlineImages
 from oproxy.config import Config
 from oproxy.errors import InvalidRequest
 from oproxy.images.fetch import too_many_images
-from oproxy.routing.router import Route, Router
+from oproxy.routing.router import Route
 from oproxy.security.guard import Ticket
 from oproxy.security.limits import Caller
 from oproxy.translate.chat import image_parts
@@ -63,10 +63,6 @@ class Scope:
     route_in_use: Route | None = None
     #: A chat's images, fetched and converted once for every route tried.
     prepared_images: Mapping[str, str] | None = None
-
-    @property
-    def router(self) -> Router:
-        return self.services.router
 
     @property
     def logs_bodies(self) -> bool:
@@ -131,14 +127,14 @@ class Scope:
             if self.ticket is not None:
                 for name, value in self.ticket.headers.items():
                     self.request.setHeader(name.encode("ascii"), value.encode("ascii"))
-        return model, await self.router.routes(model)
+        return model, await self.services.router.routes(model)
 
     # -- what dispatch tells the request about its routes -------------------------
 
     def trying(self, route: Route) -> None:
         self.release()
         self.route_in_use = route
-        self.router.started(route)
+        self.services.router.started(route)
         self.model_label, self.backend_label = route.upstream_model, route.backend.name
 
     def gave_up(self, route: Route) -> None:
@@ -150,7 +146,7 @@ class Scope:
     def release(self) -> None:
         """The request no longer keeps its backend busy."""
         if self.route_in_use is not None:
-            self.router.finished(self.route_in_use)
+            self.services.router.finished(self.route_in_use)
             self.route_in_use = None
 
     def tokens_used(self, abandoned: bool) -> int | None:

@@ -24,8 +24,8 @@ async def liveness(scope: Scope) -> bytes | None:
 async def readiness(scope: Scope) -> bytes | None:
     """Readiness: a backend answers, and the state store does (or the proxy fails open)."""
     services = scope.services
-    found = await probe_all(scope.router.backends, services.clock, services.metrics)
-    scope.router.note_probes(found)
+    found = await probe_all(scope.services.router.backends, services.clock, services.metrics)
+    scope.services.router.note_probes(found)
     reachable = sum(1 for b in found if b.reachable)
     store = await services.guard.check()
     ready = reachable > 0 and (store["reachable"] or store["on_unavailable"] == "open")
@@ -45,7 +45,7 @@ async def health(scope: Scope) -> bytes | None:
     and names only the models that key may use.
     """
     services = scope.services
-    found = await probe_all(scope.router.backends, services.clock, services.metrics)
+    found = await probe_all(scope.services.router.backends, services.clock, services.metrics)
     document = report(
         found,
         uptime_seconds=services.clock.seconds() - services.up_since,
