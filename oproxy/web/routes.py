@@ -38,7 +38,7 @@ from oproxy.api import (
 from oproxy.api.docs import OPENAPI_JSON, SWAGGER_PAGE, swagger_ui_files
 from oproxy.errors import MethodNotAllowed, NotFound
 from oproxy.web.dialects import OLLAMA, OPENAI
-from oproxy.web.pipeline import Endpoint, Pipeline, stamp_request_id
+from oproxy.web.pipeline import Endpoint, Handler, Pipeline, stamp_request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ Route = Endpoint | Document | Files
 
 
 def _native(
-    path: str, handler: Any, methods: tuple[str, ...] = ("POST",), *, json_body: bool = True
+    path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), *, json_body: bool = True
 ) -> Endpoint:
     """One of Ollama's native routes: its errors are Ollama's."""
     return Endpoint(path, methods, handler, OLLAMA, json_body=json_body, label=path)
