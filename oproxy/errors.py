@@ -1,17 +1,17 @@
 """
-The exception hierarchy, and the one place that renders OpenAI error objects.
+The exception hierarchy: the one place a status, a ``type`` and a ``code``
+are decided.
 
-Every layer raises a typed :class:`OProxyError`; only :func:`render_error`
-knows what the client sees.  Keeping the mapping here means a status, a
-``type`` or a ``code`` is decided once, and an unexpected exception can never
-leak a traceback or an HTML page to a client.
+Every layer raises a typed :class:`OProxyError`; the error dialects of
+:mod:`oproxy.web.dialects` turn one into what the client reads (OpenAI's
+error object, or Ollama's ``{"error": "..."}`` on Ollama's native routes),
+and an unexpected exception becomes a :class:`ServerError`, never a
+traceback or an HTML page.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
-
-import orjson
 
 
 class OProxyError(Exception):
@@ -198,23 +198,6 @@ class ServerError(OProxyError):
         super().__init__(message)
 
 
-def render_error(error: OProxyError) -> bytes:
-    """
-    Serialise ``error`` as the JSON body OpenAI clients expect.
-    """
-    return orjson.dumps(error.to_body())
-
-
-def render_stream_error(error: OProxyError) -> bytes:
-    """
-    Serialise ``error`` as one SSE event, for a failure after streaming began.
-
-    The official SDK raises ``APIError`` with this message, type and code when
-    it sees an event whose JSON has an ``error`` key.
-    """
-    return b"data: " + render_error(error) + b"\n\n"
-
-
 class QuotaExceeded(OProxyError):
     """A token quota is used up until its period ends: retrying sooner cannot help."""
 
@@ -245,3 +228,34 @@ class BackendsDown(OProxyError):
             f"({', '.join(sorted(set(backends)))}). Please try again in {seconds}s.",
             headers={"retry-after": str(seconds)},
         )
+
+
+# -- answers from an Ollama backend, passed on as they were -------------------------
+
+
+class Answered(OProxyError):
+    """
+    An error answer from an Ollama backend, kept as it was: a native client
+    gets Ollama's own status and message, as if it had asked Ollama.
+
+    The subclasses place it in the hierarchy, so that dispatch still moves
+    on to another backend after a 5xx, and the OpenAI rendering (if it is
+    ever used) still makes sense.
+    """
+
+    def __init__(self, status: int, message: str, backend: str) -> None:
+        super().__init__(f"backend {backend!r} answered HTTP {status}: {message}")
+        self.answered_status = status
+        self.answered_message = message
+
+
+class AnsweredRefusal(Answered, InvalidRequest):
+    """A 4xx: the request's fault, which another backend would repeat."""
+
+
+class AnsweredBusy(Answered, UpstreamBusy):
+    """A 429 or 503: this backend is overloaded, another may not be."""
+
+
+class AnsweredFailure(Answered, UpstreamError):
+    """A 5xx: this backend failed, another may not."""

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from oproxy import __version__
-from oproxy.backends.base import Backend
+from oproxy.backends.base import IBackend
 from oproxy.errors import OProxyError, UpstreamTimeout, UpstreamUnavailable
 from oproxy.metrics import Metrics
 from oproxy.upstream import DeadlineExceeded, within
@@ -58,7 +58,7 @@ class BackendHealth:
         }
 
 
-async def probe(backend: Backend, clock: IReactorTime, deadline: float) -> BackendHealth:
+async def probe(backend: IBackend, clock: IReactorTime, deadline: float) -> BackendHealth:
     """Probe one backend; any failure is reported, never raised."""
     started = clock.seconds()
     answered = False
@@ -92,7 +92,7 @@ async def probe(backend: Backend, clock: IReactorTime, deadline: float) -> Backe
 
 
 async def probe_all(
-    backends: Sequence[Backend],
+    backends: Sequence[IBackend],
     clock: IReactorTime,
     metrics: Metrics | None = None,
     deadline: float = PROBE_TIMEOUT,

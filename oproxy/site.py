@@ -35,7 +35,6 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from twisted.internet import defer, interfaces
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
@@ -45,8 +44,9 @@ from twisted.web.resource import IResource
 
 from oproxy.config import RequestLimits
 from oproxy.connections import ConnectionLimits, client_of
-from oproxy.errors import OProxyError, RequestTimeout, RequestTooLarge, render_error
+from oproxy.errors import OProxyError, RequestTimeout, RequestTooLarge
 from oproxy.metrics import Metrics
+from oproxy.web.dialects import dialect_for_path
 
 #: Seconds a kept-alive connection may sit idle between requests.  Longer
 #: than any client keeps an idle connection (httpx: 5 s, browsers: about a
@@ -94,13 +94,6 @@ def reason_phrase(code: int) -> bytes:
     if phrase is None:
         phrase = _STATUS_CLASSES.get(code // 100, b"Unknown Status")
     return phrase
-
-
-def _error_body(path: bytes, error: OProxyError) -> bytes:
-    """The error as the route would render it: Ollama's shape on its native routes."""
-    if path.lstrip(b"/").startswith(b"api/"):
-        return orjson.dumps({"error": error.message})
-    return render_error(error)
 
 
 def _discard(*args: Any) -> None:
@@ -237,12 +230,14 @@ class ProxyChannel(http.HTTPChannel):
         self._phase = None
         self.setTimeout(None)  # type: ignore[no-untyped-call]
         self.dataReceived = self.lineReceived = self.rawDataReceived = _discard  # type: ignore[method-assign, assignment]
-        body = _error_body(getattr(self, "_path", b""), error)
+        # Written as the route would: Ollama's shape on its native routes.
+        dialect = dialect_for_path(getattr(self, "_path", b""))
+        status, body = dialect.status_and_body(error)
         transport: Any = self.transport
         transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s"
-            % (error.status, reason_phrase(error.status), len(body), body)
+            % (status, reason_phrase(status), dialect.content_type, len(body), body)
         )
         network: Any = self._networkProducer
         network.unregisterProducer()

@@ -27,7 +27,8 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from oproxy.after_send import call_after_send
-from oproxy.errors import OProxyError, ServerError, UpstreamError, render_stream_error
+from oproxy.errors import OProxyError, ServerError, UpstreamError
+from oproxy.web.dialects import OPENAI
 
 log = Logger()
 
@@ -166,13 +167,13 @@ async def _relay_from(
                 elif written % FLUSH_EVERY == 0:
                     await _flush(clock)
         except OProxyError as e:
-            request.write(render_stream_error(e))
+            request.write(OPENAI.stream_event(e))
             return
         except defer.CancelledError:
             raise
         except Exception:
             log.failure("Stream failed after it began")
-            request.write(render_stream_error(ServerError()))
+            request.write(OPENAI.stream_event(ServerError()))
             return
         request.write(DONE)
 
@@ -268,7 +269,7 @@ async def relay_sse_with_keepalive(
         if not isinstance(e, OProxyError):
             log.failure("Stream failed while its first chunk was awaited")
             e = ServerError()
-        request.write(render_stream_error(e))
+        request.write(OPENAI.stream_event(e))
         return
     finally:
         keepalive.stop()
@@ -277,7 +278,7 @@ async def relay_sse_with_keepalive(
             empty = UpstreamError("the backend sent an empty stream")
             if not keepalive.committed:
                 raise empty
-            request.write(render_stream_error(empty))
+            request.write(OPENAI.stream_event(empty))
             return
         if not keepalive.committed:
             _commit(request)

@@ -28,7 +28,7 @@ from oproxy import __version__
 from oproxy.after_send import AfterSend
 from oproxy.announce import log_backends
 from oproxy.app import ProxyApp
-from oproxy.backends.base import Backend
+from oproxy.backends.base import IBackend
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
@@ -164,7 +164,7 @@ def build_router(
         handed on by a reload; backends the new config dropped are forgotten.
     """
     clock: IReactorTime = reactor
-    backends: list[Backend] = []
+    backends: list[IBackend] = []
     for backend_config in config.backends:
         endpoints = ReusedEndpoints(reactor, backend_config.timeouts.connect)
         agent = LeanAgent(

@@ -679,7 +679,8 @@ def through_proxy(proxy_factory: Any, upstream: FakeUpstream, **changes: Any) ->
     """The proxy under test, with every model routed to the adapter."""
     proxy: Proxy = proxy_factory(**changes)
     routing = RoutingConfig()
-    proxy.app.router = Router([upstream.backend()], routing, RoutingState.new(reactor, routing))
+    router = Router([upstream.backend()], routing, RoutingState.new(reactor, routing))
+    proxy.app.swap(proxy.app.config, router, proxy.app.cache)
     return proxy
 
 

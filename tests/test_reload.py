@@ -38,7 +38,7 @@ def test_a_replaced_cache_is_handed_over_to_be_closed_and_a_kept_one_is_not(
     proxy: Proxy,
 ) -> None:
     original = RecordingCache(proxy.app.cache.store_backend, proxy.app.clock)
-    proxy.app.cache = original
+    proxy.app.swap(proxy.app.config, proxy.app.router, original)
     same = proxy.app.config
     retired: list[ResponseCache] = []
     assert reloader(proxy, lambda: same, retired).reload()

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import task
+from zope.interface import implementer
 
+from oproxy.backends.base import IImplicitLatest, IRuntimeOptions
 from oproxy.config import ConfigError, ModelRule, RoutingConfig, load_config
 from oproxy.errors import BackendsDown, ModelNotFound
 from oproxy.health import BackendHealth
@@ -20,13 +22,16 @@ from oproxy.routing.catalog import name_forms
 from oproxy.routing.router import Route, Router, RoutingState
 
 
+@implementer(IImplicitLatest, IRuntimeOptions)
 @dataclass
 class Stub:
-    """A backend that only lists models (routing never calls anything else)."""
+    """
+    A backend that only lists models (routing never calls anything else),
+    with the naming and options of an Ollama.
+    """
 
     name: str
     models: list[str]
-    kind: str = "ollama"
     weight: int = 1
     listed: int = field(default=0)
 

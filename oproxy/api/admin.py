@@ -30,8 +30,8 @@ def require_admin(scope: Scope) -> None:
 
 async def list_all(scope: Scope) -> bytes | None:
     require_admin(scope)
-    now = scope.app.clock.seconds()
-    records = await scope.app.guard.store.list_keys()
+    now = scope.services.clock.seconds()
+    records = await scope.services.guard.store.list_keys()
     return scope.json({"object": "list", "data": [describe(r, now) for r in records]})
 
 
@@ -55,39 +55,42 @@ async def create(scope: Scope) -> bytes | None:
         policy = policy_from_json(body)
     except PolicyError as e:
         raise InvalidRequest(str(e)) from None
-    now = scope.app.clock.seconds()
+    now = scope.services.clock.seconds()
     try:
-        issued, record = await create_key(scope.app.guard.store, name, policy, now)
+        issued, record = await create_key(scope.services.guard.store, name, policy, now)
     except ValueError as e:
         raise InvalidRequest(str(e), param="name") from None
-    scope.app.guard.stored_keys = True
+    # The guard asks for keys from now on (and the other processes soon).
+    await scope.services.guard.refresh()
     return scope.json({**describe(record, now), "key": issued.token}, status=201)
 
 
-async def show(scope: Scope, key_id: str) -> bytes | None:
+async def show(scope: Scope) -> bytes | None:
     require_admin(scope)
-    record = await _find(scope, key_id)
-    return scope.json(describe(record, scope.app.clock.seconds()))
+    record = await _find(scope)
+    return scope.json(describe(record, scope.services.clock.seconds()))
 
 
-async def revoke(scope: Scope, key_id: str) -> bytes | None:
+async def revoke(scope: Scope) -> bytes | None:
     require_admin(scope)
-    now = scope.app.clock.seconds()
-    record = await revoke_key(scope.app.guard.store, await _find(scope, key_id), now)
+    now = scope.services.clock.seconds()
+    record = await revoke_key(scope.services.guard.store, await _find(scope), now)
     return scope.json(describe(record, now))
 
 
-async def rotate(scope: Scope, key_id: str) -> bytes | None:
+async def rotate(scope: Scope) -> bytes | None:
     require_admin(scope)
     try:
-        issued, record = await rotate_key(scope.app.guard.store, await _find(scope, key_id))
+        issued, record = await rotate_key(scope.services.guard.store, await _find(scope))
     except ValueError as e:
         raise InvalidRequest(str(e)) from None
-    return scope.json({**describe(record, scope.app.clock.seconds()), "key": issued.token})
+    return scope.json({**describe(record, scope.services.clock.seconds()), "key": issued.token})
 
 
-async def _find(scope: Scope, key_id: str) -> KeyRecord:
-    record = await scope.app.guard.store.get_key(key_id) if looks_like_key_id(key_id) else None
+async def _find(scope: Scope) -> KeyRecord:
+    """The key the path names (``/admin/keys/<key_id>``)."""
+    key_id = scope.params["key_id"]
+    record = await scope.services.guard.store.get_key(key_id) if looks_like_key_id(key_id) else None
     if record is None:
         raise NotFound(f"No key with the id {key_id!r}.")
     return record

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from oproxy.api.caching import answer
+from oproxy.api.answer import answer
 from oproxy.api.choices import requested_generations
 from oproxy.api.scope import Scope
 from oproxy.routing.router import Route

@@ -77,7 +77,7 @@ async def first_answer(
     scope: Scope, routes: Sequence[Route], attempt: Callable[[Route], Awaitable[T]]
 ) -> T:
     """The first route's answer that does not fail in a way another route could fix."""
-    router = scope.router
+    router = scope.services.router
     extra_attempts = router.config.retries
     last: OProxyError | None = None
     for route in routes:

@@ -12,8 +12,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.static import Data, File
 
-from oproxy.errors import NotFound, OProxyError, render_error
+from oproxy.errors import NotFound
 from oproxy.openapi import openapi_document
+from oproxy.web.dialects import OPENAI
 
 OPENAPI_JSON = orjson.dumps(openapi_document())
 
@@ -61,7 +62,4 @@ class _JSONNotFound(Resource):
 
     def render(self, request: IRequest) -> bytes:
         path = request.path.decode("latin-1", "replace")
-        error: OProxyError = NotFound(f"Unknown request URL: {path}.")
-        request.setResponseCode(error.status)
-        request.setHeader(b"content-type", b"application/json")
-        return render_error(error)
+        return OPENAI.respond(request, NotFound(f"Unknown request URL: {path}."))

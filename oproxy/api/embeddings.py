@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from oproxy.api.caching import answer
+from oproxy.api.answer import answer
 from oproxy.api.scope import Scope
 from oproxy.errors import InvalidRequest
 from oproxy.routing.router import Route

@@ -18,7 +18,7 @@ from oproxy.routing.router import Route
 
 
 async def list_all(scope: Scope) -> bytes | None:
-    router = scope.router
+    router = scope.services.router
     catalog = router.state.catalog
     await router.refresh_models()
     data: list[dict[str, Any]] = []
@@ -41,14 +41,14 @@ async def list_all(scope: Scope) -> bytes | None:
     return scope.json({"object": "list", "data": [m for m in data if scope.may_use(m["id"])]})
 
 
-async def retrieve(scope: Scope, model_id: str) -> bytes | None:
+async def retrieve(scope: Scope) -> bytes | None:
     """
     Look one model up; ids may hold ``:`` and ``/``, raw or percent-encoded.
     """
-    model_id = unquote(model_id)
+    model_id = unquote(scope.params["model_id"])
     if not scope.may_use(model_id):
         raise ModelNotFound(model_id)
-    routes = await scope.router.routes(model_id)
+    routes = await scope.services.router.routes(model_id)
     routes = [r for r in routes if r.client_model == model_id]  # not a fallback's
 
     async def look_up(route: Route) -> dict[str, Any]:

@@ -6,9 +6,10 @@ talk to Ollama, not to OpenAI.  Served here, they get the same keys, model
 permissions, limits, routing, metrics and access log as the OpenAI routes,
 and see an Ollama: bodies pass through as Ollama defines them, answers come
 back as Ollama frames them (NDJSON streams by default), and errors are
-Ollama's ``{"error": "..."}``.  Only the model name is touched: an alias
-goes upstream as its target and comes back as the alias, and a model's
-configured defaults are merged under the client's ``options``.
+Ollama's ``{"error": "..."}`` (:data:`oproxy.web.dialects.OLLAMA`).  Only
+the model name is touched: an alias goes upstream as its target and comes
+back as the alias, and a model's configured defaults are merged under the
+client's ``options``.
 
 Listings and model management live in :mod:`oproxy.api.native_models`.
 """
@@ -17,33 +18,36 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 
 from oproxy.api.dispatch import first_answer, first_stream
 from oproxy.api.scope import Scope
-from oproxy.backends.ollama import OllamaBackend, ollama_error
+from oproxy.backends.base import INativeOllama
+from oproxy.backends.ollama import ollama_error
 from oproxy.errors import (
+    AnsweredBusy,
+    AnsweredFailure,
+    AnsweredRefusal,
     InvalidRequest,
     ModelNotFound,
     OProxyError,
     ServerError,
-    UpstreamBusy,
     UpstreamError,
 )
 from oproxy.routing.router import Route
 from oproxy.streaming import ClientPacer
+from oproxy.web.dialects import OLLAMA
 
 log = Logger()
 
 Lines = AsyncGenerator[dict[str, Any], None]
 
-#: What Ollama (gin) labels its JSON answers and errors with.
-JSON_TYPE = b"application/json; charset=utf-8"
+#: What Ollama (gin) labels its JSON answers with (its errors too).
+JSON_TYPE = OLLAMA.content_type
 NDJSON_TYPE = b"application/x-ndjson"
 
 #: Rule options that are not Ollama ``options`` keys, and where they go.
@@ -52,35 +56,7 @@ _AS_NUM_PREDICT = frozenset(("max_tokens", "max_completion_tokens"))
 _NOT_OLLAMA = frozenset(("reasoning_effort",))
 
 
-# -- errors, the way Ollama says them ---------------------------------------------
-
-
-class Answered(OProxyError):
-    """
-    An error answer from an Ollama backend, kept as it was: a native client
-    gets Ollama's own status and message, as if it had asked Ollama.
-
-    The subclasses place it in the hierarchy, so that dispatch still moves
-    on to another backend after a 5xx, and the OpenAI rendering (if it is
-    ever used) still makes sense.
-    """
-
-    def __init__(self, status: int, message: str, backend: str) -> None:
-        super().__init__(f"backend {backend!r} answered HTTP {status}: {message}")
-        self.answered_status = status
-        self.answered_message = message
-
-
-class AnsweredRefusal(Answered, InvalidRequest):
-    """A 4xx: the request's fault, which another backend would repeat."""
-
-
-class AnsweredBusy(Answered, UpstreamBusy):
-    """A 429 or 503: this backend is overloaded, another may not be."""
-
-
-class AnsweredFailure(Answered, UpstreamError):
-    """A 5xx: this backend failed, another may not."""
+# -- errors from Ollama backends ------------------------------------------------
 
 
 def verbatim_error(status: int, body: Any, backend: str) -> OProxyError:
@@ -106,29 +82,6 @@ def answered_error(status: int, body: Any, route: Route, backend: str) -> OProxy
     if status == 404 and isinstance(message, str) and "not found" in message:
         return ModelNotFound(route.client_model)
     return verbatim_error(status, body, backend)
-
-
-def native_message(error: OProxyError) -> tuple[int, str]:
-    """The status and message Ollama would have answered ``error`` with."""
-    if isinstance(error, Answered):
-        return error.answered_status, error.answered_message
-    if isinstance(error, ModelNotFound):
-        return error.status, f"model '{error.model}' not found"
-    return error.status, error.message
-
-
-def render_error(request: IRequest, error: OProxyError) -> bytes:
-    """
-    ``{"error": "..."}``, as Ollama answers: its clients read nothing else
-    (the ``ollama`` library raises ``ResponseError`` with that message).
-    Headers such as ``Retry-After`` are kept.
-    """
-    status, message = native_message(error)
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", JSON_TYPE)
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
-    return orjson.dumps({"error": message})
 
 
 # -- requests -------------------------------------------------------------------
@@ -182,15 +135,16 @@ def forwarded(route: Route, sent: Mapping[str, Any], *, defaults: bool = True) -
 
 
 def ollama_routes(routes: list[Route], model: str) -> list[Route]:
-    """Only an Ollama backend speaks the native API."""
-    kept = [route for route in routes if isinstance(route.backend, OllamaBackend)]
+    """Only a backend that speaks Ollama's native API can answer it."""
+    kept = [route for route in routes if INativeOllama.providedBy(route.backend)]
     if not kept:
         raise ModelNotFound(model)
     return kept
 
 
-def _backend(route: Route) -> OllamaBackend:
-    return cast(OllamaBackend, route.backend)
+def _native(route: Route) -> INativeOllama:
+    """The route's backend, which :func:`ollama_routes` kept for speaking Ollama."""
+    return INativeOllama(route.backend)
 
 
 # -- inference --------------------------------------------------------------------
@@ -225,12 +179,12 @@ async def _infer(
     _, routes = await scope.admitted_routes(estimate_as)
     routes = ollama_routes(routes, model)
     if path in ("/api/chat", "/api/generate"):
-        await scope.app.images.prepare_native(scope.body, scope.config.images)
+        await scope.services.images.prepare_native(scope.body, scope.config.images)
     inference = path != "/api/show"
     if stream:
 
         async def open_lines(route: Route) -> Lines:
-            status, lines = await _backend(route).upstream.stream_json_lines(
+            status, lines = await _native(route).upstream.stream_json_lines(
                 path, forwarded(route, scope.body), scope.upstream_time
             )
             if status != 200:
@@ -243,7 +197,7 @@ async def _infer(
         return None
 
     async def post(route: Route) -> tuple[Route, dict[str, Any]]:
-        status, answer = await _backend(route).upstream.request_json(
+        status, answer = await _native(route).upstream.request_json(
             "POST", path, forwarded(route, scope.body, defaults=inference), scope.upstream_time
         )
         if status != 200:
@@ -280,7 +234,7 @@ def _count_usage(scope: Scope, route: Route, answer: Mapping[str, Any]) -> None:
     }
     scope.prompt_tokens = usage["prompt_tokens"]
     scope.completion_tokens = usage["completion_tokens"]
-    scope.app.metrics.count_tokens(usage, model=route.client_model, key=scope.key_name)
+    scope.services.metrics.count_tokens(usage, model=route.client_model, key=scope.key_name)
 
 
 def _count(value: Any) -> int:
@@ -310,7 +264,7 @@ async def _accounted(scope: Scope, route: Route, lines: AsyncGenerator[Any, None
     finally:
         if not finished and generated:
             scope.partial_completion_tokens += generated
-            scope.app.metrics.count_tokens(
+            scope.services.metrics.count_tokens(
                 {"completion_tokens": generated}, model=route.client_model, key=scope.key_name
             )
 
@@ -340,8 +294,8 @@ async def relay_ndjson(scope: Scope, lines: Lines, route_name: str | None = None
             raise UpstreamError("the backend sent an empty stream")
         request.setHeader(b"content-type", NDJSON_TYPE)
         if route_name is not None:
-            scope.first_token_seconds = scope.app.clock.seconds() - scope.started
-            scope.app.metrics.first_token.labels(route_name, scope.model_label).observe(
+            scope.first_token_seconds = scope.services.clock.seconds() - scope.started
+            scope.services.metrics.first_token.labels(route_name, scope.model_label).observe(
                 scope.first_token_seconds
             )
         with ClientPacer(request) as pacer:
@@ -352,12 +306,12 @@ async def relay_ndjson(scope: Scope, lines: Lines, route_name: str | None = None
                     if pacer.paused:
                         await pacer.drained()
             except OProxyError as e:
-                request.write(ndjson_line({"error": native_message(e)[1]}))
+                request.write(OLLAMA.stream_event(e))
             except defer.CancelledError:
                 raise
             except Exception:
                 log.failure("Native stream failed after it began")
-                request.write(ndjson_line({"error": ServerError().message}))
+                request.write(OLLAMA.stream_event(ServerError()))
 
 
 def render_json(scope: Scope, payload: Any, status: int = 200) -> bytes:

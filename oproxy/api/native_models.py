@@ -35,7 +35,7 @@ from oproxy.api.native import (
     verbatim_error,
 )
 from oproxy.api.scope import Scope
-from oproxy.backends.ollama import OllamaBackend
+from oproxy.backends.base import IModelManagement, INativeOllama
 from oproxy.errors import InvalidRequest, OProxyError, UpstreamUnavailable
 from oproxy.routing.catalog import name_forms
 from oproxy.upstream import DeadlineExceeded, within
@@ -50,26 +50,29 @@ LISTING_SECONDS = 10.0
 BACKEND_HEADER = b"x-oproxy-backend"
 
 
-def ollama_backends(scope: Scope, *, healthy: bool = True) -> list[OllamaBackend]:
-    """The Ollama backends, without those whose circuit is open (unless asked)."""
-    breaker = scope.router.state.breaker
+def ollama_backends(scope: Scope, *, healthy: bool = True) -> list[INativeOllama]:
+    """
+    The backends that speak Ollama's native API, without those whose
+    circuit is open (unless asked).
+    """
+    breaker = scope.services.router.state.breaker
     return [
-        backend
-        for backend in scope.router.backends
-        if isinstance(backend, OllamaBackend) and not (healthy and breaker.is_open(backend.name))
+        INativeOllama(backend)
+        for backend in scope.services.router.backends
+        if INativeOllama.providedBy(backend) and not (healthy and breaker.is_open(backend.name))
     ]
 
 
 # -- listings -------------------------------------------------------------------------
 
 
-async def _get(scope: Scope, backend: OllamaBackend, path: str) -> dict[str, Any] | None:
+async def _get(scope: Scope, backend: INativeOllama, path: str) -> dict[str, Any] | None:
     """One backend's answer to a ``GET``, or ``None`` if it has none to give now."""
     try:
         status, body = await within(
             defer.Deferred.fromCoroutine(backend.upstream.request_json("GET", path)),
             LISTING_SECONDS,
-            scope.app.clock,
+            scope.services.clock,
         )
     except (OProxyError, DeadlineExceeded) as e:
         log.info(
@@ -105,7 +108,7 @@ async def tags(scope: Scope) -> bytes | None:
     copies of their target's entry, as far as the caller's key may use them.
     """
     listed = await _union(scope, "/api/tags")
-    for rule in scope.router.config.models:
+    for rule in scope.services.router.config.models:
         if rule.is_glob or rule.target is None or rule.pattern in listed:
             continue
         target = next((listed[f] for f in name_forms(rule.target) if f in listed), None)
@@ -149,12 +152,16 @@ async def banner(scope: Scope) -> bytes | None:
 # -- management -----------------------------------------------------------------------
 
 
-def managed_backends(scope: Scope, model: str) -> list[OllamaBackend]:
+def managed_backends(scope: Scope, model: str) -> list[IModelManagement]:
     """
     Where a management request goes: the backend the client names, else the
     only Ollama backend, else every one the model's rule allows.
     """
-    everyone = ollama_backends(scope, healthy=False)
+    everyone = [
+        IModelManagement(backend)
+        for backend in scope.services.router.backends
+        if IModelManagement.providedBy(backend)
+    ]
     named = scope.request.getHeader(BACKEND_HEADER)
     if named is not None:
         name = named.decode("utf-8", "replace")
@@ -166,7 +173,7 @@ def managed_backends(scope: Scope, model: str) -> list[OllamaBackend]:
         if not everyone:
             raise InvalidRequest("no Ollama backend is configured")
         return everyone
-    rule = scope.router.config.rule_for(model)
+    rule = scope.services.router.config.rule_for(model)
     patterns = rule.backends if rule is not None else ()
     allowed = [b for b in everyone if not patterns or any(fnmatchcase(b.name, p) for p in patterns)]
     if not allowed:
@@ -201,7 +208,7 @@ async def _progress(scope: Scope, path: str, *, refresh: bool) -> bytes | None:
         await relay_ndjson(scope, lines)
         return None
     answer: Any = None
-    done: list[OllamaBackend] = []
+    done: list[IModelManagement] = []
     try:
         for backend in backends:
             scope.backend_label = backend.name
@@ -213,13 +220,13 @@ async def _progress(scope: Scope, path: str, *, refresh: bool) -> bytes | None:
             done.append(backend)
     finally:
         if refresh and done:
-            await scope.router.state.catalog.refresh(done)
+            await scope.services.router.state.catalog.refresh(done)
     return render_json(scope, answer)
 
 
 async def _each_progress(
     scope: Scope,
-    backends: Sequence[OllamaBackend],
+    backends: Sequence[IModelManagement],
     path: str,
     body: dict[str, Any],
     *,
@@ -230,7 +237,7 @@ async def _each_progress(
     that fails (an error answer, or an ``{"error": ...}`` line) ends the
     stream: the error is its last line, as Ollama ends a failed pull.
     """
-    finished: list[OllamaBackend] = []
+    finished: list[IModelManagement] = []
     refreshed = False
     try:
         for backend in backends:
@@ -252,12 +259,12 @@ async def _each_progress(
                 break
             finished.append(backend)
         if refresh and finished:
-            await scope.router.state.catalog.refresh(finished)
+            await scope.services.router.state.catalog.refresh(finished)
         refreshed = True
     finally:
         if refresh and finished and not refreshed:
             # The stream was cut short: refresh what changed in the background.
-            defer.Deferred.fromCoroutine(scope.router.state.catalog.refresh(finished))
+            defer.Deferred.fromCoroutine(scope.services.router.state.catalog.refresh(finished))
 
 
 async def delete(scope: Scope) -> bytes | None:
@@ -276,14 +283,14 @@ async def copy(scope: Scope) -> bytes | None:
 
 
 async def _on_each(
-    scope: Scope, method: str, path: str, backends: Sequence[OllamaBackend]
+    scope: Scope, method: str, path: str, backends: Sequence[IModelManagement]
 ) -> bytes | None:
     """
     Send the request to each backend; a backend that lacks the model is
     passed over while another had it.  Ollama answers success with an empty
     body, and so does this.
     """
-    done: list[OllamaBackend] = []
+    done: list[IModelManagement] = []
     missing: OProxyError | None = None
     for backend in backends:
         scope.backend_label = backend.name
@@ -298,7 +305,7 @@ async def _on_each(
             raise verbatim_error(status, answer, backend.name)
     if not done and missing is not None:
         raise missing
-    await scope.router.state.catalog.refresh(done)
+    await scope.services.router.state.catalog.refresh(done)
     scope.request.setResponseCode(200)
     if isinstance(scope.request, Request):
         scope.request.defaultContentType = None  # nothing to label, as Ollama

@@ -1,28 +1,27 @@
 """
-What a handler gets: the request, its parsed body, and the app's services.
+What a handler gets: the request, who sent it, its parsed body, the
+configuration snapshot, and the services it may use (:class:`Services`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from twisted.web.iweb import IRequest
 
-from oproxy.backends.base import Call
+from oproxy.api.services import Services
+from oproxy.backends.base import Call, IInlineImages
 from oproxy.config import Config
 from oproxy.errors import InvalidRequest
 from oproxy.images.fetch import too_many_images
-from oproxy.routing.router import Route, Router
+from oproxy.routing.router import Route
 from oproxy.security.guard import Ticket
 from oproxy.security.limits import Caller
 from oproxy.translate.chat import image_parts
 from oproxy.upstream import UpstreamTime
-
-if TYPE_CHECKING:
-    from oproxy.app import ProxyApp
 
 
 @dataclass
@@ -30,20 +29,22 @@ class Scope:
     """
     One request in flight.
 
-    :ivar config: the configuration snapshot the request started with; a
-        reload does not change it under the request's feet.
+    :ivar services: what the request may use, as they were when it began:
+        a reload does not change them under its feet.
+    :ivar config: the configuration snapshot of those services.
     """
 
-    app: ProxyApp
     request: IRequest
     request_id: str
+    services: Services
     config: Config
-    router: Router
     #: Who is calling; ``None`` on routes that do not authenticate.
     caller: Caller | None
     body: dict[str, Any]
     #: When the request reached the app (the reactor's clock).
     started: float = 0.0
+    #: The route's path arguments (``/v1/models/<path:model_id>``).
+    params: Mapping[str, str] = field(default_factory=dict)
     #: What the access log and metrics say about the answer, once known.
     model_label: str = "-"
     backend_label: str = "-"
@@ -69,7 +70,7 @@ class Scope:
 
     def overhead(self) -> float:
         """Seconds so far not spent waiting for an upstream."""
-        elapsed = self.app.clock.seconds() - self.started
+        elapsed = self.services.clock.seconds() - self.started
         return max(0.0, elapsed - self.upstream_time.seconds)
 
     def json(self, payload: Any, status: int = 200) -> bytes:
@@ -120,20 +121,20 @@ class Scope:
         """
         model = self.model()
         if self.caller is not None:
-            self.ticket = await self.app.guard.admit(
+            self.ticket = await self.services.guard.admit(
                 self.caller, model, route_name, self.body, self.request_id
             )
             if self.ticket is not None:
                 for name, value in self.ticket.headers.items():
                     self.request.setHeader(name.encode("ascii"), value.encode("ascii"))
-        return model, await self.router.routes(model)
+        return model, await self.services.router.routes(model)
 
     # -- what dispatch tells the request about its routes -------------------------
 
     def trying(self, route: Route) -> None:
         self.release()
         self.route_in_use = route
-        self.router.started(route)
+        self.services.router.started(route)
         self.model_label, self.backend_label = route.upstream_model, route.backend.name
 
     def gave_up(self, route: Route) -> None:
@@ -145,7 +146,7 @@ class Scope:
     def release(self) -> None:
         """The request no longer keeps its backend busy."""
         if self.route_in_use is not None:
-            self.router.finished(self.route_in_use)
+            self.services.router.finished(self.route_in_use)
             self.route_in_use = None
 
     def tokens_used(self, abandoned: bool) -> int | None:
@@ -168,16 +169,16 @@ class Scope:
         """
         A chat's images for ``route``: counted against
         ``images.max_per_request`` whatever the backend, and for Ollama,
-        which takes only inline images it can read, fetched and converted
-        (once, should another route be tried).
+        which takes only inline images it can read (:class:`IInlineImages`),
+        fetched and converted (once, should another route be tried).
         """
         parts = image_parts(self.body)
         if len(parts) > self.config.images.max_per_request:
             raise too_many_images(len(parts), self.config.images, "messages")
-        if route.backend.kind != "ollama" or not parts:
+        if not parts or not IInlineImages.providedBy(route.backend):
             return {}
         if self.prepared_images is None:
-            self.prepared_images = await self.app.images.prepare(parts, self.config.images)
+            self.prepared_images = await self.services.images.prepare(parts, self.config.images)
         return self.prepared_images
 
     async def call(self, route: Route, image_urls: list[str] | None = None) -> Call:
@@ -194,20 +195,25 @@ class Scope:
         def count(usage: Mapping[str, int]) -> None:
             self.prompt_tokens = usage.get("prompt_tokens", 0)
             self.completion_tokens = usage.get("completion_tokens", 0)
-            self.app.metrics.count_tokens(usage, model=model, key=key_name)
+            self.services.metrics.count_tokens(usage, model=model, key=key_name)
 
         def count_partial(generated: int) -> None:
             self.partial_completion_tokens += generated
-            self.app.metrics.count_tokens(
+            self.services.metrics.count_tokens(
                 {"completion_tokens": generated}, model=model, key=key_name
             )
 
         return Call(
             client_model=model,
             upstream_model=route.upstream_model,
-            created=int(self.app.clock.seconds()),
+            created=int(self.services.clock.seconds()),
             images=images,
             on_usage=count,
             on_cut_short=count_partial,
             upstream_time=self.upstream_time,
         )
+
+
+def client_address(request: IRequest) -> str:
+    """The peer's IP address (``unix`` for a Unix socket peer)."""
+    return getattr(request.getClientAddress(), "host", None) or "unix"

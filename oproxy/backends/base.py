@@ -4,15 +4,20 @@ What every upstream adapter offers the API layer.
 The API layer speaks OpenAI on both sides of this line: an adapter takes an
 OpenAI request body and returns OpenAI response objects (or an iterator of
 stream chunks), whatever it has to say to its own server in between.
+What a backend can do besides (speak Ollama's native API, manage models,
+take runtime options...) it declares with capability interfaces, which the
+callers ask about instead of asking what kind of server it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from oproxy.upstream import UpstreamTime
+from zope.interface import Interface
+
+from oproxy.upstream import Upstream, UpstreamTime
 
 
 @dataclass(frozen=True)
@@ -43,38 +48,91 @@ class Call:
     upstream_time: UpstreamTime = field(default_factory=UpstreamTime)
 
 
-class Backend(Protocol):
-    """An upstream model server, seen through the OpenAI API."""
+class IBackend(Interface):
+    """
+    An upstream model server, seen through the OpenAI API.
 
-    #: ``ollama`` or ``openai``: what the server speaks natively.
-    kind: str
+    What a backend can do beyond that is said by the capability interfaces
+    below, which it declares with ``@implementer``; callers ask
+    ``ICapability.providedBy(backend)`` rather than which kind it is, so a
+    new kind of server says what it can do in one place.
+    """
+
     #: Its share of requests when several backends serve a model.
     weight: int
+    #: The name the configuration gives it (labels, logs, ``x-oproxy-backend``).
+    name: str
 
-    @property
-    def name(self) -> str: ...
-
-    async def chat_completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def chat_completion(call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        """One chat completion, as OpenAI's object."""
 
     async def chat_completion_stream(
-        self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncGenerator[dict[str, Any], None]: ...
+        call: Call, body: Mapping[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A streamed chat completion's chunks, once the first can come."""
 
-    async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def completion(call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        """One legacy completion, as OpenAI's object."""
 
     async def completion_stream(
-        self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncGenerator[dict[str, Any], None]: ...
+        call: Call, body: Mapping[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A streamed legacy completion's chunks."""
 
-    async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def embeddings(call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Embeddings, as OpenAI's list object."""
 
-    async def list_models(self) -> list[dict[str, Any]]: ...
+    async def list_models() -> list[dict[str, Any]]:
+        """The models the server has, as OpenAI's model objects."""
 
-    async def retrieve_model(self, model_id: str) -> dict[str, Any]: ...
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        """One model, as OpenAI's model object."""
 
-    async def probe(self) -> dict[str, Any]:
+    async def probe() -> dict[str, Any]:
         """
         A cheap health probe that never runs a completion: ``version``,
         ``models_available`` and ``models_loaded`` where the server tells.
         """
-        ...
+
+
+# -- capabilities ---------------------------------------------------------------
+
+
+class INativeOllama(IBackend):
+    """
+    Speaks Ollama's native API (``/api/chat``, ``/api/tags``...): the
+    proxy's own ``/api/*`` routes pass requests through to it as they are.
+    """
+
+    #: The HTTP client to the server, for native requests passed through.
+    upstream: Upstream
+
+
+class IModelManagement(INativeOllama):
+    """
+    Holds models that clients may change through the native management
+    routes (``/api/pull``, ``/api/push``, ``/api/create``, ``/api/copy``,
+    ``/api/delete``), sent through :attr:`INativeOllama.upstream`.
+    """
+
+
+class IImplicitLatest(IBackend):
+    """
+    Reads a model name without a tag as its ``:latest``: ``llama3.2`` and
+    ``llama3.2:latest`` are one model (and one circuit) there.
+    """
+
+
+class IRuntimeOptions(IBackend):
+    """
+    Takes runtime options (``num_ctx``, ``top_k``...) under a request's
+    ``options``: a model's configured defaults that are not OpenAI fields
+    go there rather than being dropped.
+    """
+
+
+class IInlineImages(IBackend):
+    """
+    Reads images only inline, and only in the formats it decodes: the proxy
+    fetches a chat's image URLs and converts them before calling it.
+    """

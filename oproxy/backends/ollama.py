@@ -14,8 +14,15 @@ from contextlib import aclosing
 from typing import Any
 
 from twisted.internet import defer
+from zope.interface import implementer
 
-from oproxy.backends.base import Call
+from oproxy.backends.base import (
+    Call,
+    IImplicitLatest,
+    IInlineImages,
+    IModelManagement,
+    IRuntimeOptions,
+)
 from oproxy.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -57,12 +64,11 @@ def ollama_error(status: int, body: Any, call_model: str, backend: str) -> OProx
     return UpstreamError(f"backend {backend!r} failed: {message}")
 
 
+@implementer(IModelManagement, IImplicitLatest, IRuntimeOptions, IInlineImages)
 class OllamaBackend:
     """
     An Ollama server, spoken to in its native API.
     """
-
-    kind = "ollama"
 
     def __init__(self, upstream: Upstream) -> None:
         self._upstream = upstream

@@ -31,8 +31,9 @@ from attrs import evolve
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
+from zope.interface import implementer
 
-from oproxy.backends.base import Call
+from oproxy.backends.base import Call, IBackend
 from oproxy.config import BackendConfig
 from oproxy.errors import (
     InvalidRequest,
@@ -96,6 +97,7 @@ def split_base_url(url: str) -> BaseURL:
     return BaseURL(origin=f"{parts.scheme}://{parts.netloc}", api=api, health=root + "/health")
 
 
+@implementer(IBackend)
 class OpenAIBackend:
     """
     A server that speaks the OpenAI API, spoken to in that same API.
@@ -127,8 +129,6 @@ class OpenAIBackend:
         #: Whether the server has ``/health``; unknown until the first probe.
         self._has_health: bool | None = None
         self.weight = config.weight
-
-    kind = "openai"
 
     @property
     def name(self) -> str:

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from oproxy.backends.base import Backend
+from oproxy.backends.base import IBackend
 
 log = Logger()
 
@@ -74,10 +74,10 @@ class Catalog:
                 if name not in kept:
                     del table[name]
 
-    async def refresh(self, backends: Sequence[Backend]) -> None:
+    async def refresh(self, backends: Sequence[IBackend]) -> None:
         """Re-read every backend's model list; a backend that fails keeps its last list."""
 
-        async def one(backend: Backend) -> None:
+        async def one(backend: IBackend) -> None:
             # Noted before asking, so a backend that cannot list its models
             # is asked again only after a while, not by every request.
             self._refreshed[backend.name] = self.clock.seconds()

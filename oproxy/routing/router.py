@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from oproxy.backends.base import Backend
+from oproxy.backends.base import IBackend, IImplicitLatest, IRuntimeOptions
 from oproxy.config import ModelRule, RoutingConfig
 from oproxy.errors import BackendsDown, ModelNotFound
 from oproxy.health import BackendHealth
@@ -60,7 +60,7 @@ class Route:
         for, or the fallback model that answered instead.
     """
 
-    backend: Backend
+    backend: IBackend
     upstream_model: str
     client_model: str = ""
     options: tuple[tuple[str, Any], ...] = ()
@@ -74,7 +74,7 @@ class Route:
         for name, value in self.options:
             if name in OPENAI_FIELDS:
                 merged.setdefault(name, value)
-            elif self.backend.kind == "ollama":
+            elif IRuntimeOptions.providedBy(self.backend):
                 native.setdefault(name, value)
         if native:
             merged["options"] = native
@@ -125,7 +125,7 @@ class Router:
 
     def __init__(
         self,
-        backends: Sequence[Backend],
+        backends: Sequence[IBackend],
         config: RoutingConfig,
         state: RoutingState,
     ) -> None:
@@ -180,8 +180,8 @@ class Router:
             await self._collect(fallback, found, down, seen)
 
     async def _serving(
-        self, allowed: list[Backend], target: str, *, explicit: bool
-    ) -> list[Backend]:
+        self, allowed: list[IBackend], target: str, *, explicit: bool
+    ) -> list[IBackend]:
         """
         The allowed backends that list ``target``.  Lists older than a few
         seconds are re-read before giving up, so a model pulled a moment
@@ -199,7 +199,7 @@ class Router:
             return allowed  # the config says these serve it: let them answer
         return serving
 
-    def _order(self, backends: list[Backend], model: str, strategy: str) -> list[Backend]:
+    def _order(self, backends: list[IBackend], model: str, strategy: str) -> list[IBackend]:
         if len(backends) < 2:
             return backends
         busy = self.state.busy
@@ -280,12 +280,13 @@ class Router:
         breaker.report(backend, circuit_model(route.backend, route.upstream_model), permit, outcome)
 
 
-def circuit_model(backend: Backend, model: str) -> str:
+def circuit_model(backend: IBackend, model: str) -> str:
     """
     The name a model's circuit on ``backend`` goes by: for Ollama,
-    ``llama3.2`` and ``llama3.2:latest`` are one model, and one circuit.
+    ``llama3.2`` and ``llama3.2:latest`` are one model, and one circuit
+    (:class:`IImplicitLatest`).
     """
-    if backend.kind == "ollama" and ":" not in model:
+    if ":" not in model and IImplicitLatest.providedBy(backend):
         return model + ":latest"
     return model
 
@@ -294,11 +295,13 @@ def _allowed(rule: ModelRule | None, backend: str) -> bool:
     return rule is None or not rule.backends or any(fnmatchcase(backend, p) for p in rule.backends)
 
 
-def _weight(backend: Backend) -> int:
+def _weight(backend: IBackend) -> int:
     return max(1, getattr(backend, "weight", 1))
 
 
-def _weighted_rotation(backends: list[Backend], turn: int, credit: dict[str, int]) -> list[Backend]:
+def _weighted_rotation(
+    backends: list[IBackend], turn: int, credit: dict[str, int]
+) -> list[IBackend]:
     """
     The backends in the order of this turn: one step of smooth weighted
     round robin picks the first (over ``sum(weights)`` turns each comes

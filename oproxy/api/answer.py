@@ -1,10 +1,13 @@
 """
-Answering through the response cache.
+Answering a generation request: from the response cache when it may and
+has the answer, else from the first route that answers, relayed and stored.
 
-The lookup happens after authentication and before anything is fetched or
-sent upstream, so a hit costs no image download and no model time.  Only
-successful, complete answers are stored; a stream is recorded as it is
-relayed and stored once it has ended normally.
+The store itself (policy, keys, memory and Redis) is :mod:`oproxy.cache`;
+this module is the handler's side, which decides where the answer comes
+from.  The lookup happens after authentication and before anything is
+fetched or sent upstream, so a hit costs no image download and no model
+time.  Only successful, complete answers are stored; a stream is recorded
+as it is relayed and stored once it has ended normally.
 """
 
 from __future__ import annotations
@@ -43,13 +46,13 @@ async def answer(
     the one that happens to answer: any of them gives the same answer.
     """
     request = scope.request
-    cache = scope.app.cache
+    cache = scope.services.cache
     first = routes[0]
     policy = cache_policy(
         route_name,
         scope.body,
         model=first.upstream_model,
-        backend=scope.router.pool_name(model),
+        backend=scope.services.router.pool_name(model),
         key_name=scope.caller.subject if scope.caller and scope.caller.name else None,
         cache_control=b", ".join(request.requestHeaders.getRawHeaders(b"cache-control", []))
         or None,
@@ -61,10 +64,10 @@ async def answer(
         request.setHeader(name, value)
         if name.lower() == b"x-cache":
             scope.cache_status = value.decode("ascii")
-            scope.app.metrics.cache.labels(scope.cache_status.lower()).inc()
+            scope.services.metrics.cache.labels(scope.cache_status.lower()).inc()
     if hit is not None:
         if stream:
-            await relay_sse(request, _timed(scope, route_name, replay(hit)), scope.app.clock)
+            await relay_sse(request, _timed(scope, route_name, replay(hit)), scope.services.clock)
             return None
         if scope.logs_bodies:
             scope.logged_response = hit.body
@@ -85,7 +88,7 @@ async def answer(
     await relay_sse_with_keepalive(
         request,
         opened,
-        scope.app.clock,
+        scope.services.clock,
         after=streaming.keepalive_after,
         interval=streaming.keepalive_interval,
     )
@@ -109,8 +112,8 @@ async def _timed(
                 budget -= len(orjson.dumps(chunk))
             if first:
                 first = False
-                scope.first_token_seconds = scope.app.clock.seconds() - scope.started
-                scope.app.metrics.first_token.labels(route_name, scope.model_label).observe(
+                scope.first_token_seconds = scope.services.clock.seconds() - scope.started
+                scope.services.metrics.first_token.labels(route_name, scope.model_label).observe(
                     scope.first_token_seconds
                 )
             yield chunk

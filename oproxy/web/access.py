@@ -1,5 +1,6 @@
 """
-What the access log says about one request.
+What the JSON access log says about one request, written after its answer
+was sent (the pipeline's last step).
 
 The key's name, never the key; bodies only when the configuration asks,
 redacted and capped.
