@@ -10,7 +10,6 @@ from typing import Any
 
 import orjson
 import pytest_twisted
-from oproxy.security.settings import AuthConfig, StateConfig
 from twisted.internet import reactor, task
 from twisted.web.client import Agent
 from zope.interface import implementer
@@ -26,7 +25,7 @@ from oproxy.backends.base import (
 )
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.backends.openai import OpenAIBackend
-from oproxy.config import BackendConfig
+from oproxy.config import AuthConfig, BackendConfig, StateConfig
 from oproxy.routing.router import Router, RoutingState
 from tests.conftest import Proxy
 from tests.test_native import CHAT, bearer, call, key

@@ -11,11 +11,11 @@ import orjson
 import pytest_twisted
 import treq
 from attrs import evolve
-from oproxy.security.settings import AuthConfig
 from twisted.internet import defer, reactor, task
 from twisted.web.server import Site
 
 from oproxy.api.scope import Scope
+from oproxy.config import AuthConfig
 from oproxy.web.dialects import OLLAMA
 from oproxy.web.pipeline import Endpoint
 from oproxy.web.routes import ROUTES, Document, Files, klein_app
