@@ -120,3 +120,11 @@ def test_the_route_table_names_each_path_and_method_once() -> None:
     native = [r for r in ROUTES if isinstance(r, Endpoint) and r.path.startswith("/api/")]
     assert native and all(r.dialect is OLLAMA and r.label == r.path for r in native)
     assert {type(r) for r in ROUTES} == {Endpoint, Document, Files}
+
+
+def test_every_route_is_broken_out_in_the_metrics_by_a_bounded_label() -> None:
+    labels = {route.path: route.label for route in ROUTES if isinstance(route, Endpoint)}
+    assert labels["/v1/embeddings"] == "/v1/embeddings"
+    assert labels["/v1/models/<path:model_id>"] == "/v1/models/{model_id}"
+    assert labels["/admin/keys/<key_id>"] == "/admin/keys/{id}"
+    assert all(label.startswith("/") and "<" not in label for label in labels.values())

@@ -66,6 +66,9 @@ UPSTREAM_FAILURES = (UpstreamError, UpstreamUnavailable, UpstreamBusy, UpstreamT
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
+#: A werkzeug path argument, ``<name>`` or ``<converter:name>``.
+_ARGUMENT = re.compile(r"<(?:[^:>]+:)?([^>]+)>")
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -79,7 +82,9 @@ class Endpoint:
     :ivar dialect: how its errors are written.
     :ivar authenticates: whether the caller's key is checked first.
     :ivar json_body: whether the body is read as a JSON object first.
-    :ivar label: the ``route`` label of its metrics (``-``: not broken out).
+    :ivar label: the ``route`` label of its metrics; by default the path,
+        its arguments written ``{name}`` (``/v1/models/{model_id}``), so
+        every route is broken out and the labels stay bounded.
     :ivar counted: whether it shows in the request metrics and the access
         log; the scrape of those metrics does not count itself.
     """
@@ -90,8 +95,12 @@ class Endpoint:
     dialect: Dialect = OPENAI
     authenticates: bool = True
     json_body: bool = False
-    label: str = "-"
+    label: str = ""
     counted: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", _ARGUMENT.sub(r"{\1}", self.path))
 
 
 class Pipeline:

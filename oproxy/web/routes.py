@@ -65,27 +65,19 @@ def _native(
     path: str, handler: Handler, methods: tuple[str, ...] = ("POST",), *, json_body: bool = True
 ) -> Endpoint:
     """One of Ollama's native routes: its errors are Ollama's."""
-    return Endpoint(path, methods, handler, OLLAMA, json_body=json_body, label=path)
+    return Endpoint(path, methods, handler, OLLAMA, json_body=json_body)
 
 
 ROUTES: tuple[Route, ...] = (
     # -- the OpenAI API
-    Endpoint(
-        "/v1/chat/completions",
-        ("POST",),
-        chat.create,
-        json_body=True,
-        label="/v1/chat/completions",
-    ),
-    Endpoint(
-        "/v1/completions", ("POST",), completions.create, json_body=True, label="/v1/completions"
-    ),
+    Endpoint("/v1/chat/completions", ("POST",), chat.create, json_body=True),
+    Endpoint("/v1/completions", ("POST",), completions.create, json_body=True),
     Endpoint("/v1/embeddings", ("POST",), embeddings.create, json_body=True),
-    Endpoint("/v1/models", ("GET",), models.list_all, label="/v1/models"),
+    Endpoint("/v1/models", ("GET",), models.list_all),
     Endpoint("/v1/models/<path:model_id>", ("GET",), models.retrieve),
     # -- key management (admin keys only)
-    Endpoint("/admin/keys", ("GET",), admin.list_all, label="/admin/keys"),
-    Endpoint("/admin/keys", ("POST",), admin.create, json_body=True, label="/admin/keys"),
+    Endpoint("/admin/keys", ("GET",), admin.list_all),
+    Endpoint("/admin/keys", ("POST",), admin.create, json_body=True),
     Endpoint("/admin/keys/<key_id>", ("GET",), admin.show, label="/admin/keys/{id}"),
     Endpoint("/admin/keys/<key_id>", ("DELETE",), admin.revoke, label="/admin/keys/{id}"),
     Endpoint(
