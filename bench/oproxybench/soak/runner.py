@@ -6,18 +6,17 @@ docstring for the story).
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import signal
 import statistics
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ..cli import environment_facts
 from ..common import BenchError, log
 from ..processes import Processes, tail
 from .accounting import (
@@ -37,7 +36,7 @@ from .accounting import (
     prompt_estimate,
 )
 from .cluster import Cluster, ProcessSample
-from .load import MESSAGES, Load, Outcome, drain_streams, same_answers, send
+from .load import MESSAGES, Load, Outcome, client_for, drain_streams, same_answers, send
 from .plan import Event, SoakSettings, timeline
 
 PROBE_KEY = "soak-probe"
@@ -127,23 +126,16 @@ def latency(outcomes: list[Outcome]) -> dict[str, float | None]:
     return {**summary([o.ended - o.started for o in ok], "s"), **summary(first, "first_chunk_s")}
 
 
-def meta(settings: SoakSettings, workdir: Path) -> dict[str, Any]:
+def meta(workdir: Path) -> dict[str, Any]:
+    """The machine and the versions (the benchmark's facts, less nginx and wrk)."""
+    facts = environment_facts()
+    for tool in ("nginx", "wrk"):
+        facts.pop(tool, None)
     try:
-        from importlib.metadata import version
-
-        twisted = version("twisted")
-        sdk = version("openai")
-    except Exception:
-        twisted = sdk = "?"
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "workdir": str(workdir),
-        "python": platform.python_version(),
-        "twisted": twisted,
-        "openai": sdk,
-        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
-    }
+        facts["openai"] = version("openai")
+    except PackageNotFoundError:
+        facts["openai"] = "?"
+    return {**facts, "workdir": str(workdir)}
 
 
 class Soak:
@@ -152,7 +144,7 @@ class Soak:
     def __init__(self, procs: Processes, workdir: Path, settings: SoakSettings) -> None:
         self.settings = settings
         self.cluster = Cluster(procs, workdir, settings)
-        self.result = SoakResult(meta(settings, workdir), settings)
+        self.result = SoakResult(meta(workdir), settings)
         self.tokens: dict[str, str] = {}
         self.load: Load | None = None
         self.kills: list[tuple[float, float]] = []
@@ -203,14 +195,20 @@ class Soak:
         return self.result
 
     def _probe(self) -> list[Outcome]:
-        """One streamed and one whole answer before the load: the daemon serves."""
-        sdk_key = self.tokens[PROBE_KEY]
-        from .load import client_for
-
-        sdk = client_for(self.cluster.url, sdk_key)
+        """
+        One whole and one streamed answer before the load, so the daemon
+        serves; the first is tried again while the workers finish starting
+        (a refused attempt is charged nothing, and is not kept).
+        """
+        sdk = client_for(self.cluster.url, self.tokens[PROBE_KEY])
         found = []
+        deadline = time.monotonic() + 60
         for stream in (False, True):
-            outcome = send(sdk, Outcome(key=PROBE_KEY, stream=stream, started=-1.0), lambda: -1.0)
+            while True:
+                outcome = send(sdk, Outcome(PROBE_KEY, stream, started=-1.0), lambda: -1.0)
+                if outcome.ok or stream or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             if not outcome.ok:
                 raise BenchError(f"the daemon does not answer: {outcome.failure} {outcome.detail}")
             found.append(outcome)
@@ -420,10 +418,14 @@ def criteria(result: SoakResult, cost: Expected, kills: int) -> list[Criterion]:
         f"{reloads} rewrites; the master saw {result.log.get('file_changes_seen')}; "
         f"reloaded by worker: {by_worker}",
     )
-    replaced = [e for e in result.events if e["kind"] == "kill" and e.get("serving_after_s")]
+    replaced = [e for e in result.events if e["kind"] == "kill" and e.get("replaced_after_s")]
     add(
         "every killed worker was replaced",
         len(replaced) == kills,
-        ", ".join(f"{e['serving_after_s']}s" for e in replaced) or "no kill",
+        ", ".join(
+            f"new process after {e['replaced_after_s']} s, serving after {e['serving_after_s']} s"
+            for e in replaced
+        )
+        or "no kill",
     )
     return found
