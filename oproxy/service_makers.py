@@ -19,14 +19,14 @@ oproxy = ServiceMaker(  # type: ignore[no-untyped-call]
 
 oproxyFakeOllama = ServiceMaker(  # type: ignore[no-untyped-call]
     "oproxy fake Ollama",
-    "oproxy.testing.fake_ollama_tap",
+    "oproxy.testing.ollama.tap",
     "A faithful fake Ollama server, for testing clients and oproxy itself.",
     "oproxy-fake-ollama",
 )
 
 oproxyFakeOpenAI = ServiceMaker(  # type: ignore[no-untyped-call]
     "oproxy fake OpenAI-compatible server",
-    "oproxy.testing.fake_openai_tap",
+    "oproxy.testing.openai.tap",
     "A fake OpenAI-compatible server (vLLM, llama.cpp, LM Studio), for testing.",
     "oproxy-fake-openai",
 )

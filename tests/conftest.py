@@ -22,7 +22,7 @@ from oproxy.app import ProxyApp
 from oproxy.config import BackendConfig, Config, ImagesConfig, Timeouts
 from oproxy.logs import AccessLog
 from oproxy.tap import build_app, build_site, connection_pool
-from oproxy.testing.fake_ollama import FakeOllama
+from oproxy.testing import FakeOllama
 
 
 @dataclass

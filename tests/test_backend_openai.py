@@ -45,7 +45,7 @@ from oproxy.errors import (
 )
 from oproxy.routing.router import Router, RoutingState
 from oproxy.security.keys import hash_key
-from oproxy.testing.fake_openai import BROKEN_MESSAGE, DEFAULT_OPENAI_MODELS, FakeOpenAI
+from oproxy.testing.openai import BROKEN_MESSAGE, DEFAULT_OPENAI_MODELS, FakeOpenAI
 from oproxy.upstream import sse_data
 from tests.httputil import header, post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid, assert_valid_sse

@@ -20,8 +20,7 @@ from twisted.web.server import Site
 from oproxy.api.choices import derived_seed, requested_generations, run_bounded
 from oproxy.config import BackendConfig, RequestLimits
 from oproxy.streaming import merge
-from oproxy.testing import GenerationStats
-from oproxy.testing.fake_openai import FakeOpenAI
+from oproxy.testing import FakeOpenAI, GenerationStats
 from tests.conftest import Proxy, listen
 from tests.httputil import header, post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid, assert_valid_sse

@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +41,7 @@ from oproxy.testing import (
     embed_vector,
     raw_embedding,
 )
-from oproxy.testing.fake_ollama_tap import Options, makeService
+from oproxy.testing.ollama.tap import Options, makeService
 
 NANO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
 NANO_ANY = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
@@ -211,9 +212,11 @@ class RawClient(Protocol):
         return self.data.count(needle)
 
 
-async def raw_post(served: Served, path: str, body: Any) -> RawClient:
+async def raw_post(served: Served | int, path: str, body: Any) -> RawClient:
+    """``body`` posted to a fake (or a port) by a :class:`RawClient`."""
     payload = json.dumps(body).encode()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", served.port.getHost().port)
+    port = served if isinstance(served, int) else served.port.getHost().port
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     client = await connectProtocol(endpoint, RawClient())
     client.transport.write(
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -1481,11 +1484,44 @@ async def test_create_is_paced_by_the_clock_and_stops_with_the_client(
 
 
 @pytest_twisted.ensureDeferred
+async def test_stats_count_the_tokens_the_answers_report(ollama: Served) -> None:
+    chat = {"model": "llama3.2", "messages": HELLO, "stream": False}
+    said = (await ollama.post("/api/chat", chat)).json()
+    again = (await ollama.post("/api/chat", {**chat, "stream": True})).lines()[-1]
+    prompt = {"model": "qwen3", "prompt": "why is the sky blue", "think": True, "stream": False}
+    generated = (await ollama.post("/api/generate", prompt)).json()
+    embedded = await ollama.post("/api/embed", {"model": "all-minilm", "input": ["a b", "c"]})
+    await ollama.post("/api/chat", {"model": "broken", "messages": HELLO})
+    await ollama.post("/api/embeddings", {"model": "all-minilm", "prompt": "no count"})
+    stats = (await ollama.call("GET", "/_fake/stats")).json()
+    by_model = {
+        "llama3.2": {
+            "prompt_tokens": said["prompt_eval_count"] + again["prompt_eval_count"],
+            "completion_tokens": said["eval_count"] + again["eval_count"],
+        },
+        "qwen3": {
+            "prompt_tokens": generated["prompt_eval_count"],
+            "completion_tokens": generated["eval_count"],
+        },
+        "all-minilm": {
+            "prompt_tokens": embedded.json()["prompt_eval_count"],
+            "completion_tokens": 0,
+        },
+    }
+    assert stats["tokens_by_model"] == by_model
+    assert stats["prompt_tokens"] == sum(m["prompt_tokens"] for m in by_model.values())
+    assert stats["completion_tokens"] == sum(m["completion_tokens"] for m in by_model.values())
+    assert stats["completion_tokens"] > 0
+    assert stats["failed"] == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_fake_stats_and_reset(ollama: Served) -> None:
-    await ollama.post("/api/chat", {"model": "llama3.2", "messages": HELLO})
+    chat = (await ollama.post("/api/chat", {"model": "llama3.2", "messages": HELLO})).lines()[-1]
     await ollama.call("DELETE", "/api/delete", {"model": "qwen3"})
     ollama.fake.fail_next(503, "busy")
     stats = (await ollama.call("GET", "/_fake/stats")).json()
+    prompt, completion = chat["prompt_eval_count"], chat["eval_count"]
     assert stats == {
         "started": 1,
         "completed": 1,
@@ -1493,11 +1529,15 @@ async def test_fake_stats_and_reset(ollama: Served) -> None:
         "failed": 0,
         "in_flight": 0,
         "requests": 2,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "tokens_by_model": {"llama3.2": {"prompt_tokens": prompt, "completion_tokens": completion}},
     }
     assert [path for path, _ in ollama.fake.stats.requests] == ["/api/chat", "/api/delete"]
     reset = await ollama.post("/_fake/reset")
     assert reset.code == 200
     assert ollama.fake.stats.started == 0 and ollama.fake.stats.requests == []
+    assert ollama.fake.stats.tokens == {}
     assert (await ollama.post("/api/show", {"model": "qwen3"})).code == 200
     assert (await ollama.call("GET", "/api/ps")).json() == {"models": []}
     assert (await ollama.post("/api/chat", {"model": "llama3.2", "messages": HELLO})).code == 200
@@ -1551,6 +1591,7 @@ async def test_client_disconnect_aborts_generation(serve: Callable[..., Served])
     assert not any(gone for _, gone in served.writes)
     stats = served.fake.stats
     assert (stats.started, stats.completed, stats.aborted, stats.in_flight) == (1, 0, 1, 0)
+    assert stats.tokens == {}  # no usage was reported
 
 
 @pytest_twisted.ensureDeferred
@@ -1639,9 +1680,48 @@ async def test_tap_service_serves(ollama: Served) -> None:
         await service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_tap_stats_file_holds_the_final_counters(ollama: Served, tmp_path: Path) -> None:
+    stats_file = tmp_path / "stats.json"
+    options = Options()
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--stats-file", str(stats_file)])
+    service = makeService(options)
+    service.startService()
+    port = (await service._waitingForPort).getHost().port  # type: ignore[attr-defined]
+    response = await treq.post(
+        f"http://127.0.0.1:{port}/api/chat",
+        json.dumps({"model": "llama3.2", "messages": HELLO, "stream": False}).encode(),
+        agent=Agent(reactor, pool=ollama.pool),
+    )
+    answer = json.loads(await treq.content(response))
+    streaming = await raw_post(port, "/api/chat", {"model": "slow", "messages": HELLO})
+    await eventually(lambda: streaming.count(b'"done":false') >= 1)
+    assert not stats_file.exists()
+    await service.stopService()
+    await streaming.closed  # a stopped server leaves no stream running
+    counters = json.loads(stats_file.read_text())
+    assert (counters["started"], counters["completed"], counters["aborted"]) == (2, 1, 1)
+    assert counters["in_flight"] == 0
+    assert counters["prompt_tokens"] == answer["prompt_eval_count"]
+    assert counters["completion_tokens"] == answer["eval_count"]
+
+
+def test_earlier_module_names_still_work() -> None:
+    from oproxy import service_makers
+    from oproxy.testing import fake_models, fake_ollama, fake_ollama_tap, ollama
+    from oproxy.testing.ollama import models, tap
+
+    assert fake_ollama.FakeOllama is ollama.FakeOllama is FakeOllama
+    assert fake_ollama.main is tap.main
+    assert (fake_ollama_tap.Options, fake_ollama_tap.makeService) == (Options, makeService)
+    assert fake_models.COLD_LOAD_SECONDS == models.COLD_LOAD_SECONDS
+    assert fake_models.DEFAULT_MODELS is DEFAULT_MODELS
+    assert service_makers.oproxyFakeOllama.module == "oproxy.testing.ollama.tap"
+
+
 class ServerProcess(ProcessProtocol):
     """
-    ``python -m oproxy.testing.fake_ollama`` as a child process.
+    ``python -m oproxy.testing.ollama`` (or its earlier name) as a child process.
     """
 
     def __init__(self) -> None:
@@ -1662,10 +1742,11 @@ class ServerProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
+@pytest.mark.parametrize("module", ["oproxy.testing.ollama", "oproxy.testing.fake_ollama"])
 @pytest_twisted.ensureDeferred
-async def test_module_main_prints_one_line(ollama: Served) -> None:
+async def test_module_main_prints_one_line(ollama: Served, module: str) -> None:
     child = ServerProcess()
-    argv = [sys.executable, "-m", "oproxy.testing.fake_ollama", "--port", "0"]
+    argv = [sys.executable, "-m", module, "--port", "0"]
     reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ))
     try:
         line = await child.first_line

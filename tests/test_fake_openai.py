@@ -14,6 +14,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,8 +30,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from oproxy.testing import FakeOpenAI, embed_vector
-from oproxy.testing.fake_openai import BROKEN_MESSAGE, DEFAULT_OPENAI_MODELS, FakeOpenAIModel
-from oproxy.testing.fake_openai_tap import Options, makeService
+from oproxy.testing.openai import BROKEN_MESSAGE, DEFAULT_OPENAI_MODELS, FakeOpenAIModel
+from oproxy.testing.openai.tap import Options, makeService
 from tests.httputil import header, raw_post, sse_events
 from tests.openai_schema import assert_valid, assert_valid_sse
 
@@ -589,6 +590,47 @@ async def test_stats_show_what_was_sent(served: Served) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_stats_count_the_usage_of_every_answer(served: Served) -> None:
+    chat = {"model": "gpt-fake", "messages": HELLO}
+    _, _, raw = await served.post("/v1/chat/completions", chat)
+    said = orjson.loads(raw)["usage"]
+    usage = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    _, _, raw = await served.post("/v1/chat/completions", usage)
+    streamed = sse_events(raw)[-2]["usage"]
+    await served.post("/v1/chat/completions", {**chat, "stream": True})  # usage not asked for
+    prompt = {"model": "org/fake-7b-instruct", "prompt": ["one two", "three"], "max_tokens": 5}
+    _, _, raw = await served.post("/v1/completions", prompt)
+    completed = orjson.loads(raw)["usage"]
+    _, _, raw = await served.post("/v1/embeddings", {"model": "embed-fake", "input": "a b c"})
+    embedded = orjson.loads(raw)["usage"]
+    await served.post("/v1/chat/completions", {"model": "broken", "messages": HELLO})
+    _, stats = await served.get("/_fake/stats")
+    assert said == streamed
+    by_model = {
+        "gpt-fake": {
+            "prompt_tokens": 3 * said["prompt_tokens"],
+            "completion_tokens": 3 * said["completion_tokens"],
+        },
+        "org/fake-7b-instruct": {
+            "prompt_tokens": completed["prompt_tokens"],
+            "completion_tokens": completed["completion_tokens"],
+        },
+        "embed-fake": {"prompt_tokens": embedded["prompt_tokens"], "completion_tokens": 0},
+    }
+    assert stats["tokens_by_model"] == by_model
+    assert stats["prompt_tokens"] == sum(m["prompt_tokens"] for m in by_model.values())
+    assert stats["completion_tokens"] == sum(m["completion_tokens"] for m in by_model.values())
+    assert stats["failed"] == 1
+    await served.post("/_fake/reset", {})
+    _, stats = await served.get("/_fake/stats")
+    assert (stats["prompt_tokens"], stats["completion_tokens"], stats["tokens_by_model"]) == (
+        0,
+        0,
+        {},
+    )
+
+
+@pytest_twisted.ensureDeferred
 async def test_broken_model(served: Served) -> None:
     body = {"model": "broken", "messages": HELLO}
     status, _, raw = await served.post("/v1/chat/completions", body)
@@ -618,6 +660,7 @@ async def test_client_leaving_aborts_the_generation(served: Served, stream: bool
     assert served.fake.stats.aborted_streams == (1 if stream else 0)
     assert served.fake.stats.in_flight == 0
     assert served.fake.pending_timers() == 0
+    assert served.fake.stats.tokens == {}
 
 
 @pytest.mark.parametrize(("model", "events"), [("stall", 0), ("stall-midway", 2)])
@@ -668,8 +711,45 @@ def test_tap_options_and_service() -> None:
     assert makeService(options) is not None
 
 
+@pytest_twisted.ensureDeferred
+async def test_tap_stats_file_holds_the_final_counters(served: Served, tmp_path: Path) -> None:
+    stats_file = tmp_path / "stats.json"
+    options = Options()
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--stats-file", str(stats_file)])
+    service = makeService(options)
+    service.startService()
+    port = (await service._waitingForPort).getHost().port  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{port}"
+    chat = {"model": "gpt-fake", "messages": HELLO}
+    response = await served.client.post(url + "/v1/chat/completions", data=orjson.dumps(chat))
+    usage = orjson.loads(await treq.content(response))["usage"]
+    streaming = await raw_post(
+        url, "/v1/chat/completions", {**chat, "model": "slow", "stream": True}
+    )
+    await wait_until(lambda: streaming.received.count(b"data: ") >= 1)
+    await service.stopService()
+    await wait_until(lambda: not streaming.transport.connected)
+    counters = orjson.loads(stats_file.read_bytes())
+    assert (counters["started"], counters["completed"], counters["aborted_streams"]) == (2, 1, 1)
+    assert counters["in_flight"] == 0
+    assert counters["prompt_tokens"] == usage["prompt_tokens"]
+    assert counters["completion_tokens"] == usage["completion_tokens"]
+
+
+def test_earlier_module_names_still_work() -> None:
+    from oproxy import service_makers
+    from oproxy.testing import fake_openai, fake_openai_tap, openai
+    from oproxy.testing.openai import tap
+
+    assert fake_openai.FakeOpenAI is openai.FakeOpenAI is FakeOpenAI
+    assert fake_openai.BROKEN_MESSAGE == BROKEN_MESSAGE
+    assert fake_openai.main is tap.main
+    assert (fake_openai_tap.Options, fake_openai_tap.makeService) == (Options, makeService)
+    assert service_makers.oproxyFakeOpenAI.module == "oproxy.testing.openai.tap"
+
+
 class ServerProcess(ProcessProtocol):
-    """``python -m oproxy.testing.fake_openai`` as a child process."""
+    """``python -m oproxy.testing.openai`` (or its earlier name) as a child process."""
 
     def __init__(self) -> None:
         self.out = b""
@@ -689,10 +769,11 @@ class ServerProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
+@pytest.mark.parametrize("module", ["oproxy.testing.openai", "oproxy.testing.fake_openai"])
 @pytest_twisted.ensureDeferred
-async def test_module_main(served: Served) -> None:
+async def test_module_main(served: Served, module: str) -> None:
     child = ServerProcess()
-    argv = [sys.executable, "-m", "oproxy.testing.fake_openai", "--port", "0", "--api-key", "k"]
+    argv = [sys.executable, "-m", module, "--port", "0", "--api-key", "k"]
     reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ))
     try:
         line = await child.first_line

@@ -24,8 +24,8 @@ from twisted.web.server import Site
 from oproxy.config import ConfigError, StreamingConfig, Timeouts, parse_config
 from oproxy.errors import ModelNotFound, OProxyError, UpstreamError, UpstreamTimeout
 from oproxy.streaming import DONE, KEEPALIVE, relay_sse_with_keepalive, sse_event
-from oproxy.testing.fake_models import COLD_LOAD_SECONDS
-from oproxy.testing.fake_ollama import FakeOllama
+from oproxy.testing import FakeOllama
+from oproxy.testing.ollama import COLD_LOAD_SECONDS
 from tests.conftest import Proxy, listen
 from tests.httputil import post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid, assert_valid_sse

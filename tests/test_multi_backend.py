@@ -18,8 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from oproxy.config import BackendConfig, ModelRule, RoutingConfig
-from oproxy.testing.fake_ollama import FakeOllama
-from oproxy.testing.fake_openai import FakeOpenAI
+from oproxy.testing import FakeOllama, FakeOpenAI
 from tests.conftest import Proxy, listen
 from tests.httputil import header, post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid

@@ -22,8 +22,7 @@ from oproxy.config import APIKey, AuthConfig, BackendConfig, ModelRule, RoutingC
 from oproxy.security.keys import hash_key
 from oproxy.security.limits import estimate_completion_tokens, estimate_prompt_tokens
 from oproxy.security.policy import KeyPolicy, Limits
-from oproxy.testing import DEFAULT_MODELS, FakeModel
-from oproxy.testing.fake_ollama import FakeOllama
+from oproxy.testing import DEFAULT_MODELS, FakeModel, FakeOllama
 from tests.conftest import Proxy, listen
 from tests.httputil import header, raw_post
 

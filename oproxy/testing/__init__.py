@@ -14,56 +14,53 @@ deterministic answers and a few deliberately misbehaving models
     fake = FakeOllama(reactor)
     port = reactor.listenTCP(0, Site(fake.resource()), interface="127.0.0.1")
 
-Run it as a process with ``python -m oproxy.testing.fake_ollama --port N``,
-or with ``twistd`` through :mod:`oproxy.testing.fake_ollama_tap`.
-
 :class:`FakeOpenAI` does the same for an OpenAI-compatible server (OpenAI,
 vLLM, llama.cpp, LM Studio): the ``/v1`` routes, SSE streams with
-``include_usage``, OpenAI's errors, a bearer key, failure injection (see
-:mod:`oproxy.testing.fake_openai`).  Run it with ``python -m
-oproxy.testing.fake_openai --port N`` or through
-:mod:`oproxy.testing.fake_openai_tap`.
+``include_usage``, OpenAI's errors, a bearer key, failure injection.
+
+One package per server kind, on a shared base:
+
+* :mod:`oproxy.testing.ollama` — the fake Ollama; run it with ``python -m
+  oproxy.testing.ollama --port N`` or ``twistd oproxy-fake-ollama``;
+* :mod:`oproxy.testing.openai` — the fake OpenAI-compatible server;
+  ``python -m oproxy.testing.openai --port N`` or ``twistd
+  oproxy-fake-openai``;
+* :mod:`oproxy.testing.base` — what both share: pacing, counters, the
+  server skeleton with failure injection, running as a process.
+
+The modules of the earlier flat layout that users import or run
+(``fake_ollama``, ``fake_openai``, their ``_tap`` modules and
+``fake_models``) remain as aliases of the new ones.
 """
 
-from typing import TYPE_CHECKING, Any
-
-from oproxy.testing.fake_generation import answer_text, embed_vector, raw_embedding
-from oproxy.testing.fake_models import (
+from oproxy.testing.base.answers import embed_vector, raw_embedding
+from oproxy.testing.ollama import (
     BROKEN_ERROR,
     CRASH_ERROR,
     DEFAULT_MODELS,
     FakeModel,
+    FakeOllama,
+    GenerationStats,
     ModelName,
+    answer_text,
 )
-from oproxy.testing.fake_stream import GenerationStats
-
-if TYPE_CHECKING:
-    from oproxy.testing.fake_ollama import FakeOllama
-    from oproxy.testing.fake_openai import FakeOpenAI
-
-
-def __getattr__(name: str) -> Any:
-    # FakeOllama is imported lazily so that ``python -m
-    # oproxy.testing.fake_ollama`` does not find its own module already
-    # imported by the package (runpy warns about that on stderr).
-    if name == "FakeOllama":
-        from oproxy.testing.fake_ollama import FakeOllama
-
-        return FakeOllama
-    if name == "FakeOpenAI":
-        from oproxy.testing.fake_openai import FakeOpenAI
-
-        return FakeOpenAI
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from oproxy.testing.openai import (
+    DEFAULT_OPENAI_MODELS,
+    FakeOpenAI,
+    FakeOpenAIModel,
+    FakeOpenAIStats,
+)
 
 __all__ = [
     "BROKEN_ERROR",
     "CRASH_ERROR",
     "DEFAULT_MODELS",
+    "DEFAULT_OPENAI_MODELS",
     "FakeModel",
     "FakeOllama",
     "FakeOpenAI",
+    "FakeOpenAIModel",
+    "FakeOpenAIStats",
     "GenerationStats",
     "ModelName",
     "answer_text",

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from oproxy.testing.fake_models import COLD_LOAD_SECONDS
+from oproxy.testing.ollama import COLD_LOAD_SECONDS
 from tests.e2e.conftest import Daemon, fake_stats, free_port, reset_fake, start_twistd
 
 #: Shorter than the cold model's load, longer than the keep-alive interval.

@@ -2,7 +2,7 @@
 Wire-level fidelity helpers for the fake Ollama server: Go's quoting, JSON
 encoding, timestamps, durations and base64 errors, reproduced closely
 enough that a client cannot tell the fake from the real Go server by its
-bytes.  (Go's JSON *decoding* lives in :mod:`oproxy.testing.fake_gojson`.)
+bytes.  (Go's JSON *decoding* lives in :mod:`oproxy.testing.ollama.gojson`.)
 """
 
 from __future__ import annotations

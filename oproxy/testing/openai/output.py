@@ -3,7 +3,7 @@ What the fake OpenAI server says: deterministic answers and the exact
 objects OpenAI puts on the wire for them, without any I/O.
 
 Answers follow the fake Ollama's words (see
-:mod:`oproxy.testing.fake_generation`), so a test can assert exact content:
+:mod:`oproxy.testing.base.answers`), so a test can assert exact content:
 
 * chat: ``You said: <first 8 words of the last user message>. This is a
   fake answer from <model>.``, or after a ``tool`` message ``The tool
@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from oproxy.testing.fake_generation import (
+from oproxy.testing.base.answers import (
     count_words,
     embed_vector,
     excerpt,

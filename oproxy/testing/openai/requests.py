@@ -15,6 +15,8 @@ from typing import Any, Final
 
 import orjson
 
+from oproxy.testing.base.kinds import Kind, kind_of
+
 ROLES: Final = frozenset(("developer", "system", "user", "assistant", "tool", "function"))
 KEYS_PAGE: Final = "https://platform.openai.com/account/api-keys"
 
@@ -139,38 +141,30 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "null"
+_DESCRIPTIONS: Final[dict[Kind, str]] = {
+    "boolean": "a boolean",
+    "integer": "an integer",
+    "number": "a decimal",
+    "string": "a string",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+}
+
+
+def _invalid(param: str, message: str, code: str) -> APIError:
+    return APIError(400, message, param=param, code=code)
 
 
 def _wrong_type(param: str, expected: str, value: object) -> APIError:
-    return APIError(
-        400,
-        f"Invalid type for '{param}': expected {expected}, but got {_describe(value)} instead.",
-        param=param,
-        code="invalid_type",
-    )
+    got = _DESCRIPTIONS[kind_of(value)]
+    message = f"Invalid type for '{param}': expected {expected}, but got {got} instead."
+    return _invalid(param, message, "invalid_type")
 
 
 def _missing(param: str) -> APIError:
-    return APIError(
-        400,
-        f"Missing required parameter: '{param}'.",
-        param=param,
-        code="missing_required_parameter",
-    )
+    message = f"Missing required parameter: '{param}'."
+    return _invalid(param, message, "missing_required_parameter")
 
 
 def _is_int(value: object) -> bool:

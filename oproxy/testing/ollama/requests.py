@@ -4,7 +4,7 @@ names appear in decode errors), the custom decoders for images, ``think``
 and ``keep_alive``, and the ``Host`` check.
 
 Declaring the types the way ``api/types.go`` does lets the generic decoder
-in :mod:`oproxy.testing.fake_gojson` produce the real server's messages, such
+in :mod:`oproxy.testing.ollama.gojson` produce the real server's messages, such
 as ``json: cannot unmarshal string into Go struct field
 ToolCallFunction.messages.tool_calls.function.arguments of type
 api.ToolCallFunctionArguments`` when a client sends OpenAI-style string
@@ -21,8 +21,9 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from oproxy.testing.fake_generation import Options, parse_options
-from oproxy.testing.fake_gojson import (
+from oproxy.testing.base.kinds import Kind, kind_of
+from oproxy.testing.ollama.generation import Options, parse_options
+from oproxy.testing.ollama.gojson import (
     ANY,
     BOOL,
     INT,
@@ -36,8 +37,8 @@ from oproxy.testing.fake_gojson import (
     slice_of,
     struct,
 )
-from oproxy.testing.fake_models import FakeModel
-from oproxy.testing.fake_wire import (
+from oproxy.testing.ollama.models import FakeModel
+from oproxy.testing.ollama.wire import (
     GoDurationError,
     go_base64_error_offset,
     go_quote,
@@ -74,14 +75,18 @@ def keep_alive_seconds(value: Any) -> float:
     return math.inf if value < 0 else float(value)
 
 
+#: How Go's ``%T`` prints what ``json.Unmarshal`` makes of a value in an ``any``.
+_GO_ANY_TYPES: Final[dict[Kind, str]] = {
+    "boolean": "bool",
+    "integer": "float64",
+    "number": "float64",
+    "array": "[]interface {}",
+    "object": "map[string]interface {}",
+}
+
+
 def _go_any_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, list):
-        return "[]interface {}"
-    if isinstance(value, dict):
-        return "map[string]interface {}"
-    return "float64" if isinstance(value, int | float) else "string"
+    return _GO_ANY_TYPES.get(kind_of(value), "string")
 
 
 def _decode_image(value: Any) -> Any:

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from oproxy.testing.fake_wire import go_quote
+from oproxy.testing.base.kinds import Kind, kind_of
+from oproxy.testing.ollama.wire import go_quote
 
 # --------------------------------------------------------------------------
 # Syntax errors with Go's messages
@@ -254,19 +255,20 @@ def parse_go_json(body: bytes) -> Any:
 # Go's struct decoding: type mismatches with Go's field paths
 
 
+_GO_KINDS: Final[dict[Kind, str]] = {
+    "boolean": "bool",
+    "integer": "number",
+    "number": "number",
+    "string": "string",
+    "array": "array",
+}
+
+
 def json_kind(value: Any) -> str:
     """
     The JSON type name Go uses in ``cannot unmarshal <kind> into ...``.
     """
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
+    return _GO_KINDS.get(kind_of(value), "object")
 
 
 @dataclass(frozen=True)

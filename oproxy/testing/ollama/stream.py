@@ -1,25 +1,25 @@
 """
 How the fake Ollama puts generations on the wire: response shapes with Go's
-field order, NDJSON framing, clock-driven pacing and cancellation.
-
-Everything here is scheduled on an injected :class:`IReactorTime`, never on
-wall time, so a :class:`twisted.internet.task.Clock` can drive a whole
-stream token by token in a unit test.
+field order, NDJSON framing, and a generation's run from its first line to
+its ``done`` line (paced by :class:`~oproxy.testing.base.pacing.Pacer` on
+the injected clock).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from oproxy.testing.fake_generation import Piece, Plan, context_ids
-from oproxy.testing.fake_wire import go_json, rfc3339_nano, seconds_to_ns
+from oproxy.testing.base.http import respond, write
+from oproxy.testing.base.pacing import Pacer
+from oproxy.testing.base.stats import ServerStats
+from oproxy.testing.ollama.generation import Piece, Plan, context_ids
+from oproxy.testing.ollama.wire import go_json, rfc3339_nano, seconds_to_ns
 
 JSON_TYPE: Final = b"application/json; charset=utf-8"
 NDJSON_TYPE: Final = b"application/x-ndjson"
@@ -32,78 +32,18 @@ _OVERHEAD_NS: Final = 500_000
 
 
 @dataclass
-class GenerationStats:
+class GenerationStats(ServerStats[tuple[str, dict[str, Any]]]):
     """
-    What the fake has seen, for tests to assert on.
-
-    :ivar started: generations (chat/generate requests that got past
-        validation and began producing output, including stalled ones).
-    :ivar completed: generations that ended with a ``done`` line / body.
-    :ivar aborted: generations stopped because the client went away.
-    :ivar failed: generations that ended in a mid-stream error
-        (``broken:latest``), or a 500 for ``stream: false``.
-    :ivar requests: ``(path, body)`` of every request with a JSON object
-        body, in arrival order: what the proxy actually sent upstream.
+    What the fake Ollama has seen, for tests to assert on (see
+    :class:`~oproxy.testing.base.stats.ServerStats`): ``failed`` counts
+    generations that ended in a mid-stream error (``broken:latest``), or a
+    500 for ``stream: false``; ``requests`` holds ``(path, body)`` of every
+    request with a JSON object body.
     """
-
-    started: int = 0
-    completed: int = 0
-    aborted: int = 0
-    failed: int = 0
-    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    @property
-    def in_flight(self) -> int:
-        """
-        Generations started and not yet ended.
-        """
-        return self.started - self.completed - self.aborted - self.failed
-
-    def counters(self) -> dict[str, int]:
-        """
-        The counters as served by ``GET /_fake/stats``.
-        """
-        return {
-            "started": self.started,
-            "completed": self.completed,
-            "aborted": self.aborted,
-            "failed": self.failed,
-            "in_flight": self.in_flight,
-            "requests": len(self.requests),
-        }
-
-    def reset(self, in_flight: int = 0) -> None:
-        """
-        Zero everything in place (tests may hold a reference), keeping the
-        generations still running counted as started so ``in_flight`` stays
-        right when they end.
-        """
-        self.started, self.completed, self.aborted, self.failed = in_flight, 0, 0, 0
-        self.requests.clear()
 
 
 # --------------------------------------------------------------------------
 # Writing
-
-
-def write(request: Request, data: bytes) -> None:
-    """
-    ``request.write`` with a type (Twisted leaves it unannotated).
-    """
-    request.write(data)  # type: ignore[no-untyped-call]
-
-
-def respond(request: Request, status: int, content_type: bytes | None, body: bytes) -> bytes:
-    """
-    Set status, content type and an explicit length, and return ``body``
-    for Klein to write: the real server sends small bodies with a
-    ``Content-Length`` rather than chunked.
-    """
-    request.setResponseCode(status)
-    if content_type is not None:
-        request.responseHeaders.setRawHeaders(b"content-type", [content_type])
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-    return body
 
 
 def json_response(request: Request, status: int, value: Any) -> bytes:
@@ -133,114 +73,6 @@ def start_ndjson(request: Request) -> None:
     """
     request.setResponseCode(200)
     request.responseHeaders.setRawHeaders(b"content-type", [NDJSON_TYPE])
-
-
-# --------------------------------------------------------------------------
-# Pacing and cancellation
-
-
-class Ticker:
-    """
-    Runs ``steps`` one per tick of ``delay`` seconds on ``clock`` (all at
-    once when ``delay`` is 0), then ``finish``; stops at once when the
-    client goes away.
-
-    The returned Deferred fires with what ``finish`` returns (a body for
-    Klein to write, or ``None`` when the steps wrote it all).  Klein cancels
-    it when the connection is lost; the request's ``notifyFinish`` errback
-    is watched too, so an abort is noticed whichever comes first.
-    """
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        delay: float,
-        steps: Sequence[Callable[[], None]],
-        finish: Callable[[], bytes | None],
-        on_abort: Callable[[], None],
-    ) -> None:
-        self._clock = clock
-        self._delay = delay
-        self._steps = steps
-        self._finish = finish
-        self._on_abort = on_abort
-        self._index = 0
-        self._started = 0.0
-        self._call: IDelayedCall | None = None
-        self._over = False
-        self.deferred: Deferred[bytes | None] = Deferred(lambda _: self.abort())
-
-    def start(
-        self, request: Request, *, stall: bool = False, load_delay: float = 0.0
-    ) -> Deferred[bytes | None]:
-        """
-        Begin after ``load_delay`` seconds, the model's load (unless
-        ``stall``: then wait for the client to give up).  Pacing counts
-        from the end of the load, as the runner only starts then.
-        """
-        request.notifyFinish().addErrback(self._lost)
-        self._started = self._clock.seconds() + load_delay
-        if stall:
-            return self.deferred
-        if load_delay > 0:
-            self._call = self._clock.callLater(load_delay, self._loaded)
-        else:
-            self._advance()
-        return self.deferred
-
-    @property
-    def pending(self) -> bool:
-        """
-        Whether a tick is scheduled.
-        """
-        return self._call is not None and self._call.active()
-
-    def _lost(self, failure: Failure) -> None:
-        self.abort()
-
-    def _advance(self) -> None:
-        if self._delay > 0 and self._index < len(self._steps):
-            # Due times are counted from the start, not from the last tick,
-            # so pacing does not drift and ``Clock.advance(total)`` runs
-            # every tick that falls within ``total``.
-            due = self._started + self._delay * (self._index + 1)
-            wait = max(0.0, due - self._clock.seconds())
-            self._call = self._clock.callLater(wait, self._tick)
-            return
-        while self._index < len(self._steps):
-            self._run_step()
-        self._over = True
-        self.deferred.callback(self._finish())
-
-    def _run_step(self) -> None:
-        step = self._steps[self._index]
-        self._index += 1
-        step()
-
-    def _loaded(self) -> None:
-        self._call = None
-        if not self._over:
-            self._advance()
-
-    def _tick(self) -> None:
-        self._call = None
-        if self._over:
-            return
-        self._run_step()
-        self._advance()
-
-    def abort(self) -> None:
-        """
-        Stop: cancel the pending tick and report the abort once.  Does
-        nothing after the run has finished.
-        """
-        if self._over:
-            return
-        self._over = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        self._on_abort()
 
 
 # --------------------------------------------------------------------------
@@ -453,7 +285,14 @@ class Generation:
         self._started_ns = seconds_to_ns(clock.seconds()) + self._load_ns
         self._written = False
         steps = [self._emitter(piece) for piece in plan.pieces]
-        self.ticker = Ticker(clock, delay, steps, self._finish, self._aborted)
+        self._pacer = Pacer(
+            clock,
+            delay,
+            steps,
+            self._finish,
+            self._aborted,
+            stall_after=0 if plan.stall else None,
+        )
 
     def start(self) -> Deferred[bytes | None]:
         """
@@ -462,7 +301,20 @@ class Generation:
         self._stats.started += 1
         if self._stream:
             start_ndjson(self._request)
-        return self.ticker.start(self._request, stall=self._plan.stall, load_delay=self._load_delay)
+        return self._pacer.start(self._request, load_delay=self._load_delay)
+
+    @property
+    def pending(self) -> bool:
+        """
+        Whether a tick is scheduled.
+        """
+        return self._pacer.pending
+
+    def abandon(self) -> None:
+        """
+        End the run as a server going away does: aborted, connection closed.
+        """
+        self._pacer.abandon()
 
     def _emitter(self, piece: Piece) -> Callable[[], None]:
         def emit() -> None:
@@ -479,6 +331,7 @@ class Generation:
             self._stats.failed += 1
             return self._fail(self._plan.error)
         self._stats.completed += 1
+        self._stats.count_tokens(self._shape.model, self._plan.prompt_tokens, self._plan.eval_count)
         elapsed = seconds_to_ns(self._clock.seconds()) - self._started_ns
         stats = metrics(self._plan, elapsed, self._load_ns)
         now = created_at(self._clock)

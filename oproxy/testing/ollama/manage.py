@@ -13,7 +13,7 @@ sha256:<hex>`` depending on whether the blob is already on disk, then
 ``retrieving manifest``, one ``pushing <12 hex>`` series per blob (config
 last) and ``pushing manifest``.
 
-Everything here is pure; the handlers in :mod:`oproxy.testing.fake_ollama`
+Everything here is pure; the handlers in :mod:`oproxy.testing.ollama.server`
 put it on the wire.
 """
 
@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Final
 
-from oproxy.testing.fake_gojson import json_kind
-from oproxy.testing.fake_models import (
+from oproxy.testing.ollama.gojson import json_kind
+from oproxy.testing.ollama.models import (
     LICENSE_MEDIA,
     MESSAGES_MEDIA,
     PARAMS_MEDIA,
@@ -36,8 +36,8 @@ from oproxy.testing.fake_models import (
     Layer,
     ModelName,
 )
-from oproxy.testing.fake_requests import RequestError
-from oproxy.testing.fake_wire import go_json, go_quote
+from oproxy.testing.ollama.requests import RequestError
+from oproxy.testing.ollama.wire import go_json, go_quote
 
 MODELS_DIR: Final = "/root/.ollama/models"
 """Where the fake pretends ``OLLAMA_MODELS`` is (it appears in Go's file errors)."""
