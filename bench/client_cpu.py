@@ -11,6 +11,11 @@ clients round after round so that a neighbour's noise on the machine falls
 on all of them alike.  It prints the median and the lowest µs of CPU per
 call (user + system time of this process; nginx's does not count) for each.
 
+Then the same again in memory: nginx's answer, captured once, is handed to
+each lean client's connection as if it had come from the socket, so the
+numbers are the client's own code (request, parser, pool, Deferreds)
+without the kernel's share and its noise.  ``Agent`` is not measured there.
+
 The clients: Twisted's ``Agent`` over a persistent pool (what ``https://``
 backends use), and the package's :class:`oproxy.http11.LeanAgent`.  Other
 versions of ``oproxy/http11.py`` join with ``--client NAME=FILE``, for
@@ -28,6 +33,8 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import re
+import socket
 import statistics
 import sys
 import tempfile
@@ -91,7 +98,10 @@ def load_http11(name: str, path: Path) -> Any:
     return module
 
 
-def build_clients(reactor: Any, url: bytes, extra: list[tuple[str, Path]]) -> dict[str, Call]:
+Versions = list[tuple[str, Any]]
+
+
+def build_clients(reactor: Any, url: bytes, versions: Versions) -> dict[str, Call]:
     """One call per client: POST the body, read the answer whole."""
     endpoints = ReusedEndpoints(reactor, 5)
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -110,15 +120,99 @@ def build_clients(reactor: Any, url: bytes, extra: list[tuple[str, Path]]) -> di
 
         return call
 
-    import oproxy.http11
-
-    versions: list[tuple[str, Any]] = [("lean", oproxy.http11)]
-    versions += [(name, load_http11(name, path)) for name, path in extra]
     clients = {"agent": caller(agent)}
     for name, module in versions:
         lean = module.LeanAgent(endpoints, agent, module.IdleConnections())
         clients[name] = caller(lean)
     return clients
+
+
+class Replayed:
+    """
+    A connection's transport in memory: requests are dropped, and
+    :meth:`Replay.answer` hands the connection the captured answer.
+    """
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        raise BenchError("the client closed a kept-alive connection")
+
+    loseConnection = abortConnection
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+class Replay:
+    """An endpoint factory whose one connection answers with ``answer``."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+        self.transports: list[Replayed] = []
+
+    def endpointForURI(self, uri: Any) -> Replay:
+        return self
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        protocol = factory.buildProtocol(None)
+        transport = Replayed(protocol)
+        self.transports.append(transport)
+        protocol.makeConnection(transport)
+        return defer.succeed(protocol)
+
+    def answer(self) -> None:
+        self.transports[-1].protocol.dataReceived(self._answer)
+
+
+def replaying_clients(url: bytes, answer: bytes, versions: Versions) -> dict[str, Call]:
+    """The lean clients, each over its own :class:`Replay`."""
+    clients: dict[str, Call] = {}
+    for name, module in versions:
+        replay = Replay(answer)
+        lean = module.LeanAgent(replay, None, module.IdleConnections())
+
+        def caller(lean: Any, replay: Replay) -> Call:
+            async def call() -> bytes:
+                requested = lean.request(b"POST", url, HEADERS, BytesProducer(BODY))
+                replay.answer()
+                response = await requested
+                collect = Collect()
+                response.deliverBody(collect)
+                body: bytes = await collect.done
+                return body
+
+            return call
+
+        clients[name] = caller(lean, replay)
+    return clients
+
+
+def capture(port: int) -> bytes:
+    """nginx's whole answer to one ``POST /api/chat``, head and body, as sent."""
+    request = (
+        b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+        b"Accept: application/json\r\nContent-Length: %d\r\n\r\n" % (port, len(BODY))
+    ) + BODY
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        if match is None:
+            raise BenchError("nginx's answer has no Content-Length")
+        while len(body) < int(match.group(1)):
+            body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 async def measure(call: Call, calls: int) -> float:
@@ -130,10 +224,8 @@ async def measure(call: Call, calls: int) -> float:
     return (time.process_time() - started) / calls * 1e6
 
 
-async def compare(
-    reactor: Any, url: bytes, extra: list[tuple[str, Path]], calls: int, rounds: int
-) -> dict[str, list[float]]:
-    clients = build_clients(reactor, url, extra)
+async def compare(clients: dict[str, Call], calls: int, rounds: int) -> dict[str, list[float]]:
+    """Every client, ``rounds`` times in turn, each time ``calls`` calls."""
     expected = {name: await call() for name, call in clients.items()}
     if len(set(expected.values())) != 1:
         raise BenchError("the clients read different answers")
@@ -154,14 +246,15 @@ async def compare(
     return results
 
 
-def report(results: dict[str, list[float]], calls: int, answer: str) -> None:
+def report(title: str, results: dict[str, list[float]]) -> None:
     base = statistics.median(results["lean"])
-    print(f"µs of CPU per sequential POST /api/chat ({answer} answer), {calls} calls a round")
+    print(title)
     print(f"{'client':<12} {'median':>8} {'lowest':>8} {'vs lean':>8}   rounds")
     for name, values in results.items():
         median = statistics.median(values)
         rounds = " ".join(f"{v:.1f}" for v in values)
         print(f"{name:<12} {median:8.1f} {min(values):8.1f} {median / base:8.2f}x   {rounds}")
+    print()
 
 
 def main() -> int:
@@ -177,22 +270,33 @@ def main() -> int:
         help="another version of oproxy/http11.py to measure",
     )
     args = parser.parse_args()
-    extra = []
+    import oproxy.http11
+
+    versions: Versions = [("lean", oproxy.http11)]
     for spec in args.client:
         name, sep, path = spec.partition("=")
-        if not sep or not Path(path).is_file():
-            parser.error(f"--client wants NAME=FILE, got {spec!r}")
-        extra.append((name, Path(path)))
+        if not sep or not Path(path).is_file() or name in ("agent", "lean"):
+            parser.error(f"--client wants NAME=FILE (not agent or lean), got {spec!r}")
+        versions.append((name, load_http11(name, Path(path))))
     procs = Processes()
+    sockets: dict[str, list[float]] = {}
+    memory: dict[str, list[float]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="oproxy-client-cpu-") as workdir:
             upstream = start_nginx(procs, Path(workdir), stream_lines=300, workers=1)
             port = upstream.plain_port if args.answer == "plain" else upstream.stream_port
             url = f"http://127.0.0.1:{port}/api/chat".encode()
-            results: dict[str, list[float]] = {}
+            answer = capture(port)
 
             async def run(reactor: Any) -> None:
-                results.update(await compare(reactor, url, extra, args.calls, args.rounds))
+                log("over sockets, against nginx")
+                sockets.update(
+                    await compare(build_clients(reactor, url, versions), args.calls, args.rounds)
+                )
+                log("in memory, nginx's answer replayed")
+                memory.update(
+                    await compare(replaying_clients(url, answer, versions), args.calls, args.rounds)
+                )
 
             task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
     except SystemExit as e:
@@ -200,7 +304,9 @@ def main() -> int:
             raise
     finally:
         procs.stop_all()
-    report(results, args.calls, args.answer)
+    what = f"sequential POST /api/chat, {args.answer} answer, {args.calls} calls a round"
+    report(f"µs of CPU per call over a socket to nginx ({what})", sockets)
+    report(f"µs of CPU per call in memory, nginx's answer replayed ({what})", memory)
     return 0
 
 

@@ -38,6 +38,9 @@ from zope.interface import implementer
 MAX_HEAD_BYTES = 64 * 1024
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CONNECTION_HEADERS = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
+)
 
 
 class BadResponse(Exception):
@@ -244,16 +247,27 @@ class _Connection(Protocol):
             raise BadResponse("the server switched protocols, which nobody asked for")
         if code < 200:
             return None
+        # Connection-level headers are read here and not passed on, as with Agent.
         headers = Headers()
+        connection: list[bytes] = []
+        encodings: list[bytes] = []
+        lengths: list[bytes] = []
         for line in header_lines:
             name, sep, value = line.partition(b":")
             if not sep or not name or name != name.strip():
                 raise BadResponse(f"bad header line: {line[:80]!r}")
-            headers.addRawHeader(name, value.strip())
-        connection = b",".join(headers.getRawHeaders(b"connection", [])).lower()
-        self._keep_alive = version == b"HTTP/1.1" and b"close" not in connection
-        encoding = b",".join(headers.getRawHeaders(b"transfer-encoding", [])).lower()
-        lengths = headers.getRawHeaders(b"content-length")
+            lower = name.lower()
+            if lower in _CONNECTION_HEADERS:
+                if lower == b"content-length":
+                    lengths.append(value.strip())
+                elif lower == b"transfer-encoding":
+                    encodings.append(value.strip())
+                elif lower == b"connection":
+                    connection.append(value.strip())
+            else:
+                headers.addRawHeader(name, value.strip())
+        self._keep_alive = version == b"HTTP/1.1" and b"close" not in b",".join(connection).lower()
+        encoding = b",".join(encodings).lower()
         length: int | object = UNKNOWN_LENGTH
         if self._method == b"HEAD" or code in _NO_BODY_STATUSES:
             length = 0
@@ -271,9 +285,6 @@ class _Connection(Protocol):
         else:
             self._reading = _UNTIL_CLOSE
             self._keep_alive = False
-        # Connection-level headers are not the answer's, as with Agent.
-        for name in (b"connection", b"keep-alive", b"transfer-encoding", b"content-length"):
-            headers.removeHeader(name)
         return LeanResponse(self, code, phrase, headers, length)
 
     def _length_data(self, data: bytes) -> None:
