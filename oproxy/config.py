@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from oproxy.resp import RedisAddress
 from oproxy.routing.settings import RoutingConfig, parse_routing
 from oproxy.security.settings import (
     AuthConfig,
@@ -542,8 +543,10 @@ def _reload(section: Section) -> ReloadConfig:
 
 def _redis_url(value: Any, key: str) -> str:
     text = as_string(value, key)
-    if urlsplit(text).scheme not in ("redis", "unix"):
-        raise ConfigError(key, f"must be a redis:// or unix:// URL, not {text!r}")
+    try:
+        RedisAddress.from_url(text)  # redis://, rediss:// (TLS) or unix://, and its options
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
     return text
 
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from oproxy.resp import RedisAddress
 from oproxy.security.keys import hash_key as hash_key
 from oproxy.security.policy import (
     LIMIT_NAMES,
@@ -139,10 +140,16 @@ def parse_state(section: Section, environ: Mapping[str, str]) -> StateConfig:
     if on_unavailable not in ("closed", "open"):
         raise ConfigError(section.path("on_unavailable"), "must be closed or open")
     url = section.get("url", "", as_string)
-    if backend == "redis" and not url.startswith(("redis://", "unix://")):
-        raise ConfigError(
-            section.path("url"), "a redis state store needs a redis:// or unix:// URL"
-        )
+    if backend == "redis":
+        if not url:
+            raise ConfigError(
+                section.path("url"),
+                "a redis state store needs a redis://, rediss:// or unix:// URL",
+            )
+        try:
+            RedisAddress.from_url(url)  # the scheme (rediss:// is TLS) and its options
+        except ValueError as e:
+            raise ConfigError(section.path("url"), str(e)) from None
     state = StateConfig(
         backend=backend,
         path=section.get("path", default_state_path(environ), as_string),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from oproxy.redis import RedisClient
+from oproxy.resp import RedisClient
 from oproxy.security.settings import StateConfig, default_state_path
 from oproxy.state.base import IStateStore
 from oproxy.state.redis import RedisStateStore
