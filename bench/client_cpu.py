@@ -24,6 +24,12 @@ example the one on ``main`` before a change::
     git show main:oproxy/http11.py > /tmp/http11_main.py
     python bench/client_cpu.py --client main=/tmp/http11_main.py
 
+and ``bench/h11_client.py``, the same client with h11 reading the answers
+(``FILE#CLASS`` names another agent class in the file than ``LeanAgent``)::
+
+    python bench/client_cpu.py --client h11=bench/h11_client.py \\
+        --client h11-stand-in=bench/h11_client.py#StandInLeanAgent
+
 ``--answer stream`` fetches the 300-line NDJSON answer (about 40 KB, read
 in several pieces) instead of the non-streamed one.
 """
@@ -98,7 +104,8 @@ def load_http11(name: str, path: Path) -> Any:
     return module
 
 
-Versions = list[tuple[str, Any]]
+#: (name, the module, the name of its agent class)
+Versions = list[tuple[str, Any, str]]
 
 
 def build_clients(reactor: Any, url: bytes, versions: Versions) -> dict[str, Call]:
@@ -121,8 +128,8 @@ def build_clients(reactor: Any, url: bytes, versions: Versions) -> dict[str, Cal
         return call
 
     clients = {"agent": caller(agent)}
-    for name, module in versions:
-        lean = module.LeanAgent(endpoints, agent, module.IdleConnections())
+    for name, module, agent_class in versions:
+        lean = getattr(module, agent_class)(endpoints, agent, module.IdleConnections())
         clients[name] = caller(lean)
     return clients
 
@@ -175,9 +182,9 @@ class Replay:
 def replaying_clients(url: bytes, answer: bytes, versions: Versions) -> dict[str, Call]:
     """The lean clients, each over its own :class:`Replay`."""
     clients: dict[str, Call] = {}
-    for name, module in versions:
+    for name, module, agent_class in versions:
         replay = Replay(answer)
-        lean = module.LeanAgent(replay, None, module.IdleConnections())
+        lean = getattr(module, agent_class)(replay, None, module.IdleConnections())
 
         def caller(lean: Any, replay: Replay) -> Call:
             async def call() -> bytes:
@@ -266,18 +273,19 @@ def main() -> int:
         "--client",
         action="append",
         default=[],
-        metavar="NAME=FILE",
-        help="another version of oproxy/http11.py to measure",
+        metavar="NAME=FILE[#CLASS]",
+        help="another version of oproxy/http11.py to measure (its LeanAgent, or CLASS)",
     )
     args = parser.parse_args()
     import oproxy.http11
 
-    versions: Versions = [("lean", oproxy.http11)]
+    versions: Versions = [("lean", oproxy.http11, "LeanAgent")]
     for spec in args.client:
-        name, sep, path = spec.partition("=")
+        name, sep, where = spec.partition("=")
+        path, _, agent_class = where.partition("#")
         if not sep or not Path(path).is_file() or name in ("agent", "lean"):
-            parser.error(f"--client wants NAME=FILE (not agent or lean), got {spec!r}")
-        versions.append((name, load_http11(name, Path(path))))
+            parser.error(f"--client wants NAME=FILE[#CLASS] (not agent or lean), got {spec!r}")
+        versions.append((name, load_http11(name, Path(path)), agent_class or "LeanAgent"))
     procs = Processes()
     sockets: dict[str, list[float]] = {}
     memory: dict[str, list[float]] = {}
