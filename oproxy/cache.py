@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from oproxy.config import CacheConfig
-from oproxy.redis import RedisClient
+from oproxy.resp import RedisClient
 
 log = Logger()
 

@@ -16,7 +16,7 @@ from oproxy.config import APIKey, AuthConfig, CacheConfig
 from oproxy.security.keys import hash_key
 from tests.conftest import Proxy
 from tests.httputil import header, post_json, sse_events
-from tests.test_redis import RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.redisserver import RedisServer, redis_server  # noqa: F401 - a fixture
 
 HELLO = [{"role": "user", "content": "Is this cached?"}]
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor, task
 
 from oproxy.metrics import Metrics
-from oproxy.redis import RedisClient
+from oproxy.resp import RedisClient
 from oproxy.routing.breaker import GO, Breaker, CircuitSync, Outcome, Permit
 from oproxy.routing.circuits import (
     FORGET_OPEN,

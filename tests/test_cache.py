@@ -1,7 +1,7 @@
 """
 The response cache: policy and keys (pure), the memory store and the cache
 itself on a fake clock.  The Redis store is tested against a real server in
-``test_redis.py``.
+``test_resp.py``.
 """
 
 from __future__ import annotations

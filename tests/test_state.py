@@ -31,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 
-from oproxy.redis import RedisClient
+from oproxy.resp import RedisClient
 from oproxy.state.base import (
     Admission,
     CircuitRecord,
@@ -549,7 +549,7 @@ REDIS_WORKER = """
 import sys, time
 from pathlib import Path
 from twisted.internet import defer, task
-from oproxy.redis import RedisClient
+from oproxy.resp import RedisClient
 from oproxy.state.base import RateCharge
 from oproxy.state.redis import RedisStateStore
 

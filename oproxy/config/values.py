@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from oproxy.resp import RedisAddress
 from oproxy.security.keys import hash_key
 from oproxy.security.policy import (
     LIMIT_NAMES,
@@ -263,10 +264,18 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def redis_url(value: Any) -> str:
-    """``redis://``, ``rediss://`` (over TLS) or ``unix://`` (a socket)."""
+    """
+    ``redis://``, ``rediss://`` (over TLS) or ``unix://`` (a socket), with
+    redis-py's query options (``ssl_ca_certs``, ``ssl_cert_reqs``, ...),
+    read here by the client itself so a bad option stops a load or reload.
+    """
     text = string(value)
     if urlsplit(text).scheme not in REDIS_SCHEMES:
         raise invalid(f"must be a redis://, rediss:// or unix:// URL, not {text!r}")
+    try:
+        RedisAddress.from_url(text)
+    except ValueError as e:
+        raise invalid(str(e)) from None
     return text
 
 

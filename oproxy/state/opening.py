@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from oproxy.config import StateConfig, default_state_path
-from oproxy.redis import RedisClient
+from oproxy.resp import RedisClient
 from oproxy.state.base import IStateStore
 from oproxy.state.redis import RedisStateStore
 from oproxy.state.sqlite import SQLiteStore

@@ -34,7 +34,7 @@ from typing import Any, TypeVar, cast
 from twisted.internet import defer
 from zope.interface import implementer
 
-from oproxy.redis import Arg, RedisClient, RedisError, RedisReplyError
+from oproxy.resp import Arg, RedisClient, RedisError, RedisReplyError
 from oproxy.state.base import (
     Admission,
     CircuitChange,

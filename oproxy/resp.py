@@ -1,5 +1,6 @@
 """
-A small, typed Redis client for Twisted: RESP2 over one persistent connection.
+RESP, the Redis protocol: a small, typed client for Twisted, RESP2 over one
+persistent connection, in the clear or over TLS (``rediss://``).
 
 Why not a library: the Twisted Redis clients are unmaintained or untyped, and
 what the proxy needs is small: plain commands (``GET``, ``SET``, ``INCR``)
@@ -14,26 +15,42 @@ reconnects.  A server that stops answering is detected by a command timeout,
 which drops the connection.  After a failed connection attempt, commands
 fail fast for ``retry_delay`` seconds instead of each paying the connect
 timeout again.
+
+Over TLS the server's certificate is verified by default, against the
+system's trust store or a CA file, and its name must match the URL's host;
+the URL's query says otherwise with the parameters redis-py reads
+(``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``).
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from twisted.internet import defer
+from OpenSSL import SSL
+from twisted.internet import defer, ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
+    wrapClientTLS,
 )
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 DEFAULT_PORT = 6379
 
@@ -162,6 +179,7 @@ def _integer(line: bytes) -> int:
 # -- the connection --------------------------------------------------------
 
 
+@implementer(IHandshakeListener)
 class RedisProtocol(Protocol):
     """
     One connection: commands go out as they come, replies answer a FIFO.
@@ -182,6 +200,8 @@ class RedisProtocol(Protocol):
         self._lost_waiters: list[defer.Deferred[None]] = []
         self._has_been_lost = False
         self._garbled = False
+        self._secured = False
+        self._secured_waiters: list[defer.Deferred[None]] = []
 
     @property
     def usable(self) -> bool:
@@ -193,6 +213,27 @@ class RedisProtocol(Protocol):
         if ITCPTransport.providedBy(self.transport):
             # Small pipelined commands must not sit in Nagle's buffer.
             self.transport.setTcpNoDelay(True)
+
+    def handshakeCompleted(self) -> None:
+        """Over TLS: the server's certificate was accepted."""
+        self._secured = True
+        waiters, self._secured_waiters = self._secured_waiters, []
+        for waiter in waiters:
+            if not waiter.called:  # its caller was cancelled
+                waiter.callback(None)
+
+    def when_secured(self) -> defer.Deferred[None]:
+        """
+        A fresh Deferred that fires when the TLS handshake is done, or fails
+        with the reason the connection was lost before.
+        """
+        if self._secured:
+            return defer.succeed(None)
+        if self._has_been_lost:
+            return defer.fail(self._why_closing or RedisConnectionError("not connected to Redis"))
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._secured_waiters.append(waiter)
+        return waiter
 
     def send(self, args: tuple[Arg, ...]) -> defer.Deferred[Any]:
         """
@@ -256,6 +297,10 @@ class RedisProtocol(Protocol):
             RedisConnectionError(f"Redis did not answer within {self._command_timeout} seconds")
         )
 
+    def drop(self, why: RedisConnectionError) -> None:
+        """Abort the connection; whatever waits on it fails with ``why``."""
+        self._drop(why)
+
     def _drop(self, why: RedisConnectionError) -> None:
         if self._why_closing is None:
             self._why_closing = why
@@ -294,6 +339,11 @@ class RedisProtocol(Protocol):
         for waiting in pending:
             if not waiting.called:
                 waiting.errback(why)
+        if not self._secured:
+            secured, self._secured_waiters = self._secured_waiters, []
+            for waiter in secured:
+                if not waiter.called:
+                    waiter.errback(why)
         waiters, self._lost_waiters = self._lost_waiters, []
         for lost in waiters:
             lost.callback(None)
@@ -314,14 +364,72 @@ class _OneConnection(ClientFactory):
         return self._protocol
 
 
+#: The URL's TLS parameters, named as redis-py names them.
+TLS_PARAMETERS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """
+    How to speak TLS to Redis (``rediss://``), from the URL's query.
+
+    :ivar verify: whether the server's certificate must be valid for the
+        URL's host (``ssl_cert_reqs=required``, the default; ``none`` turns
+        it off, for a test server with a self-made certificate).
+    :ivar ca_file: PEM certificates to trust instead of the system's
+        (``ssl_ca_certs``), for a private CA.
+    :ivar cert_file: a client certificate (``ssl_certfile``), for a server
+        that asks for one (``tls-auth-clients yes``).
+    :ivar key_file: its private key (``ssl_keyfile``); without it the key is
+        read from ``cert_file``.
+    """
+
+    verify: bool = True
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @classmethod
+    def from_query(cls, query: dict[str, list[str]], url: str) -> TLSSettings:
+        unknown = sorted(k for k in query if k.startswith("ssl_") and k not in TLS_PARAMETERS)
+        if unknown:
+            raise ValueError(
+                f"unknown TLS parameter {unknown[0]!r} in Redis URL {redact(url)!r} "
+                f"(known: {', '.join(TLS_PARAMETERS)})"
+            )
+        given = {k: query[k][-1] for k in TLS_PARAMETERS if k in query}
+        requirement = given.get("ssl_cert_reqs", "required").lower()
+        if requirement not in ("required", "optional", "none"):
+            raise ValueError(
+                f"ssl_cert_reqs must be required or none, not {requirement!r}, "
+                f"in Redis URL {redact(url)!r}"
+            )
+        settings = cls(
+            # A client that accepts an optional certificate still checks the
+            # one it gets, as Python's ssl module does.
+            verify=requirement != "none",
+            ca_file=given.get("ssl_ca_certs"),
+            cert_file=given.get("ssl_certfile"),
+            key_file=given.get("ssl_keyfile"),
+        )
+        if not settings.verify and settings.ca_file:
+            raise ValueError(
+                f"ssl_ca_certs has no use with ssl_cert_reqs=none in Redis URL {redact(url)!r}"
+            )
+        if settings.key_file and not settings.cert_file:
+            raise ValueError(f"ssl_keyfile needs ssl_certfile in Redis URL {redact(url)!r}")
+        return settings
+
+
 @dataclass(frozen=True)
 class RedisAddress:
     """
     Where and how to connect, parsed from a URL.
 
-    ``redis://[[user]:password@]host[:port][/db]`` or
-    ``unix://[[user]:password@]/path/to/socket[?db=N]``; ``?password=`` is
-    accepted as well.
+    ``redis://[[user]:password@]host[:port][/db]``, the same with
+    ``rediss://`` for TLS (and the ``ssl_*`` parameters of
+    :class:`TLSSettings`), or ``unix://[[user]:password@]/path/to/socket[?db=N]``;
+    ``?password=`` is accepted as well.
     """
 
     host: str | None
@@ -330,6 +438,7 @@ class RedisAddress:
     db: int
     username: str | None
     password: str | None
+    tls: TLSSettings | None = None
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
@@ -340,7 +449,12 @@ class RedisAddress:
         if "password" in query:
             password = query["password"][-1]
         db_text = query["db"][-1] if "db" in query else ""
-        if parts.scheme == "redis":
+        tls = None
+        if parts.scheme == "rediss":
+            tls = TLSSettings.from_query(query, url)
+        elif any(k.startswith("ssl_") for k in query):
+            raise ValueError(f"ssl_* parameters need a rediss:// URL: {redact(url)!r}")
+        if parts.scheme in ("redis", "rediss"):
             if not db_text:
                 db_text = parts.path.strip("/")
             try:
@@ -353,14 +467,16 @@ class RedisAddress:
                 raise ValueError(f"a unix:// Redis URL needs a socket path: {redact(url)!r}")
             host, port, path = None, DEFAULT_PORT, parts.path
         else:
-            raise ValueError(f"not a redis:// or unix:// URL: {redact(url)!r}")
+            raise ValueError(f"not a redis://, rediss:// or unix:// URL: {redact(url)!r}")
         try:
             db = int(db_text) if db_text else 0
         except ValueError:
             raise ValueError(f"bad database number in Redis URL {redact(url)!r}") from None
         if db < 0:
             raise ValueError(f"bad database number in Redis URL {redact(url)!r}")
-        return cls(host=host, port=port, path=path, db=db, username=username, password=password)
+        return cls(
+            host=host, port=port, path=path, db=db, username=username, password=password, tls=tls
+        )
 
     def handshake(self) -> list[tuple[Arg, ...]]:
         """The commands that prepare a new connection: ``AUTH``, ``SELECT``."""
@@ -379,7 +495,7 @@ class RedisAddress:
         if self.path is not None:
             return f"unix:{self.path} db {self.db}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port} db {self.db}"
+        return f"{host}:{self.port} db {self.db}" + (" over TLS" if self.tls else "")
 
 
 def redact(url: str) -> str:
@@ -401,8 +517,8 @@ class RedisClient:
 
     :param reactor: provides ``IReactorTime`` and ``IReactorTCP`` /
         ``IReactorUNIX`` as the URL needs.
-    :param url: ``redis://[[user]:password@]host[:port][/db]`` or
-        ``unix://[[user]:password@]/path?db=N``.
+    :param url: ``redis://[[user]:password@]host[:port][/db]``, the same
+        with ``rediss://`` for TLS, or ``unix://[[user]:password@]/path?db=N``.
     :param connect_timeout: seconds to wait for a connection.
     :param command_timeout: seconds the oldest outstanding reply may be late
         before the connection is dropped (``None``: forever).
@@ -431,6 +547,7 @@ class RedisClient:
         self._retry_at = 0.0
         self._last_error: RedisError | None = None
         self._closed = False
+        self._tls: IOpenSSLClientConnectionCreator | None = None
 
     async def execute(self, *args: Arg) -> Any:
         """
@@ -465,17 +582,22 @@ class RedisClient:
     async def _connection(self) -> RedisProtocol:
         if self._closed:
             raise RedisConnectionError("the Redis client was closed")
-        if self._connecting is None:
-            if self._clock.seconds() < self._retry_at and self._last_error is not None:
-                raise RedisConnectionError(
-                    f"not connected to Redis at {self.address}: {self._last_error}"
-                )
-            self._connecting = defer.Deferred.fromCoroutine(self._connect())
+        failed_lately = self._last_error is not None and self._clock.seconds() < self._retry_at
+        if self._connecting is None and failed_lately:
+            raise RedisConnectionError(
+                f"not connected to Redis at {self.address}: {self._last_error}"
+            )
         # Each caller waits on its own Deferred: a Deferred awaited by several
         # coroutines hands its result to the first only, and cancelling one
         # caller must not cancel the connection attempt the others share.
         waiter: defer.Deferred[RedisProtocol] = defer.Deferred()
         self._waiters.append(waiter)
+        if self._connecting is None:
+            attempt = defer.Deferred.fromCoroutine(self._connect())
+            # An attempt can end before it waits on anything (a TLS file
+            # that cannot be read): it has told the waiters already.
+            if not attempt.called:
+                self._connecting = attempt
         return await waiter
 
     async def _connect(self) -> None:
@@ -513,9 +635,16 @@ class RedisClient:
             endpoint = HostnameEndpoint(
                 self._reactor, address.host, address.port, timeout=self._connect_timeout
             )
+        if address.tls is not None:
+            if self._tls is None:
+                # Read once, at the first connection: the files are small.
+                self._tls = client_tls(address)
+            endpoint = wrapClientTLS(self._tls, endpoint)
         protocol = RedisProtocol(self._clock, self._command_timeout)
         await endpoint.connect(_OneConnection(protocol))
         try:
+            if address.tls is not None:
+                await self._secure(protocol)
             for command in address.handshake():
                 await protocol.send(command)
         except BaseException:
@@ -523,6 +652,23 @@ class RedisClient:
             raise
         protocol.when_lost().addCallback(lambda _: self._lost(protocol))
         return protocol
+
+    async def _secure(self, protocol: RedisProtocol) -> None:
+        """Wait for the TLS handshake, as long as a connection may take."""
+        timer = self._clock.callLater(
+            self._connect_timeout,
+            protocol.drop,
+            RedisConnectionError(f"no TLS handshake within {self._connect_timeout:g} seconds"),
+        )
+        try:
+            await protocol.when_secured()
+        except RedisConnectionError as e:
+            raise RedisConnectionError(
+                f"no TLS connection to Redis at {self.address}: {e}"
+            ) from None
+        finally:
+            if timer.active():
+                timer.cancel()
 
     def _connected(self, outcome: RedisProtocol | RedisError) -> None:
         self._connecting = None
@@ -548,3 +694,62 @@ class RedisClient:
     def _lost(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol:
             self._protocol = None
+
+
+# -- TLS -----------------------------------------------------------------------
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def client_tls(address: RedisAddress) -> IOpenSSLClientConnectionCreator:
+    """
+    The TLS side of connections to ``address``: the server's certificate
+    checked against the trust roots and the host name, unless the URL says
+    ``ssl_cert_reqs=none``; the client certificate, if the URL names one.
+
+    :raises RedisConnectionError: a file cannot be read or is not PEM.
+    """
+    settings = address.tls
+    assert settings is not None and address.host is not None
+    try:
+        client = None
+        if settings.cert_file:
+            pem = Path(settings.cert_file).read_bytes()
+            if settings.key_file:
+                pem += b"\n" + Path(settings.key_file).read_bytes()
+            client = ssl.PrivateCertificate.loadPEM(pem)
+        if not settings.verify:
+            options = client.options() if client is not None else ssl.CertificateOptions()
+            return _Unverified(address.host, options.getContext())
+        trust: Any = None  # the system's trust store
+        if settings.ca_file:
+            found = _PEM_CERTIFICATE.findall(Path(settings.ca_file).read_bytes())
+            if not found:
+                raise ValueError(f"no PEM certificate in {settings.ca_file}")
+            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(c) for c in found])
+        return ssl.optionsForClientTLS(address.host, trustRoot=trust, clientCertificate=client)
+    except (OSError, ValueError, SSL.Error) as e:
+        raise RedisConnectionError(f"cannot set up TLS for Redis at {address}: {e}") from None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Unverified:
+    """
+    TLS that takes any certificate (``ssl_cert_reqs=none``), but still names
+    the host it wants (SNI), as services that route by name need.
+    """
+
+    def __init__(self, host: str, context: SSL.Context) -> None:
+        self._context = context
+        self._server_name = (
+            None if isIPAddress(host) or isIPv6Address(host) else host.encode("idna")
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if self._server_name is not None:
+            connection.set_tlsext_host_name(self._server_name)
+        return connection

@@ -1,5 +1,5 @@
 """
-The Redis client: RESP2 parsing in memory, then everything else against a
+The RESP client: RESP2 parsing in memory, then everything else against a
 real ``redis-server`` started for this module on a free loopback port.
 
 The server comes from :mod:`tests.redisserver` (skipped without
@@ -27,7 +27,7 @@ from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from oproxy.cache import CachePolicy, RedisStore, ResponseCache
-from oproxy.redis import (
+from oproxy.resp import (
     RedisAddress,
     RedisClient,
     RedisConnectionError,
