@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
+import twisted
 from tests.e2e.conftest import Daemon, free_port, start_twistd, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,7 +254,11 @@ def isolated_venv(where: Path) -> tuple[Path, dict[str, str]]:
     ).stdout.strip()
     ours = sysconfig.get_paths()
     # A plain directory line adds the directory and skips its .pth files.
-    libraries = dict.fromkeys([ours["purelib"], ours["platlib"]])
+    # Where Twisted really is, too: under a virtualenv with system site
+    # packages that is the base interpreter's directory, not ``purelib``.
+    libraries = dict.fromkeys(
+        [ours["purelib"], ours["platlib"], str(Path(twisted.__file__).parents[1])]
+    )
     Path(site, "zz-libraries.pth").write_text("".join(f"{path}\n" for path in libraries))
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     environment["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
