@@ -123,6 +123,21 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _MAX_CHUNK_LINE = 4096
 
 
+class ClosedWhenReused(ResponseNeverReceived):
+    """
+    A kept-alive connection closed under a request, before a byte of its
+    answer: the server had closed it as idle just as the request went out.
+
+    Servers close idle connections after a while (uvicorn after 5 seconds,
+    Twisted after 60); a request that takes such a connection in that
+    instant was never read, and is sent again on a new connection rather
+    than failed, which would count against the backend's health.
+    """
+
+    def __init__(self, reasons: list[Failure]) -> None:
+        super().__init__(reasons)  # type: ignore[no-untyped-call]
+
+
 class _Connection(Protocol):
     """
     One kept-alive connection, one request at a time.
@@ -150,6 +165,10 @@ class _Connection(Protocol):
         self._failure: Failure | None = None  # why the body failed, before deliverBody
         self._aborted = False
         self.lost = False
+        #: Requests sent on this connection so far.
+        self.sent = 0
+        #: Whether a byte has arrived since the last request went out.
+        self._heard = False
 
     @property
     def usable(self) -> bool:
@@ -171,6 +190,8 @@ class _Connection(Protocol):
         lines.append(b"")
         assert self.transport is not None
         self.transport.write(b"\r\n".join(lines) + (body or b""))
+        self.sent += 1
+        self._heard = False
         self._reading = _HEAD
         self._answer = defer.Deferred(self._cancel_answer)
         return self._answer
@@ -191,6 +212,7 @@ class _Connection(Protocol):
     # -- the answer ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self._heard = True
         reading = self._reading
         if reading is _LENGTH:
             self._length_data(data)
@@ -407,7 +429,10 @@ class _Connection(Protocol):
         if self._answer is not None:
             answer, self._answer = self._answer, None
             self._reading = _IDLE
-            answer.errback(ResponseNeverReceived([reason]))
+            if self.sent > 1 and not self._heard:
+                answer.errback(ClosedWhenReused([reason]))
+            else:
+                answer.errback(ResponseNeverReceived([reason]))
         elif reading is _UNTIL_CLOSE and not self._aborted:
             # The server closing the connection is how such a body ends.
             self._finish(Failure(http.PotentialDataLoss()))
@@ -504,10 +529,14 @@ class LeanAgent:
     ) -> IResponse:
         idle = self._idle.of(origin)
         connection = idle.take()
-        if connection is None:
-            endpoint = self._endpoints.endpointForURI(URI.fromBytes(b"http://" + origin + b"/"))
-            connection = await endpoint.connect(_OneConnection(_Connection(idle)))
-        return await connection.send(method, target, headers, body)
+        if connection is not None:
+            try:
+                return await connection.send(method, target, headers, body)
+            except ClosedWhenReused:
+                pass  # the server had closed it as idle: once more, on a new one
+        endpoint = self._endpoints.endpointForURI(URI.fromBytes(b"http://" + origin + b"/"))
+        fresh: _Connection = await endpoint.connect(_OneConnection(_Connection(idle)))
+        return await fresh.send(method, target, headers, body)
 
 
 class _OneConnection(Factory):

@@ -316,3 +316,38 @@ async def test_connections_are_made_by_quiet_factories(server: Any) -> None:
         idle.close()
     assert len(endpoints.factories) == 2  # the first connection was closed
     assert not any(factory.noisy for factory in endpoints.factories)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_alive_connection_the_server_closed_as_idle_is_not_a_failure(
+    server: Any,
+) -> None:
+    """
+    The server closes the connection as the second request arrives, without
+    a byte of answer: it had closed it as idle.  The request goes out again
+    on a new connection, once; the caller sees only the answer.
+    """
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    server.answers += [(answer, False), (b"", True), (answer, False)]
+    await fetch(server)
+    response, data, _ = await fetch(server)
+    assert (response.code, data) == (200, b"ok")
+    assert server.connections == 2 and len(server.requests) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_connection_closed_before_an_answer_is_not_tried_again(server: Any) -> None:
+    server.answers += [(b"", True), (b"", True)]
+    with pytest.raises(ResponseNeverReceived):
+        await fetch(server)
+    assert server.connections == 1 and len(server.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_connection_closed_after_part_of_an_answer_fails(server: Any) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    server.answers += [(answer, False), (b"HTTP/1.1 20", True), (answer, False)]
+    await fetch(server)
+    with pytest.raises(ResponseNeverReceived):
+        await fetch(server)
+    assert server.connections == 1 and len(server.requests) == 2
