@@ -158,7 +158,8 @@ class ProxyChannel(http.HTTPChannel):
         super().allContentReceived()  # type: ignore[no-untyped-call]
 
     def requestDone(self, request: Any) -> None:
-        if self.persistent and self._dataBuffer:
+        # Twisted leaves the bytes after a body in the buffer, often b"".
+        if self.persistent and any(self._dataBuffer):
             # A pipelined request began while this one was answered.
             self._begin(HEAD)
         super().requestDone(request)  # type: ignore[no-untyped-call]
