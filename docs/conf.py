@@ -21,7 +21,7 @@ from oproxy import __version__  # noqa: E402
 
 project = "oproxy"
 author = "the oproxy authors"
-copyright = "the oproxy authors"  # noqa: A001
+copyright = "the oproxy authors"
 release = __version__
 version = __version__
 

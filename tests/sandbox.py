@@ -172,4 +172,3 @@ class Namespace:
             self.stop(process)
         self.holder.kill()
         self.holder.wait()
-

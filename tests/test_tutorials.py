@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,9 +66,7 @@ class PageRun:
     def __init__(self, page: Page, workdir: Path) -> None:
         self.page = page
         self.workdir = workdir
-        hosts = dict(
-            entry.split("=", 1) for setup in page.setup("hosts") for entry in setup
-        )
+        hosts = dict(entry.split("=", 1) for setup in page.setup("hosts") for entry in setup)
         self.namespace = Namespace(workdir, hosts)
         self.env = environment(workdir)
         self.background: list[subprocess.Popen[bytes]] = []
@@ -223,9 +220,11 @@ RUNNABLE = [page for page in PAGES if not page.setup("compose")]
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=[page.path for page in RUNNABLE])
 def test_tutorial(page: Page, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    node = request.getfixturevalue("npm_openai") if any(
-        b.kind == "node" for b in page.blocks
-    ) else None
+    node = (
+        request.getfixturevalue("npm_openai")
+        if any(b.kind == "node" for b in page.blocks)
+        else None
+    )
     run = PageRun(page, tmp_path)
     try:
         run.set_up()

@@ -10,6 +10,7 @@ by ``tests/test_tutorials.py`` (``.. test: check NAME``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -47,7 +48,7 @@ def docker_run_environment(command: str) -> dict[str, str]:
     words = shlex.split(command.replace("\\\n", " "))
     assert words[:2] == ["docker", "run"], words[:2]
     settings: dict[str, str] = {}
-    for flag, value in zip(words, words[1:], strict=False):
+    for flag, value in itertools.pairwise(words):
         if flag in ("-e", "--env"):
             name, _, given = value.partition("=")
             settings[name] = given

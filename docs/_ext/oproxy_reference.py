@@ -249,7 +249,11 @@ def _sections(cl: type[Any], path: str, is_list: bool = False) -> Iterator[Confi
         if get_origin(base) is tuple and len(get_args(base)) == 2 and attrs.has(get_args(base)[0]):
             below.append((get_args(base)[0], where, True))
             continue
-        keys.append(ConfigKey(where, describe_type(field.type), describe_default(field), docs.get(field.name, "")))
+        keys.append(
+            ConfigKey(
+                where, describe_type(field.type), describe_default(field), docs.get(field.name, "")
+            )
+        )
     yield ConfigSection(path, _summary(cl), tuple(keys), is_list)
     for section_class, where, listed in below:
         yield from _sections(section_class, where, listed)
@@ -272,7 +276,10 @@ def config_reference() -> Lines:
         title = section.path or "Top level"
         lines += heading(literal(title) if section.path else title, "=")
         if section.is_list:
-            lines += [f"{literal(section.path)} is a list; each item is a mapping of these keys.", ""]
+            lines += [
+                f"{literal(section.path)} is a list; each item is a mapping of these keys.",
+                "",
+            ]
         if section.path == "models.<name>":
             lines += [
                 "``models:`` maps each public model name, or a glob such as ``llama3*``, to "
@@ -284,11 +291,15 @@ def config_reference() -> Lines:
         for key in section.keys:
             lines.append(literal(key.path))
             default = (
-                "required" if key.default is None else f"default {key.default}" if key.default else ""
+                "required"
+                if key.default is None
+                else f"default {key.default}"
+                if key.default
+                else ""
             )
             lines += indented(f"*{key.kind}*" + (f"; {default}" if default else "") + ".")
             if key.doc:
-                lines += [""] + indented(plain(key.doc))
+                lines += ["", *indented(plain(key.doc))]
             lines.append("")
     return lines
 
@@ -301,9 +312,7 @@ def _option_line(action: argparse.Action) -> str:
         return literal(action.metavar or action.dest)
     metavar = ""
     if action.nargs != 0:
-        metavar = " " + (
-            action.metavar if isinstance(action.metavar, str) else action.dest.upper()
-        )
+        metavar = " " + (action.metavar if isinstance(action.metavar, str) else action.dest.upper())
     return ", ".join(literal(option + metavar) for option in action.option_strings)
 
 
@@ -344,11 +353,15 @@ def cli_reference() -> Lines:
         "",
     ]
     options = Options()
-    for long, short, default, doc, *_ in options.optParameters:
+    for long, short, _default, doc, *_ in options.optParameters:
         spelled = f"--{long} VALUE" + (f", -{short} VALUE" if short else "")
         lines += [literal(spelled), *indented(doc or ""), ""]
     for long, short, doc, *_ in getattr(options, "optFlags", []):
-        lines += [literal(f"--{long}") + (f", {literal('-' + short)}" if short else ""), *indented(doc or ""), ""]
+        lines += [
+            literal(f"--{long}") + (f", {literal('-' + short)}" if short else ""),
+            *indented(doc or ""),
+            "",
+        ]
     return lines
 
 

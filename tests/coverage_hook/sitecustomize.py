@@ -35,8 +35,8 @@ def _save_before_killing_ourselves() -> None:
                 try:
                     current.stop()
                     current.save()
-                except Exception:  # noqa: BLE001, S110 - dying anyway
-                    pass
+                except Exception:
+                    pass  # the process is going away: never stop it doing so
         original_kill(pid, signum)
 
     os.kill = kill
