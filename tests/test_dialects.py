@@ -5,6 +5,9 @@ when something goes wrong, whole or in the middle of a stream.
 
 from __future__ import annotations
 
+import anthropic
+import anthropic.types
+import httpx
 import orjson
 import pytest
 from twisted.web.test.requesthelper import DummyRequest
@@ -14,12 +17,21 @@ from oproxy.errors import (
     AnsweredRefusal,
     BackendsDown,
     InvalidRequest,
+    MethodNotAllowed,
     ModelNotFound,
     OProxyError,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimited,
     RequestTooLarge,
     ServerError,
+    Unauthorized,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
-from oproxy.web.dialects import OLLAMA, OPENAI, Dialect, dialect_for_path
+from oproxy.web.dialects import ANTHROPIC, OLLAMA, OPENAI, Dialect, dialect_for_path
 from tests.openai_schema import assert_valid
 
 
@@ -93,9 +105,58 @@ def test_a_failure_after_a_stream_began_is_its_last_event() -> None:
         (b"api/generate", OLLAMA),
         (b"/api/tags?x=1", OLLAMA),
         (b"/v1/chat/completions", OPENAI),
+        (b"/v1/messages", ANTHROPIC),
+        (b"/v1/messages/count_tokens", ANTHROPIC),
+        (b"/v1/messages?beta=true", ANTHROPIC),
+        (b"/v1/messagesx", OPENAI),
         (b"/apix", OPENAI),
         (b"", OPENAI),
     ],
 )
 def test_before_routing_the_path_picks_the_dialect(path: bytes, dialect: Dialect) -> None:
     assert dialect_for_path(path) is dialect
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind", "sdk_error"),
+    [
+        (InvalidRequest("bad", param="messages"), 400, "invalid_request_error", "BadRequestError"),
+        (Unauthorized("no key"), 401, "authentication_error", "AuthenticationError"),
+        (PermissionDenied("not yours"), 403, "permission_error", "PermissionDeniedError"),
+        (ModelNotFound("llama9"), 404, "not_found_error", "NotFoundError"),
+        (RequestTooLarge("too big"), 413, "invalid_request_error", "ContentTooLargeError"),
+        (RateLimited("slow down"), 429, "rate_limit_error", "RateLimitError"),
+        (QuotaExceeded("used up"), 429, "rate_limit_error", "RateLimitError"),
+        (ServerError(), 500, "api_error", "InternalServerError"),
+        (UpstreamError("backend failed"), 500, "api_error", "InternalServerError"),
+        (UpstreamUnavailable("unreachable"), 500, "api_error", "InternalServerError"),
+        (UpstreamBusy("busy"), 529, "overloaded_error", "OverloadedError"),
+        (BackendsDown("m", ["b"], 1.0), 529, "overloaded_error", "OverloadedError"),
+        (UpstreamTimeout("slow"), 504, "timeout_error", "GatewayTimeoutError"),
+        (MethodNotAllowed("no"), 405, "invalid_request_error", "APIStatusError"),
+    ],
+)
+def test_anthropic_errors_are_what_its_sdk_reads(
+    error: OProxyError, status: int, kind: str, sdk_error: str
+) -> None:
+    request = DummyRequest([b""])
+    request.oproxy_request_id = "req_1"  # type: ignore[attr-defined]
+    body = ANTHROPIC.respond(request, error)
+    assert request.responseCode == status
+    assert request.responseHeaders.getRawHeaders(b"request-id") == [b"req_1"]
+    parsed = anthropic.types.ErrorResponse.model_validate_json(body)
+    assert (parsed.type, parsed.error.type, parsed.error.message) == ("error", kind, error.message)
+    # The SDK raises its own class for the status.
+    response = httpx.Response(status, content=body, request=httpx.Request("POST", "http://x/"))
+    client = anthropic.Anthropic(api_key="k", base_url="http://x")
+    raised = client._make_status_error_from_response(response)  # type: ignore[arg-type]
+    assert type(raised).__name__ == sdk_error
+
+
+def test_an_anthropic_stream_ends_with_an_error_event() -> None:
+    event = ANTHROPIC.stream_event(UpstreamBusy("busy"))
+    assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n")
+    assert orjson.loads(event.split(b"data: ", 1)[1]) == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "busy"},
+    }

@@ -56,6 +56,9 @@ _UNSUPPORTED_FIELDS: Final[Mapping[str, str]] = {
     "prompt": "Prompt templates are not supported by this server.",
 }
 
+#: OpenAI's reasoning efforts (``ReasoningEffort``).
+_EFFORTS: Final = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
 #: Ollama's own knobs, passed on to the chat request as a chat client sends them.
 _PASSED_THROUGH: Final = ("options", "keep_alive")
 
@@ -585,11 +588,19 @@ def chat_request(
 
 
 def reasoning_effort(body: Mapping[str, Any]) -> str | None:
-    """``reasoning.effort``, checked by the chat translation that reads it."""
+    """``reasoning.effort``, one of OpenAI's levels."""
     reasoning = optional_object(body, "reasoning", "reasoning")
     if reasoning is None:
         return None
-    return optional_string(reasoning, "effort", "reasoning.effort")
+    effort = optional_string(reasoning, "effort", "reasoning.effort")
+    if effort is not None and effort not in _EFFORTS:
+        raise invalid_value(
+            "reasoning.effort",
+            f"Invalid value for 'reasoning.effort': {effort!r} (expected one of "
+            + ", ".join(f"'{level}'" for level in _EFFORTS)
+            + ").",
+        )
+    return effort
 
 
 # ==========================================================================
@@ -608,7 +619,8 @@ def response_template(
     text = optional_object(body, "text", "text") or {}
     tools = [_echoed_tool(tool) for tool in chat_tools(body)]
     metadata = present(body, "metadata")
-    return {
+    user = present(body, "user")
+    template = {
         "id": response_id,
         "object": "response",
         "created_at": created_at,
@@ -634,10 +646,11 @@ def response_template(
         "tools": tools,
         "top_p": _number_or(present(body, "top_p"), 1.0),
         "truncation": present(body, "truncation") or "disabled",
-        "usage": None,
-        "user": present(body, "user"),
         "metadata": metadata if isinstance(metadata, Mapping) else {},
     }
+    if isinstance(user, str):
+        template["user"] = user
+    return template
 
 
 def _number_or(value: object, default: float) -> Any:
@@ -766,12 +779,19 @@ def response_from_chat(
     choice = _mapping(choices[0])
     message = _mapping(choice.get("message"))
     finish_reason = choice.get("finish_reason")
-    return {
+    response = {
         **template,
         **_finished(finish_reason, completed_at),
         "output": output_of(message, finish_reason),
-        "usage": usage_of(completion.get("usage")),
     }
+    return _with_usage(response, usage_of(completion.get("usage")))
+
+
+def _with_usage(response: dict[str, Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """``response`` with its usage, when the backend told it."""
+    if usage is not None:
+        response["usage"] = usage
+    return response
 
 
 # ==========================================================================
@@ -1020,11 +1040,9 @@ class ResponseStream:
         events = [] if self.started else self.start()
         self._close(events)
         self.finished = True
-        self.response = {
-            **self._snapshot(),
-            **_finished(self._finish_reason, self._now()),
-            "usage": self._usage,
-        }
+        self.response = _with_usage(
+            {**self._snapshot(), **_finished(self._finish_reason, self._now())}, self._usage
+        )
         kind = (
             "response.incomplete"
             if self.response["status"] == "incomplete"
@@ -1048,12 +1066,10 @@ class ResponseStream:
         ]
         if self.started and not self.finished:
             self.finished = True
-            self.response = {
-                **self._snapshot(),
-                "status": "failed",
-                "error": response_error(error),
-                "usage": self._usage,
-            }
+            self.response = _with_usage(
+                {**self._snapshot(), "status": "failed", "error": response_error(error)},
+                self._usage,
+            )
             events.append(self._event("response.failed", response=self.response))
         return events
 

@@ -107,6 +107,13 @@ class AnthropicDialect(Dialect):
 
     reads_x_api_key = True
 
+    def respond(self, request: IRequest, error: OProxyError) -> bytes:
+        """As every dialect does, with the request's id where Anthropic's SDKs read it."""
+        request_id = getattr(request, "oproxy_request_id", None)
+        if isinstance(request_id, str):
+            request.setHeader(b"request-id", request_id.encode("ascii"))
+        return super().respond(request, error)
+
     def status_and_body(self, error: OProxyError) -> tuple[int, bytes]:
         status, kind = anthropic_status_and_type(error)
         return status, orjson.dumps(
@@ -125,7 +132,6 @@ ANTHROPIC_ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",
     504: "timeout_error",
@@ -140,8 +146,8 @@ def anthropic_status_and_type(error: OProxyError) -> tuple[int, str]:
     """
     The status and error ``type`` Anthropic's API would answer ``error`` with.
 
-    Statuses it has no type of its own for (405, 408, 415) keep their
-    number, as ``invalid_request_error``: the request was at fault.
+    Statuses it has no type of its own for (405, 408, 413, 415) keep
+    their number, as ``invalid_request_error``: the request was at fault.
     """
     status = _ANTHROPIC_STATUSES.get(error.status, error.status)
     kind = ANTHROPIC_ERROR_TYPES.get(status)
@@ -164,7 +170,7 @@ def dialect_for_path(path: bytes) -> Dialect:
     site refuses while reading it, a path or method no route takes):
     Ollama's under ``/api/``, Anthropic's under ``/v1/messages``.
     """
-    bare = path.lstrip(b"/")
+    bare = path.split(b"?", 1)[0].lstrip(b"/")
     if bare.startswith(b"api/"):
         return OLLAMA
     if bare == ANTHROPIC_PREFIX or bare.startswith(ANTHROPIC_PREFIX + b"/"):
