@@ -694,7 +694,7 @@ _ANTHROPIC_ERRORS = {
 
 def _messages_paths() -> dict[str, Any]:
     """Anthropic's Messages API, answered by any backend's chat API, in its own errors."""
-    security = [{"bearer": []}, {"x-api-key": []}]
+    security: list[dict[str, list[str]]] = [{"bearer": []}, {"x-api-key": []}]
     headers = [
         {
             "name": "anthropic-version",
