@@ -120,24 +120,29 @@ def test_before_routing_the_path_picks_the_dialect(path: bytes, dialect: Dialect
 @pytest.mark.parametrize(
     ("error", "status", "kind", "sdk_error"),
     [
-        (InvalidRequest("bad", param="messages"), 400, "invalid_request_error", "BadRequestError"),
-        (Unauthorized("no key"), 401, "authentication_error", "AuthenticationError"),
-        (PermissionDenied("not yours"), 403, "permission_error", "PermissionDeniedError"),
-        (ModelNotFound("llama9"), 404, "not_found_error", "NotFoundError"),
-        (RequestTooLarge("too big"), 413, "invalid_request_error", "ContentTooLargeError"),
-        (RateLimited("slow down"), 429, "rate_limit_error", "RateLimitError"),
-        (QuotaExceeded("used up"), 429, "rate_limit_error", "RateLimitError"),
-        (ServerError(), 500, "api_error", "InternalServerError"),
-        (UpstreamError("backend failed"), 500, "api_error", "InternalServerError"),
-        (UpstreamUnavailable("unreachable"), 500, "api_error", "InternalServerError"),
-        (UpstreamBusy("busy"), 529, "overloaded_error", "OverloadedError"),
-        (BackendsDown("m", ["b"], 1.0), 529, "overloaded_error", "OverloadedError"),
-        (UpstreamTimeout("slow"), 504, "timeout_error", "GatewayTimeoutError"),
-        (MethodNotAllowed("no"), 405, "invalid_request_error", "APIStatusError"),
+        (
+            InvalidRequest("bad", param="messages"),
+            400,
+            "invalid_request_error",
+            anthropic.BadRequestError,
+        ),
+        (Unauthorized("no key"), 401, "authentication_error", anthropic.AuthenticationError),
+        (PermissionDenied("not yours"), 403, "permission_error", anthropic.PermissionDeniedError),
+        (ModelNotFound("llama9"), 404, "not_found_error", anthropic.NotFoundError),
+        (RequestTooLarge("too big"), 413, "invalid_request_error", anthropic.APIStatusError),
+        (RateLimited("slow down"), 429, "rate_limit_error", anthropic.RateLimitError),
+        (QuotaExceeded("used up"), 429, "rate_limit_error", anthropic.RateLimitError),
+        (ServerError(), 500, "api_error", anthropic.InternalServerError),
+        (UpstreamError("backend failed"), 500, "api_error", anthropic.InternalServerError),
+        (UpstreamUnavailable("unreachable"), 500, "api_error", anthropic.InternalServerError),
+        (UpstreamBusy("busy"), 529, "overloaded_error", anthropic.InternalServerError),
+        (BackendsDown("m", ["b"], 1.0), 529, "overloaded_error", anthropic.InternalServerError),
+        (UpstreamTimeout("slow"), 504, "timeout_error", anthropic.InternalServerError),
+        (MethodNotAllowed("no"), 405, "invalid_request_error", anthropic.APIStatusError),
     ],
 )
 def test_anthropic_errors_are_what_its_sdk_reads(
-    error: OProxyError, status: int, kind: str, sdk_error: str
+    error: OProxyError, status: int, kind: str, sdk_error: type[Exception]
 ) -> None:
     request = DummyRequest([b""])
     request.oproxy_request_id = "req_1"  # type: ignore[attr-defined]
@@ -146,11 +151,13 @@ def test_anthropic_errors_are_what_its_sdk_reads(
     assert request.responseHeaders.getRawHeaders(b"request-id") == [b"req_1"]
     parsed = anthropic.types.ErrorResponse.model_validate_json(body)
     assert (parsed.type, parsed.error.type, parsed.error.message) == ("error", kind, error.message)
-    # The SDK raises its own class for the status.
+    # The SDK raises its class for the status (529: its OverloadedError).
     response = httpx.Response(status, content=body, request=httpx.Request("POST", "http://x/"))
     client = anthropic.Anthropic(api_key="k", base_url="http://x")
     raised = client._make_status_error_from_response(response)  # type: ignore[arg-type]
-    assert type(raised).__name__ == sdk_error
+    assert isinstance(raised, sdk_error) and raised.status_code == status
+    if status == 529:
+        assert type(raised).__name__ == "OverloadedError"
 
 
 def test_an_anthropic_stream_ends_with_an_error_event() -> None:
