@@ -383,3 +383,21 @@ async def test_over_an_openai_compatible_backend(over_openai: tuple[Proxy, FakeO
     ]
     assert len(fragments) > 1 and "city" in orjson.loads("".join(fragments))
     assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+@pytest_twisted.ensureDeferred
+async def test_claude_codes_beta_query_and_headers_are_accepted(proxy: Proxy) -> None:
+    response, raw = await post_json(
+        proxy.client,
+        proxy.v1("messages?beta=true"),
+        {"model": "llama3.2", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+        {"anthropic-beta": "interleaved-thinking-2025-05-14", "anthropic-version": "2023-06-01"},
+    )
+    assert response.code == 200
+    anthropic.types.Message.model_validate_json(raw)
+    response, raw = await post_json(
+        proxy.client,
+        proxy.v1("messages/count_tokens?beta=true"),
+        {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.code == 200
