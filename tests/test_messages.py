@@ -7,6 +7,7 @@ limits, the cache, keep-alives and metrics as for chat.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,21 @@ import treq
 from twisted.internet import reactor
 from twisted.web.server import Site
 
-from oproxy.config import APIKey, AuthConfig, BackendConfig, StateConfig, StreamingConfig
+from oproxy.config import (
+    APIKey,
+    AuthConfig,
+    BackendConfig,
+    ImagesConfig,
+    StateConfig,
+    StreamingConfig,
+)
 from oproxy.security.keys import hash_key
 from oproxy.security.policy import KeyPolicy, Limits
 from oproxy.testing import FakeOpenAI
 from oproxy.testing.ollama.models import BROKEN_ERROR
 from tests.conftest import Proxy, listen
 from tests.httputil import header, post_json, typed_sse_events
+from tests.test_failures import PNG, ImageServer
 from tests.test_metrics import scrape, value
 
 EVENTS = pydantic.TypeAdapter(anthropic.types.RawMessageStreamEvent)
@@ -401,3 +410,26 @@ async def test_claude_codes_beta_query_and_headers_are_accepted(proxy: Proxy) ->
         {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_url_images_go_through_the_guarded_fetcher(proxy_factory: Any) -> None:
+    server = ImageServer(PNG)
+    proxy = proxy_factory(images=ImagesConfig(allow_private_networks=True, max_bytes=1024))
+    guarded = proxy_factory(images=ImagesConfig())
+
+    def asking(url: str) -> list[dict[str, Any]]:
+        image = {"type": "image", "source": {"type": "url", "url": url}}
+        return [{"role": "user", "content": [image, {"type": "text", "text": "Describe"}]}]
+
+    try:
+        code, _, _ = await create(proxy, model="llava", messages=asking(server.url("cat.png")))
+        assert code == 200
+        assert sent(proxy)["messages"][0]["images"] == [base64.b64encode(PNG).decode()]
+        code, body, _ = await create(proxy, model="llava", messages=asking(server.url("huge.png")))
+        assert (code, body["error"]["type"]) == (400, "invalid_request_error")
+        # A private address, with the guard on: refused, and nothing is sent upstream.
+        code, body, _ = await create(guarded, model="llava", messages=asking(server.url("cat.png")))
+        assert code == 400 and "could not be fetched" in body["error"]["message"]
+    finally:
+        await server.running.port.stopListening()

@@ -7,6 +7,7 @@ limits and the metrics applying as for chat.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from oproxy.config import (
     APIKey,
     AuthConfig,
     BackendConfig,
+    ImagesConfig,
     ResponsesConfig,
     StateConfig,
 )
@@ -32,6 +34,7 @@ from oproxy.testing.ollama.models import BROKEN_ERROR
 from tests.conftest import Proxy, listen
 from tests.httputil import header, post_json, typed_sse_events
 from tests.openai_schema import assert_valid
+from tests.test_failures import PNG, ImageServer
 from tests.test_metrics import scrape, value
 
 WEATHER = {
@@ -496,3 +499,24 @@ async def test_over_an_openai_compatible_backend(over_openai: tuple[Proxy, FakeO
         tools=[WEATHER],
     )
     assert text_of(final) == "The tool returned: sunny"
+
+
+@pytest_twisted.ensureDeferred
+async def test_url_images_go_through_the_guarded_fetcher(proxy_factory: Any) -> None:
+    server = ImageServer(PNG)
+    proxy = proxy_factory(images=ImagesConfig(allow_private_networks=True, max_bytes=1024))
+    guarded = proxy_factory(images=ImagesConfig())
+
+    def asking(url: str) -> list[dict[str, Any]]:
+        image = {"type": "input_image", "image_url": url}
+        return [{"role": "user", "content": [{"type": "input_text", "text": "Describe"}, image]}]
+
+    try:
+        code, _, _ = await create(proxy, model="llava", input=asking(server.url("cat.png")))
+        assert code == 200
+        assert sent_messages(proxy)[0]["images"] == [base64.b64encode(PNG).decode()]
+        code, body, _ = await create(guarded, model="llava", input=asking(server.url("cat.png")))
+        assert code == 400 and "could not be fetched" in body["error"]["message"]
+        assert_valid("ErrorResponse", body)
+    finally:
+        await server.running.port.stopListening()
