@@ -447,6 +447,312 @@ def _ollama_paths() -> dict[str, Any]:
     }
 
 
+# -- OpenAI's Responses API and Anthropic's Messages API ------------------------------
+
+_RESPONSE_ID = {
+    "name": "response_id",
+    "in": "path",
+    "required": True,
+    "description": "A response's id (`resp_...`); only the key that made it finds it.",
+    "schema": {"type": "string"},
+}
+
+AGENT_SCHEMAS: dict[str, Any] = {
+    "ResponseRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {
+                "description": (
+                    "Text, or items: messages (text and image parts), `function_call`, "
+                    "`function_call_output` and `reasoning` items."
+                ),
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
+            },
+            "instructions": {"type": "string"},
+            "previous_response_id": {"type": "string"},
+            "store": {
+                "type": "boolean",
+                "default": True,
+                "description": "Keep the response (for `responses.ttl`) for the same key.",
+            },
+            "stream": {"type": "boolean"},
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            "parallel_tool_calls": {"type": "boolean"},
+            "reasoning": {
+                "type": "object",
+                "properties": {"effort": {"type": ["string", "null"]}},
+            },
+            "text": {
+                "type": "object",
+                "properties": {"format": {"type": "object"}},
+            },
+            "max_output_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "options": _OPTIONS,
+        },
+    },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "created_at", "status", "model", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "created_at": {"type": "integer"},
+            "status": {"type": "string", "enum": ["completed", "incomplete", "failed"]},
+            "model": {"type": "string"},
+            "output": {"type": "array", "items": {"type": "object"}},
+            "usage": {"type": ["object", "null"]},
+            "store": {"type": "boolean"},
+            "previous_response_id": {"type": ["string", "null"]},
+        },
+    },
+    "ResponseItemList": {
+        "type": "object",
+        "required": ["object", "data", "has_more", "first_id", "last_id"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object"}},
+            "has_more": {"type": "boolean"},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+        },
+    },
+    "DeletedResponse": {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "deleted": {"const": True},
+        },
+    },
+    "MessageRequest": {
+        "type": "object",
+        "required": ["model", "messages", "max_tokens"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "system": {
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
+            },
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "description": (
+                    "Turns of `user` and `assistant`, each text or content blocks: text, "
+                    "image (base64 or url), tool_use, tool_result, thinking."
+                ),
+                "items": {"type": "object"},
+            },
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"type": "object"},
+            "stop_sequences": {"type": "array", "items": {"type": "string"}},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "top_k": {"type": "integer", "minimum": 0},
+            "thinking": {"type": "object"},
+            "stream": {"type": "boolean"},
+            "metadata": {"type": "object"},
+        },
+    },
+    "CountTokensRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "system": {
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
+            },
+            "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+            "tools": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "message"},
+            "role": {"const": "assistant"},
+            "model": {"type": "string"},
+            "content": {"type": "array", "items": {"type": "object"}},
+            "stop_reason": {
+                "type": ["string", "null"],
+                "enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal", None],
+            },
+            "stop_sequence": {"type": ["string", "null"]},
+            "usage": {
+                "type": "object",
+                "required": ["input_tokens", "output_tokens"],
+                "properties": {
+                    "input_tokens": {"type": "integer"},
+                    "output_tokens": {"type": "integer"},
+                },
+            },
+        },
+    },
+    "MessageTokensCount": {
+        "type": "object",
+        "required": ["input_tokens"],
+        "properties": {
+            "input_tokens": {
+                "type": "integer",
+                "description": "An estimate: text characters / 4, and a fixed share per image.",
+            }
+        },
+    },
+    "AnthropicError": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {
+                    "type": {
+                        "type": "string",
+                        "enum": [
+                            "invalid_request_error",
+                            "authentication_error",
+                            "permission_error",
+                            "not_found_error",
+                            "rate_limit_error",
+                            "api_error",
+                            "timeout_error",
+                            "overloaded_error",
+                        ],
+                    },
+                    "message": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+def _responses_paths() -> dict[str, Any]:
+    """OpenAI's Responses API, answered by any backend's chat API."""
+    create = _post(
+        "Create a response", "ResponseRequest", "Response", streams=True, tag="Responses"
+    )
+    create["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]["description"] = (
+        "Server-sent events, each `event: <type>` and `data: {event}` with its "
+        "`sequence_number`: response.created, response.in_progress, "
+        "response.output_item.added, response.content_part.added, "
+        "response.output_text.delta / .done, response.function_call_arguments.delta / .done, "
+        "response.output_item.done, response.completed (or response.incomplete); "
+        "error and response.failed on a failure."
+    )
+    page = [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}},
+    ]
+
+    def operation(summary: str, answer: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "tags": ["Responses"],
+            "responses": {
+                "200": {"description": "OK", "content": _json(_ref(answer))},
+                **_COMMON_ERRORS,
+            },
+            **extra,
+        }
+
+    return {
+        "/v1/responses": create,
+        "/v1/responses/{response_id}": {
+            "parameters": [_RESPONSE_ID],
+            "get": operation("Retrieve a stored response", "Response"),
+            "delete": operation("Delete a stored response", "DeletedResponse"),
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": [_RESPONSE_ID],
+            "get": operation(
+                "List a stored response's input items", "ResponseItemList", parameters=page
+            ),
+        },
+    }
+
+
+_ANTHROPIC_ERRORS = {
+    status: {"$ref": "#/components/responses/AnthropicError"}
+    for status in ("400", "401", "403", "404", "413", "429", "500", "504", "529")
+}
+
+
+def _messages_paths() -> dict[str, Any]:
+    """Anthropic's Messages API, answered by any backend's chat API, in its own errors."""
+    security: list[dict[str, list[str]]] = [{"bearer": []}, {"x-api-key": []}]
+    headers = [
+        {
+            "name": "anthropic-version",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "Accepted and not needed: the API served is the one oproxy knows.",
+        }
+    ]
+    stream = {
+        "type": "string",
+        "description": (
+            "Server-sent events, each `event: <type>` and `data: {event}`: message_start, "
+            "ping, content_block_start / _delta (text_delta, input_json_delta, "
+            "thinking_delta) / _stop, message_delta (stop_reason, usage), message_stop; "
+            "error on a failure."
+        ),
+    }
+    return {
+        "/v1/messages": {
+            "post": {
+                "summary": "Create a message",
+                "tags": ["Anthropic"],
+                "security": security,
+                "parameters": headers,
+                "requestBody": {"required": True, "content": _json(_ref("MessageRequest"))},
+                "responses": {
+                    "200": {
+                        "description": "The message, or its stream.",
+                        "content": {
+                            **_json(_ref("Message")),
+                            "text/event-stream": {"schema": stream},
+                        },
+                    },
+                    **_ANTHROPIC_ERRORS,
+                },
+            }
+        },
+        "/v1/messages/count_tokens": {
+            "post": {
+                "summary": "Estimate a message's input tokens",
+                "description": (
+                    "An estimate from the proxy's own rule (text characters / 4, a fixed share "
+                    "per image), not a tokenizer's count; no backend is asked."
+                ),
+                "tags": ["Anthropic"],
+                "security": security,
+                "parameters": headers,
+                "requestBody": {"required": True, "content": _json(_ref("CountTokensRequest"))},
+                "responses": {
+                    "200": {"description": "OK", "content": _json(_ref("MessageTokensCount"))},
+                    **_ANTHROPIC_ERRORS,
+                },
+            }
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The whole document (OpenAPI 3.1)."""
     return {
@@ -514,15 +820,21 @@ def openapi_document() -> dict[str, Any]:
             "/openapi.json": _get(
                 "This document", {"type": "object"}, tag="Operations", secured=False
             ),
+            **_responses_paths(),
+            **_messages_paths(),
             **_admin_paths(),
             **_ollama_paths(),
         },
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **AGENT_SCHEMAS},
             "responses": {
                 "Error": {
                     "description": "An OpenAI error object.",
                     "content": _json(_ref("Error")),
+                },
+                "AnthropicError": {
+                    "description": "An Anthropic error object.",
+                    "content": _json(_ref("AnthropicError")),
                 },
                 "OllamaError": {
                     "description": 'An Ollama error: `{"error": "..."}`.',
@@ -540,7 +852,13 @@ def openapi_document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An API key, when the server has keys configured.",
-                }
+                },
+                "x-api-key": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "The same key, as Anthropic's clients send it (Messages only).",
+                },
             },
         },
     }

@@ -50,6 +50,8 @@ HELLO = [{"role": "user", "content": "hi"}]
 ROUTES = {
     "/v1/chat/completions": ({"model": "slow", "messages": HELLO}, b"data: "),
     "/v1/completions": ({"model": "slow", "prompt": "hi"}, b"data: "),
+    "/v1/responses": ({"model": "slow", "input": "hi"}, b"data: "),
+    "/v1/messages": ({"model": "slow", "max_tokens": 4000, "messages": HELLO}, b"data: "),
     "/api/chat": ({"model": "slow", "messages": HELLO}, b'"done":false'),
     "/api/generate": ({"model": "slow", "prompt": "hi"}, b'"done":false'),
 }
@@ -139,6 +141,8 @@ async def warm_up(proxy: Proxy, route: str) -> None:
     body, _ = ROUTES[route]
     client = await send(proxy.url, route, {**body, "model": "llama3.2", "stream": False})
     await wait_until(lambda: requests_total(proxy, route) == {"200": 1.0})
+    # Counted once sent, which may be before the client has read it.
+    await wait_until(lambda: b"\r\n\r\n" in client.received)
     assert client.received.startswith(b"HTTP/1.1 200 OK")
     client.transport.loseConnection()
     await proxy.settled()

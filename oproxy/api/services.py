@@ -23,6 +23,7 @@ from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
 from oproxy.routing.router import Router
 from oproxy.security.guard import Guard
+from oproxy.state.base import IStateStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,11 @@ class Services:
     after_send: AfterSend
     access_log: AccessLog | None = None
     up_since: float = 0.0
+
+    @property
+    def state(self) -> IStateStore:
+        """The state store the guard keeps keys and limits in (stored responses too)."""
+        return self.guard.store
 
     def reloaded(self, config: Config, router: Router, cache: ResponseCache) -> Services:
         """The record for a new configuration; everything else stays."""

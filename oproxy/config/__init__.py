@@ -22,6 +22,7 @@ from oproxy.config.loading import (
     parse_config,
     with_overrides,
 )
+from oproxy.config.responses import ResponsesConfig
 from oproxy.config.schema import (
     DEFAULT_LISTEN,
     DEFAULT_OLLAMA_URL,
@@ -61,6 +62,7 @@ __all__ = [
     "ModelRule",
     "ReloadConfig",
     "RequestLimits",
+    "ResponsesConfig",
     "RoutingConfig",
     "SentryConfig",
     "StateConfig",

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import attrs
 
+from oproxy.config.responses import ResponsesConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
     CIDR,
@@ -419,3 +420,4 @@ class Config:
     sentry: SentryConfig = SentryConfig()
     streaming: StreamingConfig = StreamingConfig()
     reload: ReloadConfig = ReloadConfig()
+    responses: ResponsesConfig = attrs.field(factory=ResponsesConfig)

@@ -133,7 +133,11 @@ class Pipeline:
         if counted:
             services.metrics.in_flight.inc()
         try:
-            caller = await authenticate(services, request) if endpoint.authenticates else None
+            caller = (
+                await authenticate(services, request, endpoint.dialect.reads_x_api_key)
+                if endpoint.authenticates
+                else None
+            )
             body = read_json(request) if endpoint.json_body else {}
             scope = Scope(
                 request, request_id, services, services.config, caller, body, started, params
@@ -219,10 +223,13 @@ def close_after_answer(request: IRequest) -> None:
     request.requestHeaders.setRawHeaders(b"connection", [b"close"])
 
 
-async def authenticate(services: Services, request: IRequest) -> Caller:
-    """Who is calling, by key (or anonymous where that is allowed)."""
+async def authenticate(services: Services, request: IRequest, x_api_key: bool = False) -> Caller:
+    """
+    Who is calling, by key (or anonymous where that is allowed); the key may
+    come as ``x-api-key`` where the route's API family sends it there.
+    """
     return await services.guard.identify(
-        services.config.auth, credential(request), client_address(request)
+        services.config.auth, credential(request, x_api_key=x_api_key), client_address(request)
     )
 
 
