@@ -14,6 +14,7 @@ from typing import Annotated
 
 import attrs
 
+from oproxy.config.certificates import CertificatesConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
     CIDR,
@@ -419,3 +420,5 @@ class Config:
     sentry: SentryConfig = SentryConfig()
     streaming: StreamingConfig = StreamingConfig()
     reload: ReloadConfig = ReloadConfig()
+    #: Certificates made and renewed by the daemon (ACME, a local CA), HSTS.
+    certificates: CertificatesConfig = attrs.Factory(CertificatesConfig)
