@@ -260,7 +260,6 @@ class BoundedRequest(server.Request):
     """A request whose body is kept only up to ``max_body_bytes``."""
 
     channel: ProxyChannel
-    site: ProxySite
     max_body_bytes: int = 32 * 1024 * 1024
     body_too_large = False
     _body_received = 0
@@ -293,7 +292,7 @@ class BoundedRequest(server.Request):
         # URL built from the client's Host header; serve it instead.
         if b"//" in self.path:
             self.path = _REPEATED_SLASHES.sub(b"/", self.path)
-        hsts = self.site.hsts
+        hsts = self.channel.site.hsts
         if hsts is not None and self.isSecure():  # type: ignore[no-untyped-call]
             self.setHeader(b"strict-transport-security", hsts)  # type: ignore[no-untyped-call]
         super().process()  # type: ignore[no-untyped-call]

@@ -131,7 +131,7 @@ def _status(
     if as_json:
         print(json.dumps({"directory": directory, **document}, indent=2), file=out)
         return 0
-    held = document["certificates"]
+    held = document["served"]
     if not held:
         print(f"No certificates in {directory}", file=out)
     else:

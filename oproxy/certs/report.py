@@ -87,7 +87,7 @@ class CertificateReport:
         held = self.held()
         status = self.status()
         certificates = [each.to_json(now) for each in held]
-        document: dict[str, Any] = {"certificates": certificates}
+        document: dict[str, Any] = {"served": certificates}
         if self._problems:
             document["unreadable"] = list(self._problems)
         for kind in ("acme", "local"):
