@@ -110,7 +110,7 @@ class PlainHTTP(resource.Resource):
         return match.group(1) if match else None
 
 
-class _QuietSite(server.Site):
+class PlainHTTPSite(server.Site):
     """No access line per redirect: the API's requests are the ones worth a line."""
 
     def log(self, request: Any) -> None:
@@ -118,7 +118,7 @@ class _QuietSite(server.Site):
 
 
 def plain_http_site(answers: ChallengeAnswers | None, https_port: int | None) -> server.Site:
-    site = _QuietSite(PlainHTTP(answers, https_port), timeout=30)  # type: ignore[no-untyped-call]
+    site = PlainHTTPSite(PlainHTTP(answers, https_port), timeout=30)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     site.noisy = False
     return site
