@@ -191,3 +191,15 @@ def test_one_process_makes_certificates_and_binds_the_challenge_port(
         assert [d for _, d in pool._spec.listeners] == [
             f"tls:{tmp_path}/certs:port=8443:interface=127.0.0.1"
         ]
+
+
+TLS_DOC = Path(__file__).resolve().parent.parent / "docs" / "tls.rst"
+
+
+def test_the_https_guide_configurations_load() -> None:
+    from tests.test_docs import ENVIRON, yaml_blocks
+
+    blocks = yaml_blocks(TLS_DOC.read_text())
+    assert len(blocks) == 3
+    for block in blocks:
+        load_config(block, ENVIRON)
