@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from attrs import evolve
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 
 from oproxy.certs.challenge import PlainHTTPService
 from oproxy.certs.renewal import CertificateService
 from oproxy.certs.wiring import hsts_header, serving_listen
 from oproxy.config import ConfigError, load_config
-from oproxy.config.certificates import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
+from oproxy.config.certificates import LETS_ENCRYPT, LETS_ENCRYPT_STAGING, CertificatesConfig
+from oproxy.reload import Reloader
 from oproxy.tap import Options, makeService
 from oproxy.workers import WorkerPool
+from tests.test_docs import ENVIRON, yaml_blocks
 
 CONTRACT = """
 listen: ["tcp:80", "tls:/var/lib/oproxy/certs:port=443"]
@@ -197,9 +201,40 @@ TLS_DOC = Path(__file__).resolve().parent.parent / "docs" / "tls.rst"
 
 
 def test_the_https_guide_configurations_load() -> None:
-    from tests.test_docs import ENVIRON, yaml_blocks
-
     blocks = yaml_blocks(TLS_DOC.read_text())
     assert len(blocks) == 3
     for block in blocks:
         load_config(block, ENVIRON)
+
+
+def test_a_name_is_either_public_or_local() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(
+            "certificates: {acme: {domains: [gw.example.com]}, "
+            "local: {names: [oproxy.lan, gw.example.com]}}",
+            {},
+        )
+    assert raised.value.key == "certificates.local.names"
+    assert "gw.example.com" in raised.value.problem
+
+
+def test_a_reload_says_certificates_changes_need_a_restart(proxy: Any) -> None:
+    changed = evolve(proxy.app.config, certificates=CertificatesConfig(hsts=60))
+    said: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        said.append(str(event.get("log_format", "")))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        reloader = Reloader(
+            proxy.app,
+            lambda: changed,
+            lambda config: proxy.app.router,
+            lambda config: proxy.app.cache,
+            retire_cache=lambda cache: None,
+        )
+        assert reloader.reload()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert "certificates changes take effect at the next restart" in said

@@ -188,9 +188,19 @@ def with_directory(certificates: CertificatesConfig, state_path: str) -> Certifi
 
 def check_certificates(certificates: CertificatesConfig, listen: tuple[str, ...]) -> None:
     """
-    Something must still serve the API once the redirecting endpoints are
+    A name gets its certificate from ACME or from the local CA, not both;
+    something must still serve the API once the redirecting endpoints are
     taken out of ``listen``.
     """
+    acme, local = certificates.acme, certificates.local
+    if acme is not None and local is not None:
+        both = [name for name in local.names if name in acme.domains]
+        if both:
+            raise ConfigError(
+                "certificates.local.names",
+                f"{both[0]} is also in certificates.acme.domains: a name gets its "
+                "certificate from one of them",
+            )
     if listen and all(each in certificates.plain_http for each in listen):
         raise ConfigError(
             "listen",
