@@ -126,7 +126,7 @@ class CertificateDirectory:
         self._interval = interval
         self._directory_stamp: tuple[int, int] | None = None
         self._checked_at: float | None = None
-        self._stamps: dict[str, tuple[int, int, int]] = {}
+        self._stamps: dict[str, tuple[int, int, int]] | None = None
         self._contents: dict[str, PEMContents] = {}
         self._contexts: dict[str, SSL.Context] = {}
         self._by_name: dict[str, SSL.Context] = {}
@@ -154,9 +154,10 @@ class CertificateDirectory:
                 stamps[path] = (info.st_mtime_ns, info.st_size, info.st_ino)
         if stamps == self._stamps:
             return
+        before = self._stamps or {}
         contents = {}
         for path, each in stamps.items():
-            if self._stamps.get(path) == each and path in self._contents:
+            if before.get(path) == each and path in self._contents:
                 contents[path] = self._contents[path]
                 continue
             try:

@@ -24,7 +24,6 @@ from twisted.application import service
 from twisted.internet import threads
 from twisted.internet.interfaces import IListeningPort
 
-from oproxy.certs.acme_client import AcmeJob
 from oproxy.certs.challenge import ChallengeAnswers, PlainHTTPService, plain_http_site
 from oproxy.certs.local import LocalJob
 from oproxy.certs.renewal import CertificateService, Job, RunBlocking
@@ -93,6 +92,10 @@ def certificate_services(
     jobs: list[Job] = []
     extra: dict[str, dict[str, str]] = {}
     if certificates.acme is not None and answers is not None:
+        # Imported here: the ACME client and requests cost a worker 140 ms
+        # and their memory at every start, and only this process runs them.
+        from oproxy.certs.acme_client import AcmeJob
+
         jobs.append(AcmeJob(certificates.acme, state, certificates.directory, answers))
         extra["acme"] = {"directory": certificates.acme.directory}
     if certificates.local is not None and certificates.local.names:
