@@ -169,88 +169,99 @@ class CertificateService(service.Service):
         self._status_lock.release()
 
     async def _keep(self, job: Job) -> None:
+        """Keep ``job``'s certificate fresh until the service stops."""
         failures = 0
         while not self._stopping.is_set():
-            try:
-                held: Held | None = await self._run(job.current)
-            except Exception as e:
-                log.warn(
-                    "Cannot read the certificate for {names}: {problem}",
-                    names=", ".join(job.names),
-                    problem=str(e),
-                )
-                held = None
+            held = await self._current(job)
             now = self._clock.seconds()
-            if held is not None:
-                due = renewal_time(held.not_before, held.not_after)
-                if due > now:
-                    failures = 0
-                    self._update(
-                        job,
-                        state="ok",
-                        failures=0,
-                        error=None,
-                        next_attempt=iso(due),
-                        **_held_fields(held),
-                    )
-                    await self._sleep(sleep_until(due, now))
-                    continue
-            self._update(job, last_attempt=iso(now))
+            if held is not None and renewal_time(held.not_before, held.not_after) > now:
+                failures = 0
+                due = self._fresh(job, held)
+                await self._sleep(sleep_until(due, now))
+                continue
             try:
-                held = await self._run(job.obtain, self._stopping)
-                now = self._clock.seconds()
-                due = renewal_time(held.not_before, held.not_after)
-                if due <= now:
-                    raise ValueError(
-                        f"the new certificate (valid until {iso(held.not_after)}) is already "
-                        "due for renewal: is this host's clock right?"
-                    )
+                await self._renew(job)
             except Stopped:
                 return
             except Exception as e:
                 if self._stopping.is_set():
                     return
                 failures += 1
-                delay = retry_delay(failures)
-                why = job.explain(e)
-                now = self._clock.seconds()
-                self._update(
-                    job,
-                    state="failing",
-                    failures=failures,
-                    error=why,
-                    next_attempt=iso(now + delay),
-                )
-                log.warn(
-                    "Could not obtain a certificate for {names}: {error}; "
-                    "trying again in {delay:g} s ({served})",
-                    names=", ".join(job.names),
-                    error=why,
-                    delay=delay,
-                    served="the current certificate keeps serving"
-                    if held is not None
-                    else "no certificate to serve yet",
-                )
-                await self._sleep(delay)
-                continue
-            failures = 0
-            self._update(
-                job,
-                state="ok",
-                failures=0,
-                error=None,
-                last_success=iso(now),
-                next_attempt=iso(due),
-                **_held_fields(held),
-            )
-            log.info(
-                "Obtained a certificate for {names} ({kind}), valid until {not_after}; "
-                "renewing it from {renew_at}",
+                await self._sleep(self._failed(job, held, failures, e))
+            else:
+                failures = 0
+
+    async def _current(self, job: Job) -> Held | None:
+        """The certificate held now; one that cannot be read is none."""
+        try:
+            held: Held | None = await self._run(job.current)
+        except Exception as e:
+            log.warn(
+                "Cannot read the certificate for {names}: {problem}",
                 names=", ".join(job.names),
-                kind=job.kind,
-                not_after=iso(held.not_after),
-                renew_at=iso(due),
+                problem=str(e),
             )
+            return None
+        return held
+
+    def _fresh(self, job: Job, held: Held) -> float:
+        """Say that ``held`` is good; when it is due for renewal."""
+        due = renewal_time(held.not_before, held.not_after)
+        self._update(
+            job, state="ok", failures=0, error=None, next_attempt=iso(due), **_held_fields(held)
+        )
+        return due
+
+    async def _renew(self, job: Job) -> None:
+        """
+        Obtain a certificate in a thread.
+
+        :raises Exception: it failed, or the new certificate is already due
+            for renewal (which would otherwise be renewed at once, again and
+            again).
+        """
+        self._update(job, last_attempt=iso(self._clock.seconds()))
+        held: Held = await self._run(job.obtain, self._stopping)
+        now = self._clock.seconds()
+        due = renewal_time(held.not_before, held.not_after)
+        if due <= now:
+            raise ValueError(
+                f"the new certificate (valid until {iso(held.not_after)}) is already "
+                "due for renewal: is this host's clock right?"
+            )
+        self._update(job, last_success=iso(now))
+        self._fresh(job, held)
+        log.info(
+            "Obtained a certificate for {names} ({kind}), valid until {not_after}; "
+            "renewing it from {renew_at}",
+            names=", ".join(job.names),
+            kind=job.kind,
+            not_after=iso(held.not_after),
+            renew_at=iso(due),
+        )
+
+    def _failed(self, job: Job, held: Held | None, failures: int, error: Exception) -> float:
+        """Say why the attempt failed; how long to wait before the next."""
+        delay = retry_delay(failures)
+        why = job.explain(error)
+        self._update(
+            job,
+            state="failing",
+            failures=failures,
+            error=why,
+            next_attempt=iso(self._clock.seconds() + delay),
+        )
+        log.warn(
+            "Could not obtain a certificate for {names}: {error}; "
+            "trying again in {delay:g} s ({served})",
+            names=", ".join(job.names),
+            error=why,
+            delay=delay,
+            served="the current certificate keeps serving"
+            if held is not None
+            else "no certificate to serve yet",
+        )
+        return delay
 
     async def _sleep(self, seconds: float) -> None:
         if self._stopping.is_set():
