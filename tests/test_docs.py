@@ -195,6 +195,7 @@ SEED: dict[str, Any] = {
     "models": {"some-model": {}},
     "auth": {"keys": [{"name": "alice", "key": "sk-a"}]},
     "access_log": {"path": "/var/log/oproxy/access.log"},
+    "certificates": {"acme": {"domains": ["gw.example.com"]}},
 }
 _ENTRY = {("backends",): 0, ("models",): "some-model", ("auth", "keys"): 0}
 

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from oproxy.after_send import AfterSend
 from oproxy.cache import ResponseCache
+from oproxy.certs.report import CertificateReport
 from oproxy.config import Config
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
@@ -39,6 +40,8 @@ class Services:
     :ivar after_send: runs work once the answers written now are sent.
     :ivar access_log: the JSON access log, when one is configured.
     :ivar up_since: when the process began serving (the clock's time).
+    :ivar certificates: the certificates the daemon serves and renews, as
+        the files say (``None``: it has none to speak of).
     """
 
     config: Config
@@ -51,6 +54,7 @@ class Services:
     after_send: AfterSend
     access_log: AccessLog | None = None
     up_since: float = 0.0
+    certificates: CertificateReport | None = None
 
     @property
     def state(self) -> IStateStore:

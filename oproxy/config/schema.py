@@ -14,6 +14,7 @@ from typing import Annotated
 
 import attrs
 
+from oproxy.config.certificates import CertificatesConfig
 from oproxy.config.responses import ResponsesConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
@@ -421,3 +422,5 @@ class Config:
     streaming: StreamingConfig = StreamingConfig()
     reload: ReloadConfig = ReloadConfig()
     responses: ResponsesConfig = attrs.field(factory=ResponsesConfig)
+    #: Certificates made and renewed by the daemon (ACME, a local CA), HSTS.
+    certificates: CertificatesConfig = attrs.Factory(CertificatesConfig)
