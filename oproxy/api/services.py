@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from oproxy.after_send import AfterSend
 from oproxy.cache import ResponseCache
 from oproxy.config import Config
+from oproxy.console.parts import Console
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
@@ -38,6 +39,8 @@ class Services:
     :ivar after_send: runs work once the answers written now are sent.
     :ivar access_log: the JSON access log, when one is configured.
     :ivar up_since: when the process began serving (the clock's time).
+    :ivar console: what the admin console keeps between requests (``None``:
+        no console in this process).
     """
 
     config: Config
@@ -50,6 +53,7 @@ class Services:
     after_send: AfterSend
     access_log: AccessLog | None = None
     up_since: float = 0.0
+    console: Console | None = None
 
     def reloaded(self, config: Config, router: Router, cache: ResponseCache) -> Services:
         """The record for a new configuration; everything else stays."""

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import attrs
 
+from oproxy.config.console import ConsoleConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
     CIDR,
@@ -419,3 +420,4 @@ class Config:
     sentry: SentryConfig = SentryConfig()
     streaming: StreamingConfig = StreamingConfig()
     reload: ReloadConfig = ReloadConfig()
+    console: ConsoleConfig = attrs.Factory(ConsoleConfig)
