@@ -83,8 +83,12 @@ class Totals:
         self._last: dict[str, Any] = {}
 
     def read(self) -> dict[str, Any]:
+        """
+        The figures: read afresh in a single process (from memory), at most
+        every :data:`FRESH_SECONDS` with workers (from their files).
+        """
         now = self._clock.seconds()
-        if now - self._read_at >= FRESH_SECONDS:
+        if self._metrics.registry is not None or now - self._read_at >= FRESH_SECONDS:
             self._last = summarise(samples(self._metrics))
             self._read_at = now
         return self._last
