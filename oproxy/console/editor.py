@@ -100,6 +100,11 @@ def is_secret(name: str, value: str) -> bool:
     return bool(_URL_WITH_PASSWORD.match(value.strip()))
 
 
+def _source(node: yaml.Node, start: int, end: int) -> str:
+    buffer = node.start_mark.buffer
+    return str(buffer[start:end]) if buffer is not None else ""
+
+
 def _secret_spans(node: yaml.Node) -> Iterator[tuple[int, int]]:
     """The source spans of the secret values under ``node``."""
     if isinstance(node, yaml.MappingNode):
@@ -109,7 +114,9 @@ def _secret_spans(node: yaml.Node) -> Iterator[tuple[int, int]]:
                 and isinstance(value, yaml.ScalarNode)
                 and is_secret(str(key.value), str(value.value))
             ):
-                yield value.start_mark.index, value.end_mark.index
+                start, end = value.start_mark.index, value.end_mark.index
+                # A block scalar's span takes the line break after it: keep it.
+                yield start, start + len(_source(value, start, end).rstrip())
             else:
                 yield from _secret_spans(value)
     elif isinstance(node, yaml.SequenceNode):
