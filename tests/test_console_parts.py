@@ -453,3 +453,40 @@ def test_totals_from_metrics() -> None:
     key = figures["by_key"][0]
     assert key["name"] == "app" and key["requests"] is None and key["prompt_tokens"] == 5
     assert figures["backends"]["local"]["up"] == 1
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=0, max_value=7200, allow_nan=False),
+            st.sampled_from((200, 404, 429, 502)),
+            st.sampled_from(("a", "b", "c")),
+            st.floats(min_value=0, max_value=30, allow_nan=False),
+        ),
+        max_size=80,
+    ),
+    st.floats(min_value=0, max_value=600, allow_nan=False),
+)
+def test_the_kept_hour_is_the_hour_of_the_lines(
+    lines: list[tuple[float, int, str, float]], later: float
+) -> None:
+    """Summed as lines come (late ones too), the hour says what a recount says."""
+    now = NOW + later
+    tally = TrafficTally()
+    kept = []
+    for age, status, model, latency in lines:
+        ended = NOW - age
+        line = record(ended, status=status, model=model, latency=latency)
+        tally.add(line)
+        kept.append((ended, status, model))
+    first = int(now // 60) - 59
+    inside = [(e, s, m) for e, s, m in kept if first <= int(e // 60) <= int(now // 60)]
+    hour = tally.hour(now)
+    assert hour["total"]["requests"] == len(inside)
+    assert hour["total"]["errors"] == sum(1 for _, s, _ in inside if s >= 500)
+    counted = {row["name"]: row["requests"] for row in hour["by_model"]}
+    expected: dict[str, int] = {}
+    for _, _, model in inside:
+        expected[model] = expected.get(model, 0) + 1
+    assert counted == expected
+    assert sum(m["requests"] for m in tally.series(now)) == len(inside)

@@ -31,8 +31,9 @@ from oproxy.console.tally import WINDOW_MINUTES, TrafficTally, seconds_of
 
 log = Logger()
 
-#: Bytes read (and parsed) at a time: a few milliseconds of work.
-CHUNK_BYTES = 256 * 1024
+#: Bytes read (and parsed) at a time: about a hundred lines, a millisecond
+#: or two of work, the longest a console answer waits while the log is read.
+CHUNK_BYTES = 32 * 1024
 #: Seconds between looks at the file while the console is in use.
 POLL_SECONDS = 2.0
 #: Seconds without a console request after which the follower stops.
@@ -40,7 +41,7 @@ IDLE_SECONDS = 600.0
 #: Seconds a rotated-away file is still read (writers reopen within one).
 ROTATION_GRACE = 5.0
 #: Seconds the first answer waits for the last hour to be read, at most.
-FIRST_WAIT = 0.02
+FIRST_WAIT = 0.005
 
 
 def parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
@@ -128,6 +129,8 @@ class Source:
     retire_at: float | None = None
     #: Bytes read but not yet a whole line.
     partial: bytes = b""
+    #: The file's size when it was opened.
+    size: int = 0
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -155,7 +158,7 @@ def open_window(path: str, since: float) -> list[Source]:
             os.close(fd)
             continue
         offset = start_of_window(fd, stat.st_size, since)
-        sources.append(Source(fd, offset, _identity(stat)))
+        sources.append(Source(fd, offset, _identity(stat), size=stat.st_size))
     return sources
 
 
@@ -243,7 +246,7 @@ class LogFollower:
             loading = self._start()
             # A small log is read at once: the first answer shows it whole.
             # A big one is not waited for: the answer says how far it got.
-            await _first_of(loading, self._first_wait, self._clock)
+            await first_of(loading, self._first_wait, self._clock)
         elif self.state == "following" and self._reading is None:
             await self._read_once(self._chunk)
         return self.tally
@@ -276,10 +279,7 @@ class LogFollower:
                     source.close()
                 return
             self._sources = sources
-            sizes = await self._in_thread(lambda: [file_size(s) for s in sources])
-            self._to_load = sum(
-                max(0, size - s.offset) for size, s in zip(sizes, sources, strict=True)
-            )
+            self._to_load = sum(max(0, s.size - s.offset) for s in sources)
             while generation == self._generation:
                 if not await self._read_once(self._chunk):
                     break
@@ -369,7 +369,7 @@ class LogFollower:
             reading.callback(None)
 
 
-async def _first_of(work: defer.Deferred[None], seconds: float, clock: IReactorTime) -> None:
+async def first_of(work: defer.Deferred[None], seconds: float, clock: IReactorTime) -> None:
     """Wait for ``work``, but no longer than ``seconds``; ``work`` goes on either way."""
     if work.called:
         return

@@ -28,7 +28,8 @@ async def listing(scope: Scope) -> bytes | None:
     last_used: dict[str, float] = {}
     if console.follower is not None:
         last_used = (await console.follower.fresh()).last_used
-    tokens = {row["name"]: row for row in console.totals.read().get("by_key", [])}
+    totals = await console.totals.read(wait=0.0)
+    tokens = {row["name"]: row for row in (totals or {}).get("by_key", [])}
 
     async def usage(subject: str, policy: KeyPolicy) -> dict[str, Any]:
         limits = policy.limits

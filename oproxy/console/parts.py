@@ -102,7 +102,7 @@ def build_console(
     return Console(
         sessions=Sessions(SessionSecret(os.path.join(state_directory, SIGNING_FILE)), clock),
         follower=follower,
-        totals=Totals(metrics, clock),
+        totals=Totals(metrics, clock, in_thread),
         config_path=source.path,
         lock_path=os.path.join(state_directory, LOCK_FILE),
         load=source.load,

@@ -3,8 +3,11 @@ Totals since the daemon started, from its Prometheus metrics.
 
 With workers the metrics are kept in multiprocess mode, and reading them
 sums every worker's samples (:mod:`oproxy.metrics`): the console's totals
-are the same whichever worker answers.  Reading costs a pass over a few
-small files, so it is remembered for a couple of seconds.
+are the same whichever worker answers.  Reading them then means parsing
+every worker's files (tens of milliseconds), so it is done in a thread,
+at most every couple of seconds, and an answer takes the last reading
+rather than waiting for the next; a single process reads its own, in
+memory, when asked.
 
 The metrics' labels bound what can be said: requests by model, backend
 and status, durations by route only, time to the first token by model,
@@ -17,14 +20,19 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
+from oproxy.console.follow import FIRST_WAIT, first_of
 from oproxy.metrics import MULTIPROCESS_ENV, Metrics
+
+log = Logger()
 
 #: Seconds a reading of the metrics is reused.
 FRESH_SECONDS = 2.0
@@ -71,27 +79,53 @@ def _group() -> dict[str, float]:
 
 class Totals:
     """
-    What the metrics say since the start, remembered briefly.
+    What the metrics say since the start.
 
     :param metrics: the process's metrics.
+    :param in_thread: runs the reading of every worker's files.
     """
 
-    def __init__(self, metrics: Metrics, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        clock: IReactorTime,
+        in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
+    ) -> None:
         self._metrics = metrics
         self._clock = clock
+        self._in_thread = in_thread
         self._read_at = -math.inf
-        self._last: dict[str, Any] = {}
+        self._last: dict[str, Any] | None = None
+        self._reading: defer.Deferred[None] | None = None
 
-    def read(self) -> dict[str, Any]:
+    async def read(self, wait: float = FIRST_WAIT) -> dict[str, Any] | None:
         """
-        The figures: read afresh in a single process (from memory), at most
-        every :data:`FRESH_SECONDS` with workers (from their files).
+        The figures: read afresh in a single process; with workers, the
+        last reading, another started when it is a couple of seconds old.
+        Only the very first waits for it, ``wait`` seconds at most
+        (``None``: not read yet).
         """
+        if self._metrics.registry is not None:
+            return summarise(samples(self._metrics))
         now = self._clock.seconds()
-        if self._metrics.registry is not None or now - self._read_at >= FRESH_SECONDS:
-            self._last = summarise(samples(self._metrics))
+        if self._reading is None and now - self._read_at >= FRESH_SECONDS:
             self._read_at = now
+            self._reading = self._in_thread(_read_all, self._metrics)
+            self._reading.addCallbacks(self._read, self._failed)
+        if self._last is None and self._reading is not None:
+            await first_of(self._reading, wait, self._clock)
         return self._last
+
+    def _read(self, figures: dict[str, Any]) -> None:
+        self._last, self._reading = figures, None
+
+    def _failed(self, failure: Any) -> None:
+        self._reading = None
+        log.failure("Reading the metrics for the console", failure)
+
+
+def _read_all(metrics: Metrics) -> dict[str, Any]:
+    return summarise(samples(metrics))
 
 
 def summarise(metrics: Iterable[Metric]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ async def dashboard(scope: Scope) -> bytes | None:
     console = console_of(scope.services)
     now = scope.services.clock.seconds()
     tally = await _tally(scope)
-    totals = console.totals.read()
+    totals = await console.totals.read()
     return scope.json(
         {
             "generated": now,
@@ -59,8 +59,10 @@ async def dashboard(scope: Scope) -> bytes | None:
             "access_log": access_log_state(console.follower),
             "minutes": tally.series(now) if tally is not None else [],
             "hour": tally.hour(now) if tally is not None else None,
-            "since_start": {k: v for k, v in totals.items() if k != "backends"},
-            "backends": backends(scope, totals.get("backends", {})),
+            "since_start": (
+                {k: v for k, v in totals.items() if k != "backends"} if totals is not None else None
+            ),
+            "backends": backends(scope, totals.get("backends", {}) if totals else {}),
             "recent": tally.recent(limit=15) if tally is not None else [],
         }
     )

@@ -201,7 +201,7 @@
 
     function tiles(data) {
       const hour = data.hour ? data.hour.total : null;
-      const start = data.since_start.total;
+      const start = data.since_start ? data.since_start.total : {};
       for (const [field, format] of Object.entries(tileFormats)) {
         const value = document.querySelector(`[data-tile="${field}"]`);
         const sub = document.querySelector(`[data-tile-start="${field}"]`);
@@ -238,7 +238,7 @@
     }
 
     function breakdowns(data) {
-      const source = period === "hour" && data.hour ? data.hour : data.since_start;
+      const source = (period === "hour" && data.hour ? data.hour : data.since_start) || {};
       for (const section of document.querySelectorAll(".breakdown")) {
         const dimension = section.dataset.dimension;
         const rows = source[`by_${dimension}`] || [];
@@ -306,7 +306,7 @@
       backends(data);
       recent(data);
       document.getElementById("updated").textContent = `Updated ${time(data.generated)} · refreshes every ${POLL_MS / 1000} s`;
-      return data.access_log.loading === true;
+      return data.access_log.loading === true || data.since_start === null;
     });
     window.addEventListener("resize", () => { if (latest) { timeCharts(latest); breakdowns(latest); } });
   }
