@@ -81,7 +81,7 @@ def records(count: int, now: float, seed: int = 13) -> Iterator[bytes]:
             "time": round(ended - latency, 6),
             "request_id": f"req_{n:032x}",
             "key": rng.choice(KEYS),
-            "client": "10.0.0.%d" % rng.randint(2, 250),
+            "client": f"10.0.0.{rng.randint(2, 250)}",
             "method": "POST",
             "path": rng.choice(PATHS),
             "model": rng.choice(MODELS) if status < 400 else "-",
@@ -161,7 +161,7 @@ class Console:
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def main() -> int:
@@ -290,9 +290,8 @@ def report(r: dict[str, Any]) -> None:
     print(
         f"  every worker had read the hour after: {r['seconds_until_every_worker_read_the_hour']} s"
     )
-    print(
-        f"  requests in the last hour, as the dashboard counts them: {r['requests_in_the_last_hour']}"
-    )
+    counted = r["requests_in_the_last_hour"]
+    print(f"  requests in the last hour, as the dashboard counts them: {counted}")
     print("\nAnswers once read (ms):")
     print(f"  {'endpoint':<40} {'n':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
     for path, s in r["steady_ms"].items():
