@@ -74,6 +74,7 @@ class Screenshots:
 
     def take(self, page: Any, name: str, *, full_page: bool = True) -> Path:
         path = self.directory / f"{name}.png"
+        page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(path), full_page=full_page, animations="disabled")
         if self.published is not None:
             self.published.mkdir(parents=True, exist_ok=True)

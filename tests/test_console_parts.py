@@ -34,7 +34,7 @@ from oproxy.console.editor import (
 from oproxy.console.follow import LogFollower, start_of_window
 from oproxy.console.sessions import Sessions, SessionSecret, key_fingerprint
 from oproxy.console.tally import Filters, TrafficTally, bucket_of, bucket_seconds, percentile
-from oproxy.console.totals import quantile, summarise
+from oproxy.console.totals import Totals, quantile, summarise
 from oproxy.errors import InvalidRequest, RequestTooLarge
 from oproxy.metrics import Metrics
 
@@ -490,3 +490,42 @@ def test_the_kept_hour_is_the_hour_of_the_lines(
         expected[model] = expected.get(model, 0) + 1
     assert counted == expected
     assert sum(m["requests"] for m in tally.series(now)) == len(inside)
+
+
+def test_with_workers_the_totals_are_read_in_the_background(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readings = iter(range(1000))
+    monkeypatch.setattr("oproxy.console.totals._read_all", lambda metrics: {"n": next(readings)})
+    clock = task.Clock()
+    pending: list[defer.Deferred[Any]] = []
+
+    def in_thread(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        pending.append(done)
+        done.addCallback(lambda _: function(*args))
+        return done
+
+    totals = Totals(Metrics(None), clock, in_thread)
+    answers: list[Any] = []
+    defer.Deferred.fromCoroutine(totals.read(wait=0.005)).addCallback(answers.append)
+    assert answers == [] and len(pending) == 1  # the first answer waits a little
+    clock.advance(0.005)
+    assert answers == [None]  # and no longer: the figures come later
+    pending.pop().callback(None)
+    defer.Deferred.fromCoroutine(totals.read()).addCallback(answers.append)
+    assert answers[-1] == {"n": 0}
+    clock.advance(2.0)  # renewed while in use, not when asked
+    assert len(pending) == 1
+    pending.pop().callback(None)
+    defer.Deferred.fromCoroutine(totals.read()).addCallback(answers.append)
+    assert answers[-1] == {"n": 1}
+    for _ in range(400):  # nobody asks for ten minutes: it stops
+        clock.advance(2.0)
+        for done in pending:
+            done.callback(None)
+        pending.clear()
+    defer.Deferred.fromCoroutine(totals.read(wait=0.0)).addCallback(answers.append)
+    clock.advance(0)
+    assert answers[-1] is None
+    totals.stop()

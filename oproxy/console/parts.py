@@ -81,6 +81,7 @@ class Console:
     def stop(self) -> None:
         if self.follower is not None:
             self.follower.stop()
+        self.totals.stop()
 
 
 def build_console(

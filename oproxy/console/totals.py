@@ -5,9 +5,9 @@ With workers the metrics are kept in multiprocess mode, and reading them
 sums every worker's samples (:mod:`oproxy.metrics`): the console's totals
 are the same whichever worker answers.  Reading them then means parsing
 every worker's files (tens of milliseconds), so it is done in a thread,
-at most every couple of seconds, and an answer takes the last reading
-rather than waiting for the next; a single process reads its own, in
-memory, when asked.
+every couple of seconds while the console is in use, and an answer takes
+the last reading rather than waiting for the next; a single process reads
+its own, in memory, when asked.
 
 The metrics' labels bound what can be said: requests by model, backend
 and status, durations by route only, time to the first token by model,
@@ -25,11 +25,11 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from oproxy.console.follow import FIRST_WAIT, first_of
+from oproxy.console.follow import FIRST_WAIT, IDLE_SECONDS, first_of
 from oproxy.metrics import MULTIPROCESS_ENV, Metrics
 
 log = Logger()
@@ -95,26 +95,43 @@ class Totals:
         self._clock = clock
         self._in_thread = in_thread
         self._read_at = -math.inf
+        self._used = -math.inf
         self._last: dict[str, Any] | None = None
         self._reading: defer.Deferred[None] | None = None
+        self._loop: task.LoopingCall | None = None
 
     async def read(self, wait: float = FIRST_WAIT) -> dict[str, Any] | None:
         """
         The figures: read afresh in a single process; with workers, the
-        last reading, another started when it is a couple of seconds old.
-        Only the very first waits for it, ``wait`` seconds at most
-        (``None``: not read yet).
+        last reading, which is renewed every couple of seconds while the
+        console is in use.  Only the very first waits for one, ``wait``
+        seconds at most (``None``: not read yet).
         """
         if self._metrics.registry is not None:
             return summarise(samples(self._metrics))
-        now = self._clock.seconds()
-        if self._reading is None and now - self._read_at >= FRESH_SECONDS:
-            self._read_at = now
-            self._reading = self._in_thread(_read_all, self._metrics)
-            self._reading.addCallbacks(self._read, self._failed)
+        self._used = self._clock.seconds()
+        if self._loop is None:
+            self._loop = task.LoopingCall(self._renew)
+            self._loop.clock = self._clock
+            self._loop.start(FRESH_SECONDS, now=True)
         if self._last is None and self._reading is not None:
             await first_of(self._reading, wait, self._clock)
         return self._last
+
+    def _renew(self) -> None:
+        if self._clock.seconds() - self._used > IDLE_SECONDS:
+            self.stop()  # nobody looks: forget, and read again when asked
+            return
+        if self._reading is None:
+            self._read_at = self._clock.seconds()
+            self._reading = self._in_thread(_read_all, self._metrics)
+            self._reading.addCallbacks(self._read, self._failed)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self._last = None
 
     def _read(self, figures: dict[str, Any]) -> None:
         self._last, self._reading = figures, None

@@ -13,7 +13,10 @@ console; each takes the screenshot ``docs/console.rst`` shows.
 from __future__ import annotations
 
 import json
+import math
+import random
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -62,9 +65,51 @@ def config_file(workdir: Path) -> Path:
     return workdir / "console.yaml"
 
 
+def history(path: Path, now: float) -> None:
+    """
+    The access log of the hour before the daemon starts, as its workers
+    would have written it: the console reads the last hour of it at once,
+    and the screenshots show an hour of traffic.  No ``qwen3`` in it: the
+    tests count that model's requests.
+    """
+    rng = random.Random(5)
+    lines = []
+    for minute in range(56, 1, -1):
+        busy = 14 + 10 * math.sin(minute / 9.0) + rng.randint(0, 6)
+        for _ in range(int(busy)):
+            ended = now - minute * 60 + rng.uniform(0, 60)
+            latency = round(rng.lognormvariate(-0.7, 0.5), 4)
+            status = rng.choices((200, 429, 502), (96, 3, 1))[0]
+            answered = status == 200
+            lines.append(
+                {
+                    "time": ended - latency,
+                    "request_id": f"req_{rng.getrandbits(128):032x}",
+                    "key": rng.choice(("search-team", "search-team", "notebooks", "ci")),
+                    "client": "10.0.0.7",
+                    "method": "POST",
+                    "path": "/v1/chat/completions",
+                    "model": rng.choice(("llama3.2", "llama3.2", "mistral-small", "phi4-mini"))
+                    if answered
+                    else "-",
+                    "backend": "local" if answered else "-",
+                    "status": status,
+                    "latency_seconds": latency,
+                    "first_token_seconds": round(latency * 0.15, 4) if answered else None,
+                    "prompt_tokens": rng.randint(40, 600) if answered else None,
+                    "completion_tokens": rng.randint(20, 300) if answered else None,
+                    "cache": None,
+                    "error": None if answered else "rate_limit_exceeded",
+                }
+            )
+    lines.sort(key=lambda line: line["time"] + line["latency_seconds"])
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 @pytest.fixture(scope="module")
 def daemon(workdir: Path, slow_fake: Daemon, config_file: Path) -> Iterator[Daemon]:
     port = free_port()
+    history(workdir / "access.jsonl", time.time())
     config_file.write_text(
         f"""\
 # The console's end-to-end tests.
