@@ -233,7 +233,7 @@ def test_a_big_log_is_read_in_chunks_and_the_first_answer_does_not_wait(tmp_path
     tail = LogFollower(str(path), clock, in_thread=slowly, chunk=8192, first_wait=0.02)
     answered: list[TrafficTally] = []
     defer.Deferred.fromCoroutine(tail.fresh()).addCallback(answered.append)
-    for _ in range(21):  # the first answer's patience: reading goes on
+    for _ in range(25):  # the first answer's patience: reading goes on
         clock.advance(0.001)
     assert answered and tail.state == "loading"
     assert 0 < (tail.progress or 0) < 1
@@ -529,3 +529,20 @@ def test_with_workers_the_totals_are_read_in_the_background(
     clock.advance(0)
     assert answers[-1] is None
     totals.stop()
+
+
+def test_a_small_log_is_read_whole_before_the_first_answer(tmp_path: Path) -> None:
+    path = tmp_path / "access.jsonl"
+    write(path, [record(NOW - 30), record(NOW - 20)])
+    clock = task.Clock()
+    clock.advance(NOW)
+
+    def slowly(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return task.deferLater(clock, 0.004, function, *args)
+
+    tail = LogFollower(str(path), clock, in_thread=slowly, first_wait=0.001)
+    answered: list[TrafficTally] = []
+    defer.Deferred.fromCoroutine(tail.fresh()).addCallback(answered.append)
+    for _ in range(10):
+        clock.advance(0.004)
+    assert answered and answered[0].records == 2

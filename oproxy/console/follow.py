@@ -40,8 +40,12 @@ POLL_SECONDS = 2.0
 IDLE_SECONDS = 600.0
 #: Seconds a rotated-away file is still read (writers reopen within one).
 ROTATION_GRACE = 5.0
-#: Seconds the first answer waits for the last hour to be read, at most.
+#: Seconds the first answer waits for the last hour to be read, at most...
 FIRST_WAIT = 0.005
+#: ...unless it is this small (a few milliseconds of work): then it waits.
+SMALL_LOG = 128 * 1024
+#: Seconds the first answer waits to know where the hour begins, at most.
+OPEN_WAIT = 0.03
 
 
 def parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
@@ -243,10 +247,15 @@ class LogFollower:
         """
         self._used = self._clock.seconds()
         if self.state == "stopped":
-            loading = self._start()
-            # A small log is read at once: the first answer shows it whole.
-            # A big one is not waited for: the answer says how far it got.
-            await first_of(loading, self._first_wait, self._clock)
+            opened, loading = self._start()
+            # A small hour of log is read at once: the first answer shows it
+            # whole.  A big one is not waited for: the answer says how far
+            # the reading got, and the page asks again.
+            await first_of(opened, OPEN_WAIT, self._clock)
+            if self.state == "loading" and 0 < self._to_load <= SMALL_LOG:
+                await loading
+            else:
+                await first_of(loading, self._first_wait, self._clock)
         elif self.state == "following" and self._reading is None:
             await self._read_once(self._chunk)
         return self.tally
@@ -266,14 +275,19 @@ class LogFollower:
 
     # -- the work ---------------------------------------------------------------------
 
-    def _start(self) -> defer.Deferred[None]:
+    def _start(self) -> tuple[defer.Deferred[None], defer.Deferred[None]]:
+        """Start reading the last hour: when it is found, and when it is read."""
         self.state = "loading"
         self._loaded = self._to_load = 0
         generation = self._generation
         since = self._clock.seconds() - WINDOW_MINUTES * 60 - 60
+        opened: defer.Deferred[None] = defer.Deferred()
 
         async def load() -> None:
-            sources: list[Source] = await self._in_thread(open_window, self.path, since)
+            try:
+                sources: list[Source] = await self._in_thread(open_window, self.path, since)
+            finally:
+                opened.callback(None)
             if generation != self._generation:
                 for source in sources:
                     source.close()
@@ -294,7 +308,7 @@ class LogFollower:
         loop.clock = self._clock
         loop.start(self._poll, now=False).addErrback(self._failed, "Following the access log")
         self._loop = loop
-        return loading
+        return opened, loading
 
     def _failed(self, failure: Any, what: str) -> None:
         log.failure("{what} for the console failed", failure, what=what)
