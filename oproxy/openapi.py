@@ -352,6 +352,186 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
+def _console_paths() -> dict[str, Any]:
+    """
+    The admin console (``/ui/``): its pages, and their figures as JSON.  A
+    session cookie from ``POST /ui/login`` (an admin key) is the credential;
+    every change also sends the session's CSRF token.
+    """
+    session: list[dict[str, list[str]]] = [{"consoleSession": []}]
+    csrf = {
+        "name": "X-CSRF-Token",
+        "in": "header",
+        "required": True,
+        "description": "The session's CSRF token (the `csrf-token` meta tag of every page).",
+        "schema": {"type": "string"},
+    }
+    errors = {"401": _ERROR, "403": _ERROR, "404": _ERROR, "500": _ERROR}
+
+    def page(summary: str) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "tags": ["Console"],
+                "security": session,
+                "responses": {
+                    "200": {"description": "The page.", "content": {"text/html": {}}},
+                    "303": {"description": "Not signed in: to the sign-in page."},
+                },
+            }
+        }
+
+    def read(summary: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "tags": ["Console"],
+                "security": session,
+                "responses": {
+                    "200": {"description": "OK", "content": _json({"type": "object"})},
+                    **errors,
+                },
+                **extra,
+            }
+        }
+
+    def change(summary: str, body: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "tags": ["Console"],
+            "security": session,
+            "parameters": [csrf],
+            "responses": {
+                "200": {"description": "OK", "content": _json({"type": "object"})},
+                "400": _ERROR,
+                "409": _ERROR,
+                "413": _ERROR,
+                **errors,
+            },
+            **extra,
+        }
+        if body is not None:
+            operation["requestBody"] = {"required": True, "content": _json(body)}
+        return {"post": operation}
+
+    model = {
+        "type": "object",
+        "required": ["model"],
+        "properties": {"model": {"type": "string"}, "backend": {"type": "string"}},
+    }
+    text = {
+        "type": "object",
+        "required": ["text", "base"],
+        "properties": {
+            "text": {"type": "string", "description": "The file; masked secrets as shown."},
+            "base": {"type": "string", "description": "The digest of the version loaded."},
+        },
+    }
+    key_id = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    request_id = {
+        "name": "request_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    return {
+        "/ui/login": {
+            "get": {
+                "summary": "The sign-in page",
+                "tags": ["Console"],
+                "security": [],
+                "responses": {"200": {"description": "The page.", "content": {"text/html": {}}}},
+            },
+            "post": {
+                "summary": "Sign in with an admin key (a form: key, next)",
+                "tags": ["Console"],
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "next": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "303": {"description": "Signed in: the session cookie is set."},
+                    "401": {"description": "Not a key.", "content": {"text/html": {}}},
+                    "403": {"description": "Not an admin key.", "content": {"text/html": {}}},
+                    "429": {"description": "Too many attempts.", "content": {"text/html": {}}},
+                },
+            },
+        },
+        "/ui/logout": {
+            "post": {
+                "summary": "Sign out (a form with csrf_token)",
+                "tags": ["Console"],
+                "security": session,
+                "responses": {"303": {"description": "Signed out."}},
+            }
+        },
+        "/ui/": page("The dashboard"),
+        "/ui/models": page("Models"),
+        "/ui/keys": page("Keys"),
+        "/ui/configuration": page("Configuration"),
+        "/ui/requests": page("Requests"),
+        "/ui/requests/{request_id}": {"parameters": [request_id], **page("A request's record")},
+        "/ui/static/{name}": {
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "get": {
+                "summary": "The console's packaged scripts and style sheet",
+                "tags": ["Console"],
+                "security": [],
+                "responses": {"200": {"description": "The file."}, "404": _ERROR},
+            },
+        },
+        "/ui/api/dashboard": read(
+            "Totals since the start (metrics), the last hour per minute and the recent "
+            "requests (access log), the backends"
+        ),
+        "/ui/api/requests": read(
+            "Recent requests, newest first",
+            parameters=[
+                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                for name in ("key", "model", "status", "limit")
+            ],
+        ),
+        "/ui/api/requests/{request_id}": {
+            "parameters": [request_id],
+            **read("One recent request's access log record"),
+        },
+        "/ui/api/models": read("Every backend's models, and the configured aliases"),
+        "/ui/api/models/pull": change(
+            "Pull a model onto an Ollama backend; progress streams as NDJSON", model
+        ),
+        "/ui/api/models/delete": change("Delete a model from a backend", model),
+        "/ui/api/models/load": change("Load a model into memory", model),
+        "/ui/api/models/unload": change("Unload a model from memory", model),
+        "/ui/api/keys": {
+            **read("Every key, with its usage against its quotas and its last use"),
+            **change("Create a key; the answer holds it, once", _ref("KeyRequest")),
+        },
+        "/ui/api/keys/{key_id}/revoke": {"parameters": [key_id], **change("Revoke a key")},
+        "/ui/api/keys/{key_id}/rotate": {
+            "parameters": [key_id],
+            **change("Give a key a new secret; the answer holds it, once"),
+        },
+        "/ui/api/config": read("The configuration file, its secrets masked"),
+        "/ui/api/config/validate": change("Validate a configuration (nothing is written)", text),
+        "/ui/api/config/apply": change(
+            "Write the configuration (kept as .bak before) and reload every worker", text
+        ),
+    }
+
+
 _OLLAMA_ERROR = {"$ref": "#/components/responses/OllamaError"}
 
 _OLLAMA_ERRORS = {
@@ -824,6 +1004,7 @@ def openapi_document() -> dict[str, Any]:
             **_messages_paths(),
             **_admin_paths(),
             **_ollama_paths(),
+            **_console_paths(),
         },
         "components": {
             "schemas": {**SCHEMAS, **AGENT_SCHEMAS},
@@ -848,6 +1029,12 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "securitySchemes": {
+                "consoleSession": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "oproxy_console",
+                    "description": "The console's session, from signing in with an admin key.",
+                },
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",

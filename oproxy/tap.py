@@ -40,6 +40,14 @@ from oproxy.certs.wiring import (
 )
 from oproxy.config import CacheConfig, Config, ConfigError, StateConfig, load_config, with_overrides
 from oproxy.connections import descriptor_limit, raise_descriptor_limit
+from oproxy.console.parts import (
+    ConfigSource,
+    ConsoleService,
+    build_console,
+    defaults_only,
+    reload_here,
+    reload_through_master,
+)
 from oproxy.health import BackendHealth, ProbeService
 from oproxy.http11 import IdleConnections, LeanAgent
 from oproxy.images.fetch import Images
@@ -224,16 +232,27 @@ def build_app(
     access_log: AccessLog | None = None,
     after_send: AfterSend | None = None,
     builders: Builders = BUILDERS,
+    config_source: ConfigSource | None = None,
 ) -> ProxyApp:
     """
     Wire the app over the shared pool.  Nothing is opened: the guard's
     store opens when :meth:`Guard.start` runs (the service tree does that).
+
+    :param config_source: the file the console's editor shows and writes
+        (by default none: the editor is read-only).
     """
     metrics = metrics_for_this_process()
     certificates = certificate_report(config)
     if certificates is not None:
         metrics.add_collector(certificates)
     guard = build_guard(config, reactor, metrics, builders)
+    console = build_console(
+        config,
+        reactor,
+        metrics,
+        access_log_path=access_log.path if access_log is not None else None,
+        source=config_source or defaults_only(),
+    )
     # Circuits are shared with the other workers through the same store.
     routing = RoutingState.new(reactor, config.routing, store=guard.store, metrics=metrics)
     return ProxyApp(
@@ -247,6 +266,7 @@ def build_app(
         access_log=access_log,
         after_send=after_send,
         certificates=certificates,
+        console=console,
     )
 
 
@@ -305,6 +325,7 @@ def serving_service(
     announce_backends: bool = True,
     builders: Builders = BUILDERS,
     refusal: Refusal = FOREGROUND,
+    worker: bool = False,
 ) -> ProxyService:
     """
     The serving side, for a single process or a worker: the app, its site on
@@ -318,11 +339,27 @@ def serving_service(
         (unless a master did).
     :param announce_backends: log how each backend answered the first probe
         (in one worker only).
+    :param worker: a worker of a master: the console's editor has the
+        master reload every worker, rather than reloading this one.
     """
     pool = builders.pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
     after_send = AfterSend(reactor)
-    app = build_app(config, reactor, pool, access_log, after_send, builders)
+    path, overrides, backend_url = options_config
+
+    def load_text(text: str) -> Config:
+        return with_overrides(
+            load_config(text, os.environ), listen=overrides, backend_url=backend_url
+        )
+
+    source = ConfigSource(
+        path,
+        load_text,
+        reload_through_master(reactor, lambda: app.config)
+        if worker
+        else reload_here(lambda: reloader.reload()),
+    )
+    app = build_app(config, reactor, pool, access_log, after_send, builders, source)
 
     def draining() -> None:
         app.draining = True
@@ -348,7 +385,6 @@ def serving_service(
         refusal=refusal,
         prepare=raise_descriptor_limit,
     )
-    path, overrides, backend_url = options_config
     reloader = Reloader(
         app,
         lambda: load_configuration(path, overrides, backend_url),
@@ -368,6 +404,8 @@ def serving_service(
         ProbeService(app, reactor, first_round=first_probe if announce_backends else None)
     )
     top.addService(CircuitSync(app.router.state.breaker, reactor))
+    if app.services.console is not None:
+        top.addService(ConsoleService(app.services.console))
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))

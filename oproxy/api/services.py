@@ -19,6 +19,7 @@ from oproxy.after_send import AfterSend
 from oproxy.cache import ResponseCache
 from oproxy.certs.report import CertificateReport
 from oproxy.config import Config
+from oproxy.console.parts import Console
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
@@ -42,6 +43,8 @@ class Services:
     :ivar up_since: when the process began serving (the clock's time).
     :ivar certificates: the certificates the daemon serves and renews, as
         the files say (``None``: it has none to speak of).
+    :ivar console: what the admin console keeps between requests (``None``:
+        no console in this process).
     """
 
     config: Config
@@ -60,6 +63,8 @@ class Services:
     def state(self) -> IStateStore:
         """The state store the guard keeps keys and limits in (stored responses too)."""
         return self.guard.store
+
+    console: Console | None = None
 
     def reloaded(self, config: Config, router: Router, cache: ResponseCache) -> Services:
         """The record for a new configuration; everything else stays."""

@@ -14,6 +14,7 @@ line) and :mod:`~oproxy.config.checks` (cross-references, exposure).
 """
 
 from oproxy.config.checks import check_exposure, endpoint_is_loopback
+from oproxy.config.console import ConsoleConfig
 from oproxy.config.loading import (
     default_state_path,
     interpolate,
@@ -57,6 +58,7 @@ __all__ = [
     "CacheConfig",
     "Config",
     "ConfigError",
+    "ConsoleConfig",
     "ImagesConfig",
     "MetricsConfig",
     "ModelRule",

@@ -15,6 +15,7 @@ from typing import Annotated
 import attrs
 
 from oproxy.config.certificates import CertificatesConfig
+from oproxy.config.console import ConsoleConfig
 from oproxy.config.responses import ResponsesConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
@@ -424,3 +425,4 @@ class Config:
     responses: ResponsesConfig = attrs.field(factory=ResponsesConfig)
     #: Certificates made and renewed by the daemon (ACME, a local CA), HSTS.
     certificates: CertificatesConfig = attrs.Factory(CertificatesConfig)
+    console: ConsoleConfig = attrs.Factory(ConsoleConfig)

@@ -52,6 +52,11 @@ log = Logger()
 #: whole answer, or ``None`` for one it has written itself (a stream).
 Handler = Callable[[Scope], Awaitable[bytes | None]]
 
+#: How a route's caller is identified when not by a bearer key: the
+#: console's pages and JSON by their session cookie.  It raises the typed
+#: error of a refusal, as the key check does.
+Identify = Callable[[Services, IRequest], Awaitable[Caller]]
+
 #: Refusals counted as rejections: keys, permissions, body size, limits, quotas.
 REJECTION_STATUSES = frozenset((401, 403, 413, 429))
 
@@ -87,6 +92,10 @@ class Endpoint:
         every route is broken out and the labels stay bounded.
     :ivar counted: whether it shows in the request metrics and the access
         log; the scrape of those metrics does not count itself.
+    :ivar identify: how the caller is identified, when not by its key
+        (``authenticates`` still says whether anyone is).
+    :ivar headers: headers every answer of the route carries, errors
+        included (the console's security headers), set first.
     """
 
     path: str
@@ -97,6 +106,8 @@ class Endpoint:
     json_body: bool = False
     label: str = ""
     counted: bool = True
+    identify: Identify | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -124,6 +135,8 @@ class Pipeline:
         clock = services.clock
         started = clock.seconds()
         request_id = stamp_request_id(request)
+        for name, value in endpoint.headers:
+            request.setHeader(name, value)
         if self.draining:
             close_after_answer(request)
         counted = endpoint.counted
@@ -133,11 +146,12 @@ class Pipeline:
         if counted:
             services.metrics.in_flight.inc()
         try:
-            caller = (
-                await authenticate(services, request, endpoint.dialect.reads_x_api_key)
-                if endpoint.authenticates
-                else None
-            )
+            if not endpoint.authenticates:
+                caller = None
+            elif endpoint.identify is not None:
+                caller = await endpoint.identify(services, request)
+            else:
+                caller = await authenticate(services, request, endpoint.dialect.reads_x_api_key)
             body = read_json(request) if endpoint.json_body else {}
             scope = Scope(
                 request, request_id, services, services.config, caller, body, started, params

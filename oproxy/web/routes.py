@@ -38,6 +38,7 @@ from oproxy.api import (
     status,
 )
 from oproxy.api.docs import OPENAPI_JSON, SWAGGER_PAGE, swagger_ui_files
+from oproxy.console.routes import CONSOLE_ROUTES
 from oproxy.errors import MethodNotAllowed, NotFound
 from oproxy.web.dialects import ANTHROPIC, OLLAMA, OPENAI, Dialect, dialect_for_path
 from oproxy.web.pipeline import Endpoint, Handler, Pipeline, stamp_request_id
@@ -121,6 +122,8 @@ ROUTES: tuple[Route, ...] = (
     _native("/api/create", native_models.create),
     _native("/api/delete", native_models.delete, ("DELETE",)),
     _native("/api/copy", native_models.copy),
+    # -- the admin console: pages and their JSON, by session (oproxy/console/)
+    *CONSOLE_ROUTES,
 )
 
 
