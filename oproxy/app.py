@@ -16,7 +16,9 @@ from twisted.web.resource import IResource
 from oproxy.after_send import AfterSend
 from oproxy.api.services import Services
 from oproxy.cache import ResponseCache
+from oproxy.certs.report import CertificateReport
 from oproxy.config import Config
+from oproxy.console.parts import Console
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
@@ -44,10 +46,14 @@ class ProxyApp:
         guard: Guard,
         access_log: AccessLog | None = None,
         after_send: AfterSend | None = None,
+        certificates: CertificateReport | None = None,
+        console: Console | None = None,
     ) -> None:
         """
         :param after_send: runs counting and logging once answers are sent
             (one of its own unless given).
+        :param certificates: what ``/v1/health`` says about certificates.
+        :param console: the admin console's parts, if it is served.
         """
         services = Services(
             config=config,
@@ -60,6 +66,8 @@ class ProxyApp:
             after_send=after_send or AfterSend(clock),
             access_log=access_log,
             up_since=clock.seconds(),
+            certificates=certificates,
+            console=console,
         )
         self.pipeline = Pipeline(services)
         self._resource: IResource | None = None

@@ -6,9 +6,11 @@
 
 ``oproxy keys create|list|show|revoke|rotate`` manage the keys kept in the
 state store (the same store the daemon reads, found through the same
-config file); ``oproxy check-config FILE`` validates a config file without
-starting anything.  A new or rotated key is printed once and never again:
-only the SHA-256 of its secret is stored.
+config file); ``oproxy certs local|ca-path|status`` the local CA and the
+certificate directory (:mod:`oproxy.certs.commands`); ``oproxy check-config
+FILE`` validates a config file without starting anything.  A new or rotated
+key is printed once and never again: only the SHA-256 of its secret is
+stored.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from twisted.internet import defer, task
 
 from oproxy import __version__, launch
+from oproxy.certs import commands as certificates
 from oproxy.config import Config, ConfigError, default_state_path, load_config, parse_expiry
 from oproxy.security import keys
 from oproxy.security.limits import periods
@@ -69,8 +73,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if arguments.command == "check-config":
             sys.exit(check_config(arguments.file, sys.stdout))
         config = _config(arguments.config)
-        if config.state.backend == "sqlite":
+        if config.state.backend == "sqlite" or arguments.command == "certs":
             check_owner(config.state.path or default_state_path(os.environ), os.geteuid())
+        if arguments.command == "certs":
+            sys.exit(certificates.run(arguments, config, sys.stdout, sys.stderr, time.time()))
     except CommandError as e:
         print(f"oproxy: {e}", file=sys.stderr)
         sys.exit(2)
@@ -120,6 +126,11 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="the key's id or name")
     rotate = actions.add_parser("rotate", help="give a key a new secret (the old one stops)")
     rotate.add_argument("key", help="the key's id or name")
+    certificates.add_parser(
+        commands,
+        f"the daemon's config file, for its state and certificates (default: {DEFAULT_CONFIG} "
+        "if it exists, else the embedded defaults)",
+    )
     return top
 
 

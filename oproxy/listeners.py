@@ -12,8 +12,8 @@ by its replacement, which adopts the same socket.  ``unix:`` and
 ``systemd:`` sockets cannot be multiplied and are shared.
 
 TLS is not a property of the socket but of the protocol on top, so a worker
-re-reads the endpoint string to wrap its factory exactly as Twisted's own
-parser would have.
+re-reads the endpoint string to wrap its factory exactly as a single process
+would (:func:`oproxy.certs.tls.server_endpoint`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from oproxy.certs.tls import server_endpoint
 
 
 class _NeverAccepts(Factory):
@@ -84,7 +86,7 @@ def _tcp_address(reactor: Any, description: str) -> tuple[str, int, int] | None:
     """
     ``(interface, port, backlog)`` of a TCP-based endpoint, else None.
     """
-    endpoint, _ = _tls_layers(endpoints.serverFromString(reactor, description))
+    endpoint, _ = _tls_layers(server_endpoint(reactor, description))
     if isinstance(endpoint, endpoints._TCPServerEndpoint | endpoints.SSL4ServerEndpoint):
         return endpoint._interface, int(endpoint._port), int(endpoint._backlog)
     return None
@@ -154,7 +156,9 @@ def _wrap(reactor: Any, description: str, factory: IProtocolFactory) -> IProtoco
     """
     if description.split(":", 1)[0] in ("systemd", "unix", "tcp", "tcp6"):
         return factory
-    endpoint, layers = _tls_layers(endpoints.serverFromString(reactor, description))
+    # Held to the same TLS policy, and the same certificate directory
+    # reading, as a single process (oproxy.certs.tls).
+    endpoint, layers = _tls_layers(server_endpoint(reactor, description))
     if isinstance(endpoint, endpoints.SSL4ServerEndpoint):  # ssl:
         factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
     for layer in reversed(layers):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -72,6 +73,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.registry = registry
+        self._collectors: list[Any] = []
         self.requests = Counter(
             "oproxy_requests",
             "Requests answered, by route, model, backend and HTTP status "
@@ -193,6 +195,15 @@ class Metrics:
             registry=registry,
         )
 
+    def add_collector(self, collector: Any) -> None:
+        """
+        A collector computed when scraped, from files every process reads
+        (certificate expiry), so each worker's scrape says the same.
+        """
+        self._collectors.append(collector)
+        if self.registry is not None:
+            self.registry.register(collector)
+
     def count_tokens(self, usage: Mapping[str, int], *, model: str, key: str | None) -> None:
         key_label = key or "-"
         self.tokens.labels("prompt", model, key_label).inc(usage.get("prompt_tokens", 0))
@@ -204,6 +215,8 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=os.environ[MULTIPROCESS_ENV])
+        for collector in self._collectors:
+            registry.register(collector)
         return generate_latest(registry)
 
 

@@ -352,6 +352,186 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
+def _console_paths() -> dict[str, Any]:
+    """
+    The admin console (``/ui/``): its pages, and their figures as JSON.  A
+    session cookie from ``POST /ui/login`` (an admin key) is the credential;
+    every change also sends the session's CSRF token.
+    """
+    session: list[dict[str, list[str]]] = [{"consoleSession": []}]
+    csrf = {
+        "name": "X-CSRF-Token",
+        "in": "header",
+        "required": True,
+        "description": "The session's CSRF token (the `csrf-token` meta tag of every page).",
+        "schema": {"type": "string"},
+    }
+    errors = {"401": _ERROR, "403": _ERROR, "404": _ERROR, "500": _ERROR}
+
+    def page(summary: str) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "tags": ["Console"],
+                "security": session,
+                "responses": {
+                    "200": {"description": "The page.", "content": {"text/html": {}}},
+                    "303": {"description": "Not signed in: to the sign-in page."},
+                },
+            }
+        }
+
+    def read(summary: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "tags": ["Console"],
+                "security": session,
+                "responses": {
+                    "200": {"description": "OK", "content": _json({"type": "object"})},
+                    **errors,
+                },
+                **extra,
+            }
+        }
+
+    def change(summary: str, body: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "tags": ["Console"],
+            "security": session,
+            "parameters": [csrf],
+            "responses": {
+                "200": {"description": "OK", "content": _json({"type": "object"})},
+                "400": _ERROR,
+                "409": _ERROR,
+                "413": _ERROR,
+                **errors,
+            },
+            **extra,
+        }
+        if body is not None:
+            operation["requestBody"] = {"required": True, "content": _json(body)}
+        return {"post": operation}
+
+    model = {
+        "type": "object",
+        "required": ["model"],
+        "properties": {"model": {"type": "string"}, "backend": {"type": "string"}},
+    }
+    text = {
+        "type": "object",
+        "required": ["text", "base"],
+        "properties": {
+            "text": {"type": "string", "description": "The file; masked secrets as shown."},
+            "base": {"type": "string", "description": "The digest of the version loaded."},
+        },
+    }
+    key_id = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    request_id = {
+        "name": "request_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    return {
+        "/ui/login": {
+            "get": {
+                "summary": "The sign-in page",
+                "tags": ["Console"],
+                "security": [],
+                "responses": {"200": {"description": "The page.", "content": {"text/html": {}}}},
+            },
+            "post": {
+                "summary": "Sign in with an admin key (a form: key, next)",
+                "tags": ["Console"],
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "next": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "303": {"description": "Signed in: the session cookie is set."},
+                    "401": {"description": "Not a key.", "content": {"text/html": {}}},
+                    "403": {"description": "Not an admin key.", "content": {"text/html": {}}},
+                    "429": {"description": "Too many attempts.", "content": {"text/html": {}}},
+                },
+            },
+        },
+        "/ui/logout": {
+            "post": {
+                "summary": "Sign out (a form with csrf_token)",
+                "tags": ["Console"],
+                "security": session,
+                "responses": {"303": {"description": "Signed out."}},
+            }
+        },
+        "/ui/": page("The dashboard"),
+        "/ui/models": page("Models"),
+        "/ui/keys": page("Keys"),
+        "/ui/configuration": page("Configuration"),
+        "/ui/requests": page("Requests"),
+        "/ui/requests/{request_id}": {"parameters": [request_id], **page("A request's record")},
+        "/ui/static/{name}": {
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "get": {
+                "summary": "The console's packaged scripts and style sheet",
+                "tags": ["Console"],
+                "security": [],
+                "responses": {"200": {"description": "The file."}, "404": _ERROR},
+            },
+        },
+        "/ui/api/dashboard": read(
+            "Totals since the start (metrics), the last hour per minute and the recent "
+            "requests (access log), the backends"
+        ),
+        "/ui/api/requests": read(
+            "Recent requests, newest first",
+            parameters=[
+                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                for name in ("key", "model", "status", "limit")
+            ],
+        ),
+        "/ui/api/requests/{request_id}": {
+            "parameters": [request_id],
+            **read("One recent request's access log record"),
+        },
+        "/ui/api/models": read("Every backend's models, and the configured aliases"),
+        "/ui/api/models/pull": change(
+            "Pull a model onto an Ollama backend; progress streams as NDJSON", model
+        ),
+        "/ui/api/models/delete": change("Delete a model from a backend", model),
+        "/ui/api/models/load": change("Load a model into memory", model),
+        "/ui/api/models/unload": change("Unload a model from memory", model),
+        "/ui/api/keys": {
+            **read("Every key, with its usage against its quotas and its last use"),
+            **change("Create a key; the answer holds it, once", _ref("KeyRequest")),
+        },
+        "/ui/api/keys/{key_id}/revoke": {"parameters": [key_id], **change("Revoke a key")},
+        "/ui/api/keys/{key_id}/rotate": {
+            "parameters": [key_id],
+            **change("Give a key a new secret; the answer holds it, once"),
+        },
+        "/ui/api/config": read("The configuration file, its secrets masked"),
+        "/ui/api/config/validate": change("Validate a configuration (nothing is written)", text),
+        "/ui/api/config/apply": change(
+            "Write the configuration (kept as .bak before) and reload every worker", text
+        ),
+    }
+
+
 _OLLAMA_ERROR = {"$ref": "#/components/responses/OllamaError"}
 
 _OLLAMA_ERRORS = {
@@ -447,6 +627,312 @@ def _ollama_paths() -> dict[str, Any]:
     }
 
 
+# -- OpenAI's Responses API and Anthropic's Messages API ------------------------------
+
+_RESPONSE_ID = {
+    "name": "response_id",
+    "in": "path",
+    "required": True,
+    "description": "A response's id (`resp_...`); only the key that made it finds it.",
+    "schema": {"type": "string"},
+}
+
+AGENT_SCHEMAS: dict[str, Any] = {
+    "ResponseRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {
+                "description": (
+                    "Text, or items: messages (text and image parts), `function_call`, "
+                    "`function_call_output` and `reasoning` items."
+                ),
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
+            },
+            "instructions": {"type": "string"},
+            "previous_response_id": {"type": "string"},
+            "store": {
+                "type": "boolean",
+                "default": True,
+                "description": "Keep the response (for `responses.ttl`) for the same key.",
+            },
+            "stream": {"type": "boolean"},
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            "parallel_tool_calls": {"type": "boolean"},
+            "reasoning": {
+                "type": "object",
+                "properties": {"effort": {"type": ["string", "null"]}},
+            },
+            "text": {
+                "type": "object",
+                "properties": {"format": {"type": "object"}},
+            },
+            "max_output_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "options": _OPTIONS,
+        },
+    },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "created_at", "status", "model", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "created_at": {"type": "integer"},
+            "status": {"type": "string", "enum": ["completed", "incomplete", "failed"]},
+            "model": {"type": "string"},
+            "output": {"type": "array", "items": {"type": "object"}},
+            "usage": {"type": ["object", "null"]},
+            "store": {"type": "boolean"},
+            "previous_response_id": {"type": ["string", "null"]},
+        },
+    },
+    "ResponseItemList": {
+        "type": "object",
+        "required": ["object", "data", "has_more", "first_id", "last_id"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object"}},
+            "has_more": {"type": "boolean"},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+        },
+    },
+    "DeletedResponse": {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "deleted": {"const": True},
+        },
+    },
+    "MessageRequest": {
+        "type": "object",
+        "required": ["model", "messages", "max_tokens"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "system": {
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
+            },
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "description": (
+                    "Turns of `user` and `assistant`, each text or content blocks: text, "
+                    "image (base64 or url), tool_use, tool_result, thinking."
+                ),
+                "items": {"type": "object"},
+            },
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "tool_choice": {"type": "object"},
+            "stop_sequences": {"type": "array", "items": {"type": "string"}},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "top_k": {"type": "integer", "minimum": 0},
+            "thinking": {"type": "object"},
+            "stream": {"type": "boolean"},
+            "metadata": {"type": "object"},
+        },
+    },
+    "CountTokensRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "system": {
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
+            },
+            "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+            "tools": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "message"},
+            "role": {"const": "assistant"},
+            "model": {"type": "string"},
+            "content": {"type": "array", "items": {"type": "object"}},
+            "stop_reason": {
+                "type": ["string", "null"],
+                "enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal", None],
+            },
+            "stop_sequence": {"type": ["string", "null"]},
+            "usage": {
+                "type": "object",
+                "required": ["input_tokens", "output_tokens"],
+                "properties": {
+                    "input_tokens": {"type": "integer"},
+                    "output_tokens": {"type": "integer"},
+                },
+            },
+        },
+    },
+    "MessageTokensCount": {
+        "type": "object",
+        "required": ["input_tokens"],
+        "properties": {
+            "input_tokens": {
+                "type": "integer",
+                "description": "An estimate: text characters / 4, and a fixed share per image.",
+            }
+        },
+    },
+    "AnthropicError": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {
+                    "type": {
+                        "type": "string",
+                        "enum": [
+                            "invalid_request_error",
+                            "authentication_error",
+                            "permission_error",
+                            "not_found_error",
+                            "rate_limit_error",
+                            "api_error",
+                            "timeout_error",
+                            "overloaded_error",
+                        ],
+                    },
+                    "message": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+def _responses_paths() -> dict[str, Any]:
+    """OpenAI's Responses API, answered by any backend's chat API."""
+    create = _post(
+        "Create a response", "ResponseRequest", "Response", streams=True, tag="Responses"
+    )
+    create["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]["description"] = (
+        "Server-sent events, each `event: <type>` and `data: {event}` with its "
+        "`sequence_number`: response.created, response.in_progress, "
+        "response.output_item.added, response.content_part.added, "
+        "response.output_text.delta / .done, response.function_call_arguments.delta / .done, "
+        "response.output_item.done, response.completed (or response.incomplete); "
+        "error and response.failed on a failure."
+    )
+    page = [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}},
+    ]
+
+    def operation(summary: str, answer: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "tags": ["Responses"],
+            "responses": {
+                "200": {"description": "OK", "content": _json(_ref(answer))},
+                **_COMMON_ERRORS,
+            },
+            **extra,
+        }
+
+    return {
+        "/v1/responses": create,
+        "/v1/responses/{response_id}": {
+            "parameters": [_RESPONSE_ID],
+            "get": operation("Retrieve a stored response", "Response"),
+            "delete": operation("Delete a stored response", "DeletedResponse"),
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": [_RESPONSE_ID],
+            "get": operation(
+                "List a stored response's input items", "ResponseItemList", parameters=page
+            ),
+        },
+    }
+
+
+_ANTHROPIC_ERRORS = {
+    status: {"$ref": "#/components/responses/AnthropicError"}
+    for status in ("400", "401", "403", "404", "413", "429", "500", "504", "529")
+}
+
+
+def _messages_paths() -> dict[str, Any]:
+    """Anthropic's Messages API, answered by any backend's chat API, in its own errors."""
+    security: list[dict[str, list[str]]] = [{"bearer": []}, {"x-api-key": []}]
+    headers = [
+        {
+            "name": "anthropic-version",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "Accepted and not needed: the API served is the one oproxy knows.",
+        }
+    ]
+    stream = {
+        "type": "string",
+        "description": (
+            "Server-sent events, each `event: <type>` and `data: {event}`: message_start, "
+            "ping, content_block_start / _delta (text_delta, input_json_delta, "
+            "thinking_delta) / _stop, message_delta (stop_reason, usage), message_stop; "
+            "error on a failure."
+        ),
+    }
+    return {
+        "/v1/messages": {
+            "post": {
+                "summary": "Create a message",
+                "tags": ["Anthropic"],
+                "security": security,
+                "parameters": headers,
+                "requestBody": {"required": True, "content": _json(_ref("MessageRequest"))},
+                "responses": {
+                    "200": {
+                        "description": "The message, or its stream.",
+                        "content": {
+                            **_json(_ref("Message")),
+                            "text/event-stream": {"schema": stream},
+                        },
+                    },
+                    **_ANTHROPIC_ERRORS,
+                },
+            }
+        },
+        "/v1/messages/count_tokens": {
+            "post": {
+                "summary": "Estimate a message's input tokens",
+                "description": (
+                    "An estimate from the proxy's own rule (text characters / 4, a fixed share "
+                    "per image), not a tokenizer's count; no backend is asked."
+                ),
+                "tags": ["Anthropic"],
+                "security": security,
+                "parameters": headers,
+                "requestBody": {"required": True, "content": _json(_ref("CountTokensRequest"))},
+                "responses": {
+                    "200": {"description": "OK", "content": _json(_ref("MessageTokensCount"))},
+                    **_ANTHROPIC_ERRORS,
+                },
+            }
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The whole document (OpenAPI 3.1)."""
     return {
@@ -514,15 +1000,22 @@ def openapi_document() -> dict[str, Any]:
             "/openapi.json": _get(
                 "This document", {"type": "object"}, tag="Operations", secured=False
             ),
+            **_responses_paths(),
+            **_messages_paths(),
             **_admin_paths(),
             **_ollama_paths(),
+            **_console_paths(),
         },
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **AGENT_SCHEMAS},
             "responses": {
                 "Error": {
                     "description": "An OpenAI error object.",
                     "content": _json(_ref("Error")),
+                },
+                "AnthropicError": {
+                    "description": "An Anthropic error object.",
+                    "content": _json(_ref("AnthropicError")),
                 },
                 "OllamaError": {
                     "description": 'An Ollama error: `{"error": "..."}`.',
@@ -536,11 +1029,23 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "securitySchemes": {
+                "consoleSession": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "oproxy_console",
+                    "description": "The console's session, from signing in with an admin key.",
+                },
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An API key, when the server has keys configured.",
-                }
+                },
+                "x-api-key": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "The same key, as Anthropic's clients send it (Messages only).",
+                },
             },
         },
     }

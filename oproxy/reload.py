@@ -66,6 +66,8 @@ class Reloader:
             log.warn("listen and workers changes take effect at the next restart")
         if config.reload != old.reload:
             log.warn("reload (file watch) changes take effect at the next restart")
+        if config.certificates != old.certificates:
+            log.warn("certificates changes take effect at the next restart")
         previous = self._app.cache
         cache = previous if config.cache == old.cache else self._build_cache(config)
         self._app.swap(config, self._build_router(config), cache)

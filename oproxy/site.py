@@ -293,6 +293,9 @@ class BoundedRequest(server.Request):
         # URL built from the client's Host header; serve it instead.
         if b"//" in self.path:
             self.path = _REPEATED_SLASHES.sub(b"/", self.path)
+        hsts = self.channel.site.hsts
+        if hsts is not None and self.isSecure():  # type: ignore[no-untyped-call]
+            self.setHeader(b"strict-transport-security", hsts)  # type: ignore[no-untyped-call]
         super().process()  # type: ignore[no-untyped-call]
 
 
@@ -328,6 +331,8 @@ class ProxySite(server.Site):
         #: Where each request's access line (Twisted's combined log format)
         #: goes; ``None``: nowhere.
         self.request_lines: Callable[[str], None] | None = None
+        #: ``Strict-Transport-Security`` for answers over TLS (``None``: not sent).
+        self.hsts: bytes | None = None
         self.in_flight = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
         self._connections: dict[ProxyChannel, defer.Deferred[None]] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -103,6 +104,16 @@ def sse_event(chunk: Any) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
+def typed_sse_event(event: Any) -> bytes:
+    """
+    One event named by its ``type`` on an ``event:`` line, then its
+    ``data:``: how the Responses API and Anthropic's Messages API frame
+    their streams (their SDKs dispatch on the name).
+    """
+    name: str = event["type"]
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
 #: Chunks written between two returns to the reactor, which sends them.
 FLUSH_EVERY = 64
 
@@ -127,18 +138,49 @@ def _flush(clock: IReactorTime) -> defer.Deferred[None]:
     return sent
 
 
+#: What a client reads while the model loads: an SSE comment, which every
+#: conforming parser (the official SDKs included) skips, but which is bytes
+#: on the socket, so the client's read timeout starts again.
+KEEPALIVE = b": loading\n\n"
+
+
+@dataclass(frozen=True)
+class Framing:
+    """
+    How one API family's event stream is written.
+
+    :ivar event: one event's bytes.
+    :ivar failure: the last event of a stream that fails after it began.
+    :ivar ending: what follows the last event of a stream that ends well.
+    :ivar keepalive: what is written while the first event is awaited.
+    """
+
+    event: Callable[[Any], bytes] = sse_event
+    failure: Callable[[OProxyError], bytes] = OPENAI.stream_event
+    ending: bytes = DONE
+    keepalive: bytes = KEEPALIVE
+
+
+#: OpenAI's chat and completions streams: ``data:`` events, then ``[DONE]``.
+OPENAI_FRAMING = Framing()
+
+
 async def relay_sse(
-    request: IRequest, chunks: AsyncGenerator[Any, None], clock: IReactorTime
+    request: IRequest,
+    chunks: AsyncGenerator[Any, None],
+    clock: IReactorTime,
+    framing: Framing = OPENAI_FRAMING,
 ) -> None:
     """
-    Write ``chunks`` to ``request`` as an OpenAI event stream ending in ``[DONE]``.
+    Write ``chunks`` to ``request`` as an event stream: by default OpenAI's,
+    ending in ``[DONE]``.
     """
     async with aclosing(chunks):
         first = await anext(chunks, None)
         if first is None:
             raise UpstreamError("the backend sent an empty stream")
         _commit(request)
-        await _relay_from(request, first, chunks, clock)
+        await _relay_from(request, first, chunks, clock, framing)
 
 
 def _commit(request: IRequest) -> None:
@@ -148,40 +190,40 @@ def _commit(request: IRequest) -> None:
 
 
 async def _relay_from(
-    request: IRequest, first: Any, chunks: AsyncGenerator[Any, None], clock: IReactorTime
+    request: IRequest,
+    first: Any,
+    chunks: AsyncGenerator[Any, None],
+    clock: IReactorTime,
+    framing: Framing,
 ) -> None:
     """
     Write ``first`` and the rest of ``chunks`` once the stream is committed:
     from here on a failure can only be reported inside the stream.
     """
+    event = framing.event
     with ClientPacer(request) as pacer:
-        request.write(sse_event(first))
+        request.write(event(first))
         await _flush(clock)
         try:
             written = 0
             async for chunk in chunks:
-                request.write(sse_event(chunk))
+                request.write(event(chunk))
                 written += 1
                 if pacer.paused:
                     await pacer.drained()
                 elif written % FLUSH_EVERY == 0:
                     await _flush(clock)
         except OProxyError as e:
-            request.write(OPENAI.stream_event(e))
+            request.write(framing.failure(e))
             return
         except defer.CancelledError:
             raise
         except Exception:
             log.failure("Stream failed after it began")
-            request.write(OPENAI.stream_event(ServerError()))
+            request.write(framing.failure(ServerError()))
             return
-        request.write(DONE)
-
-
-#: What a client reads while the model loads: an SSE comment, which every
-#: conforming parser (the official SDKs included) skips, but which is bytes
-#: on the socket, so the client's read timeout starts again.
-KEEPALIVE = b": loading\n\n"
+        if framing.ending:
+            request.write(framing.ending)
 
 
 class _KeepAlive:
@@ -189,16 +231,22 @@ class _KeepAlive:
     The timers of the wait for a stream's first chunk.
 
     After ``after`` seconds the response is committed (200, event-stream
-    headers) and a :data:`KEEPALIVE` comment written, then another every
-    ``interval`` seconds, until :meth:`stop`.
+    headers) and a keep-alive (by default the :data:`KEEPALIVE` comment)
+    written, then another every ``interval`` seconds, until :meth:`stop`.
     """
 
     def __init__(
-        self, request: IRequest, clock: IReactorTime, after: float, interval: float
+        self,
+        request: IRequest,
+        clock: IReactorTime,
+        after: float,
+        interval: float,
+        keepalive: bytes = KEEPALIVE,
     ) -> None:
         self._request = request
         self._clock = clock
         self._interval = interval
+        self._keepalive = keepalive
         self.committed = False
         self._call: IDelayedCall = clock.callLater(after, self._beat)
 
@@ -206,7 +254,7 @@ class _KeepAlive:
         if not self.committed:
             self.committed = True
             _commit(self._request)
-        self._request.write(KEEPALIVE)
+        self._request.write(self._keepalive)
         self._call = self._clock.callLater(self._interval, self._beat)
 
     def stop(self) -> None:
@@ -234,6 +282,7 @@ async def relay_sse_with_keepalive(
     *,
     after: float,
     interval: float,
+    framing: Framing = OPENAI_FRAMING,
 ) -> None:
     """
     :func:`relay_sse`, but with SSE comments while the first chunk is awaited.
@@ -258,7 +307,7 @@ async def relay_sse_with_keepalive(
     Cancelling (the client went away) cancels the wait, which closes the
     upstream connection, in the keep-alive phase as in the relay.
     """
-    keepalive = _KeepAlive(request, clock, after, interval)
+    keepalive = _KeepAlive(request, clock, after, interval, framing.keepalive)
     try:
         chunks, first = await defer.Deferred.fromCoroutine(_opened(open_stream))
     except defer.CancelledError:
@@ -269,7 +318,7 @@ async def relay_sse_with_keepalive(
         if not isinstance(e, OProxyError):
             log.failure("Stream failed while its first chunk was awaited")
             e = ServerError()
-        request.write(OPENAI.stream_event(e))
+        request.write(framing.failure(e))
         return
     finally:
         keepalive.stop()
@@ -278,11 +327,11 @@ async def relay_sse_with_keepalive(
             empty = UpstreamError("the backend sent an empty stream")
             if not keepalive.committed:
                 raise empty
-            request.write(OPENAI.stream_event(empty))
+            request.write(framing.failure(empty))
             return
         if not keepalive.committed:
             _commit(request)
-        await _relay_from(request, first, chunks, clock)
+        await _relay_from(request, first, chunks, clock, framing)
 
 
 async def merge(

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
@@ -32,8 +31,23 @@ from oproxy.backends.base import IBackend
 from oproxy.backends.ollama import OllamaBackend
 from oproxy.backends.openai import OpenAIBackend
 from oproxy.cache import ResponseCache, build_cache
+from oproxy.certs.tls import server_endpoint
+from oproxy.certs.wiring import (
+    certificate_report,
+    certificate_services,
+    hsts_header,
+    serving_listen,
+)
 from oproxy.config import CacheConfig, Config, ConfigError, StateConfig, load_config, with_overrides
 from oproxy.connections import descriptor_limit, raise_descriptor_limit
+from oproxy.console.parts import (
+    ConfigSource,
+    ConsoleService,
+    build_console,
+    defaults_only,
+    reload_here,
+    reload_through_master,
+)
 from oproxy.health import BackendHealth, ProbeService
 from oproxy.http11 import IdleConnections, LeanAgent
 from oproxy.images.fetch import Images
@@ -218,13 +232,27 @@ def build_app(
     access_log: AccessLog | None = None,
     after_send: AfterSend | None = None,
     builders: Builders = BUILDERS,
+    config_source: ConfigSource | None = None,
 ) -> ProxyApp:
     """
     Wire the app over the shared pool.  Nothing is opened: the guard's
     store opens when :meth:`Guard.start` runs (the service tree does that).
+
+    :param config_source: the file the console's editor shows and writes
+        (by default none: the editor is read-only).
     """
     metrics = metrics_for_this_process()
+    certificates = certificate_report(config)
+    if certificates is not None:
+        metrics.add_collector(certificates)
     guard = build_guard(config, reactor, metrics, builders)
+    console = build_console(
+        config,
+        reactor,
+        metrics,
+        access_log_path=access_log.path if access_log is not None else None,
+        source=config_source or defaults_only(),
+    )
     # Circuits are shared with the other workers through the same store.
     routing = RoutingState.new(reactor, config.routing, store=guard.store, metrics=metrics)
     return ProxyApp(
@@ -237,6 +265,8 @@ def build_app(
         guard=guard,
         access_log=access_log,
         after_send=after_send,
+        certificates=certificates,
+        console=console,
     )
 
 
@@ -272,6 +302,7 @@ def build_site(app: ProxyApp, request_lines: Callable[[str], None] = log_request
     )
     site.displayTracebacks = False
     site.noisy = False
+    site.hsts = hsts_header(app.config)
 
     def after_the_answer(line: str) -> None:
         app.after_send(request_lines, line)
@@ -294,6 +325,7 @@ def serving_service(
     announce_backends: bool = True,
     builders: Builders = BUILDERS,
     refusal: Refusal = FOREGROUND,
+    worker: bool = False,
 ) -> ProxyService:
     """
     The serving side, for a single process or a worker: the app, its site on
@@ -307,11 +339,27 @@ def serving_service(
         (unless a master did).
     :param announce_backends: log how each backend answered the first probe
         (in one worker only).
+    :param worker: a worker of a master: the console's editor has the
+        master reload every worker, rather than reloading this one.
     """
     pool = builders.pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
     after_send = AfterSend(reactor)
-    app = build_app(config, reactor, pool, access_log, after_send, builders)
+    path, overrides, backend_url = options_config
+
+    def load_text(text: str) -> Config:
+        return with_overrides(
+            load_config(text, os.environ), listen=overrides, backend_url=backend_url
+        )
+
+    source = ConfigSource(
+        path,
+        load_text,
+        reload_through_master(reactor, lambda: app.config)
+        if worker
+        else reload_here(lambda: reloader.reload()),
+    )
+    app = build_app(config, reactor, pool, access_log, after_send, builders, source)
 
     def draining() -> None:
         app.draining = True
@@ -332,12 +380,11 @@ def serving_service(
         make_site=make_site,
         bind=listen,
         drain_timeout=lambda: app.config.drain_timeout,
-        descriptions=config.listen if announce_listeners else None,
+        descriptions=serving_listen(config) if announce_listeners else None,
         reporting=reporting_service(config),
         refusal=refusal,
         prepare=raise_descriptor_limit,
     )
-    path, overrides, backend_url = options_config
     reloader = Reloader(
         app,
         lambda: load_configuration(path, overrides, backend_url),
@@ -357,6 +404,8 @@ def serving_service(
         ProbeService(app, reactor, first_round=first_probe if announce_backends else None)
     )
     top.addService(CircuitSync(app.router.state.breaker, reactor))
+    if app.services.console is not None:
+        top.addService(ConsoleService(app.services.console))
     if config.access_log is not None:
         rotator = Rotator(config.access_log, reactor) if rotate_access_log else None
         top.addService(AccessLogService(reactor, access_log, rotator))
@@ -392,7 +441,7 @@ def reporting_service(config: Config) -> ReportingService | None:
 
 def _listen_now(reactor: Any, description: str, factory: Any) -> IListeningPort:
     results: list[Any] = []
-    endpoints.serverFromString(reactor, description).listen(factory).addBoth(results.append)
+    server_endpoint(reactor, description).listen(factory).addBoth(results.append)
     if not results or not IListeningPort.providedBy(results[0]):
         if results:
             results[0].raiseException()
@@ -455,20 +504,23 @@ def makeService(
     workers = config.workers or os.cpu_count() or 1
     refusal = refusal_for(options)
     if workers == 1:
-        return serving_service(
+        single = serving_service(
             reactor,
             origin,
             config,
-            lambda site: [_listen_now(reactor, d, site) for d in config.listen],
+            lambda site: [_listen_now(reactor, d, site) for d in serving_listen(config)],
             builders=builders,
             refusal=refusal,
         )
+        add_certificate_services(single, config, reactor)
+        return single
+    serving = serving_listen(config)
     spec = WorkerSpec(
         config_path=origin[0],
         listen=origin[1],
         backend_url=origin[2],
-        listeners=tuple((FIRST_INHERITED_FD + i, d) for i, d in enumerate(config.listen)),
-        log_fd=FIRST_INHERITED_FD + len(config.listen) if logs_plainly_to_stdout(options) else None,
+        listeners=tuple((FIRST_INHERITED_FD + i, d) for i, d in enumerate(serving)),
+        log_fd=FIRST_INHERITED_FD + len(serving) if logs_plainly_to_stdout(options) else None,
     )
     top = ProcessService(
         reporting=reporting_service(config),
@@ -484,4 +536,17 @@ def makeService(
     if config.access_log is not None:
         # Workers write; only the master rotates.
         top.addService(AccessLogService(reactor, None, Rotator(config.access_log, reactor)))
+    # Only the master makes certificates; the workers serve them.
+    add_certificate_services(top, config, reactor)
     return top
+
+
+def add_certificate_services(top: service.MultiService, config: Config, reactor: Any) -> None:
+    """
+    The renewal of certificates and the plain-HTTP endpoints, in the one
+    process that makes certificates (:mod:`oproxy.certs.wiring`).
+    """
+    for each in certificate_services(
+        config, reactor, lambda description, factory: _listen_now(reactor, description, factory)
+    ):
+        top.addService(each)

@@ -188,6 +188,7 @@ def worker_service(
         request_lines=request_lines,  # no log event per request
         announce_listeners=False,  # the master said what serves where
         announce_backends=bool(spec.get("announce_backends")),
+        worker=True,  # the console's editor reloads every worker through the master
     )
     top.addService(WorkerDuties(reactor))
     return top

@@ -80,3 +80,24 @@ async def raw_post(
         + payload
     )
     return client
+
+
+def typed_sse_events(raw: bytes) -> list[dict[str, Any]]:
+    """
+    Split a stream of named events (OpenAI's Responses API, Anthropic's
+    Messages API) into their decoded ``data:``, asserting each is framed as
+    ``event: <its type>`` then ``data: <json>`` and a blank line, with no
+    ``[DONE]``.
+    """
+    text = raw.decode("utf-8")
+    assert text.endswith("\n\n"), text[-80:]
+    events: list[dict[str, Any]] = []
+    for block in text[:-2].split("\n\n"):
+        if block.startswith(":"):
+            continue  # a keep-alive comment
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), block
+        event = orjson.loads(data[len("data: ") :])
+        assert event["type"] == name[len("event: ") :], block
+        events.append(event)
+    return events

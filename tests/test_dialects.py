@@ -5,6 +5,9 @@ when something goes wrong, whole or in the middle of a stream.
 
 from __future__ import annotations
 
+import anthropic
+import anthropic.types
+import httpx
 import orjson
 import pytest
 from twisted.web.test.requesthelper import DummyRequest
@@ -14,12 +17,21 @@ from oproxy.errors import (
     AnsweredRefusal,
     BackendsDown,
     InvalidRequest,
+    MethodNotAllowed,
     ModelNotFound,
     OProxyError,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimited,
     RequestTooLarge,
     ServerError,
+    Unauthorized,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
-from oproxy.web.dialects import OLLAMA, OPENAI, Dialect, dialect_for_path
+from oproxy.web.dialects import ANTHROPIC, OLLAMA, OPENAI, Dialect, dialect_for_path
 from tests.openai_schema import assert_valid
 
 
@@ -93,9 +105,65 @@ def test_a_failure_after_a_stream_began_is_its_last_event() -> None:
         (b"api/generate", OLLAMA),
         (b"/api/tags?x=1", OLLAMA),
         (b"/v1/chat/completions", OPENAI),
+        (b"/v1/messages", ANTHROPIC),
+        (b"/v1/messages/count_tokens", ANTHROPIC),
+        (b"/v1/messages?beta=true", ANTHROPIC),
+        (b"/v1/messagesx", OPENAI),
         (b"/apix", OPENAI),
         (b"", OPENAI),
     ],
 )
 def test_before_routing_the_path_picks_the_dialect(path: bytes, dialect: Dialect) -> None:
     assert dialect_for_path(path) is dialect
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind", "sdk_error"),
+    [
+        (
+            InvalidRequest("bad", param="messages"),
+            400,
+            "invalid_request_error",
+            anthropic.BadRequestError,
+        ),
+        (Unauthorized("no key"), 401, "authentication_error", anthropic.AuthenticationError),
+        (PermissionDenied("not yours"), 403, "permission_error", anthropic.PermissionDeniedError),
+        (ModelNotFound("llama9"), 404, "not_found_error", anthropic.NotFoundError),
+        (RequestTooLarge("too big"), 413, "invalid_request_error", anthropic.APIStatusError),
+        (RateLimited("slow down"), 429, "rate_limit_error", anthropic.RateLimitError),
+        (QuotaExceeded("used up"), 429, "rate_limit_error", anthropic.RateLimitError),
+        (ServerError(), 500, "api_error", anthropic.InternalServerError),
+        (UpstreamError("backend failed"), 500, "api_error", anthropic.InternalServerError),
+        (UpstreamUnavailable("unreachable"), 500, "api_error", anthropic.InternalServerError),
+        (UpstreamBusy("busy"), 529, "overloaded_error", anthropic.InternalServerError),
+        (BackendsDown("m", ["b"], 1.0), 529, "overloaded_error", anthropic.InternalServerError),
+        (UpstreamTimeout("slow"), 504, "timeout_error", anthropic.InternalServerError),
+        (MethodNotAllowed("no"), 405, "invalid_request_error", anthropic.APIStatusError),
+    ],
+)
+def test_anthropic_errors_are_what_its_sdk_reads(
+    error: OProxyError, status: int, kind: str, sdk_error: type[Exception]
+) -> None:
+    request = DummyRequest([b""])
+    request.oproxy_request_id = "req_1"  # type: ignore[attr-defined]
+    body = ANTHROPIC.respond(request, error)
+    assert request.responseCode == status
+    assert request.responseHeaders.getRawHeaders(b"request-id") == [b"req_1"]
+    parsed = anthropic.types.ErrorResponse.model_validate_json(body)
+    assert (parsed.type, parsed.error.type, parsed.error.message) == ("error", kind, error.message)
+    # The SDK raises its class for the status (529: its OverloadedError).
+    response = httpx.Response(status, content=body, request=httpx.Request("POST", "http://x/"))
+    client = anthropic.Anthropic(api_key="k", base_url="http://x")
+    raised = client._make_status_error_from_response(response)  # type: ignore[arg-type]
+    assert isinstance(raised, sdk_error) and raised.status_code == status
+    if status == 529:
+        assert type(raised).__name__ == "OverloadedError"
+
+
+def test_an_anthropic_stream_ends_with_an_error_event() -> None:
+    event = ANTHROPIC.stream_event(UpstreamBusy("busy"))
+    assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n")
+    assert orjson.loads(event.split(b"data: ", 1)[1]) == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "busy"},
+    }

@@ -32,6 +32,8 @@ ENVIRON = {
     "OPENAI_API_KEY": "sk-upstream",
     "OPROXY_METRICS_TOKEN": "scrape",
     "SENTRY_DSN": "https://key@sentry.example/1",
+    "AGENTS_KEY": "sk-agents",
+    "CLAUDE_CODE_KEY": "sk-claude",
 }
 
 Path_ = tuple[str | int, ...]
@@ -49,6 +51,12 @@ def yaml_blocks(text: str) -> list[str]:
 
 
 BLOCKS = yaml_blocks((DOCS / "recipes.rst").read_text())
+#: The tutorials' configurations load too.
+TUTORIAL_BLOCKS = [
+    block
+    for page in ("codex-and-agents.rst", "claude-code.rst")
+    for block in yaml_blocks((DOCS / page).read_text())
+]
 
 
 def test_the_recipes_have_examples() -> None:
@@ -57,6 +65,15 @@ def test_the_recipes_have_examples() -> None:
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.split("\n", 1)[0] for b in BLOCKS])
 def test_every_recipe_loads(block: str) -> None:
+    load_config(block, ENVIRON)
+
+
+def test_the_tutorials_have_examples() -> None:
+    assert len(TUTORIAL_BLOCKS) == 2
+
+
+@pytest.mark.parametrize("block", TUTORIAL_BLOCKS)
+def test_every_tutorial_configuration_loads(block: str) -> None:
     load_config(block, ENVIRON)
 
 
@@ -178,6 +195,7 @@ SEED: dict[str, Any] = {
     "models": {"some-model": {}},
     "auth": {"keys": [{"name": "alice", "key": "sk-a"}]},
     "access_log": {"path": "/var/log/oproxy/access.log"},
+    "certificates": {"acme": {"domains": ["gw.example.com"]}},
 }
 _ENTRY = {("backends",): 0, ("models",): "some-model", ("auth", "keys"): 0}
 

@@ -547,6 +547,61 @@ async def test_two_x_api_key_headers_are_refused(guarded: Any) -> None:
     assert code == 200
 
 
+MESSAGE = {"model": "llama3.2", "max_tokens": 20, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+async def send_message(proxy: Proxy, headers: dict[str, list[str]]) -> tuple[int, Any]:
+    response = await proxy.client.post(
+        f"{proxy.url}/v1/messages",
+        data=orjson.dumps(MESSAGE),
+        headers={"Content-Type": ["application/json"], **headers},
+    )
+    return response.code, orjson.loads(await treq.content(response))
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropics_routes_take_the_key_as_x_api_key_or_bearer(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"))
+    for headers in (
+        {"x-api-key": ["sk-alice"]},
+        {"Authorization": ["Bearer sk-alice"]},
+        {"Authorization": ["Bearer sk-alice"], "x-api-key": ["sk-alice"]},
+    ):
+        code, body = await send_message(proxy, headers)
+        assert (code, body["type"]) == (200, "message"), headers
+    code, body = await send_message(proxy, {"x-api-key": ["sk-wrong"]})
+    assert code == 401
+    assert body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "Incorrect API key provided."},
+    }
+    code, body = await send_message(proxy, {})
+    assert (code, body["error"]["type"]) == (401, "authentication_error")
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropics_routes_refuse_two_different_keys(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"), key("bob", "sk-bob"))
+    for headers in (
+        {"Authorization": ["Bearer sk-bob"], "x-api-key": ["sk-alice"]},
+        {"Authorization": ["Bearer sk-alice"], "x-api-key": ["sk-wrong"]},
+        {"x-api-key": ["sk-alice", "sk-alice"]},
+        {"Authorization": ["Bearer sk-alice", "Bearer sk-alice"]},
+    ):
+        code, body = await send_message(proxy, headers)
+        assert code == 400, headers
+        assert body["error"]["type"] == "invalid_request_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_openais_routes_do_not_read_x_api_key(guarded: Any) -> None:
+    proxy = guarded(key("alice", "sk-alice"))
+    code, body = await send(proxy, "/v1/chat/completions", {"x-api-key": ["sk-alice"]})
+    assert (code, body["error"]["code"]) == (401, "invalid_api_key")
+    code, body = await send(proxy, "/v1/responses", {"x-api-key": ["sk-alice"]})
+    assert code == 401
+
+
 @pytest_twisted.ensureDeferred
 async def test_native_routes_refuse_two_credentials_in_ollamas_shape(guarded: Any) -> None:
     proxy = guarded(key("alice", "sk-alice"))

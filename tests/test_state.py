@@ -43,6 +43,7 @@ from oproxy.state.base import (
     RateState,
     Refusal,
     StateUnavailable,
+    StoredResponse,
     fit_tolerance,
     rate_settle,
     rate_step,
@@ -397,6 +398,75 @@ async def test_concurrent_circuit_updates_are_exact(backend: Backend) -> None:
     assert await stores[0].circuits(NOW) == {"race": "40"}
 
 
+# -- stored responses ---------------------------------------------------------------
+
+
+def stored(response_id: str, owner: str = "key:a", expires: float = NOW + 60) -> StoredResponse:
+    return StoredResponse(response_id, owner, expires, f'{{"id": "{response_id}"}}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_is_kept_for_its_owner_only(store: IStateStore) -> None:
+    await store.put_response(stored("resp_1"), [], NOW)
+    await store.put_response(stored("resp_2", owner="key:b"), [], NOW)
+    assert await store.get_responses(["resp_1", "resp_2", "resp_9"], "key:a", NOW) == {
+        "resp_1": stored("resp_1")
+    }
+    assert list(await store.get_responses(["resp_1", "resp_2"], "key:b", NOW)) == ["resp_2"]
+    assert await store.get_responses([], "key:a", NOW) == {}
+    # Kept again under the same id: replaced.
+    replacement = StoredResponse("resp_1", "key:a", NOW + 60, '{"id": "resp_1", "v": 2}')
+    await store.put_response(replacement, [], NOW)
+    assert await store.get_responses(["resp_1"], "key:a", NOW) == {"resp_1": replacement}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_expires(store: IStateStore) -> None:
+    await store.put_response(stored("resp_1", expires=NOW + 10), [], NOW)
+    assert list(await store.get_responses(["resp_1"], "key:a", NOW + 9.5)) == ["resp_1"]
+    assert await store.get_responses(["resp_1"], "key:a", NOW + 10) == {}
+    assert not await store.delete_response("resp_1", "key:a", NOW + 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_owner_deletes_a_response(store: IStateStore) -> None:
+    await store.put_response(stored("resp_1"), [], NOW)
+    assert not await store.delete_response("resp_1", "key:b", NOW)
+    assert list(await store.get_responses(["resp_1"], "key:a", NOW)) == ["resp_1"]
+    assert await store.delete_response("resp_1", "key:a", NOW)
+    assert not await store.delete_response("resp_1", "key:a", NOW)
+    assert await store.get_responses(["resp_1"], "key:a", NOW) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chained_response_keeps_its_history_alive(store: IStateStore) -> None:
+    await store.put_response(stored("resp_1", expires=NOW + 10), [], NOW)
+    await store.put_response(stored("resp_other", owner="key:b", expires=NOW + 10), [], NOW)
+    await store.put_response(stored("resp_long", expires=NOW + 500), [], NOW)
+    # resp_2 chains onto resp_1 (and names another owner's and a longer one).
+    await store.put_response(
+        stored("resp_2", expires=NOW + 100), ["resp_1", "resp_other", "resp_long"], NOW + 5
+    )
+    later = await store.get_responses(["resp_1", "resp_2", "resp_long"], "key:a", NOW + 50)
+    assert sorted(later) == ["resp_1", "resp_2", "resp_long"]
+    assert later["resp_1"].expires == NOW + 100
+    assert later["resp_long"].expires == NOW + 500  # never shortened
+    assert await store.get_responses(["resp_other"], "key:b", NOW + 50) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_responses_are_read_at_once(store: IStateStore) -> None:
+    ids = [f"resp_{number}" for number in range(1200)]
+    for response_id in ids:
+        await store.put_response(stored(response_id), [], NOW)
+    found = await store.get_responses([*ids, "resp_missing"], "key:a", NOW)
+    assert sorted(found) == sorted(ids)
+    await store.put_response(stored("resp_last", expires=NOW + 900), ids, NOW)
+    assert {r.expires for r in (await store.get_responses(ids, "key:a", NOW)).values()} == {
+        NOW + 900
+    }
+
+
 # -- failure ------------------------------------------------------------------------
 
 
@@ -426,6 +496,9 @@ async def test_an_unreachable_store_fails_fast(unreachable: IStateStore) -> None
         lambda: unreachable.get_key("k"),
         lambda: unreachable.update_circuit("c", counting(), NOW),
         lambda: unreachable.circuits(NOW),
+        lambda: unreachable.put_response(stored("r"), ["q"], NOW),
+        lambda: unreachable.get_responses(["r"], "key:a", NOW),
+        lambda: unreachable.delete_response("r", "key:a", NOW),
         unreachable.list_keys,
         unreachable.has_active_keys,
     ]
@@ -458,7 +531,7 @@ async def test_sqlite_makes_a_private_wal_database(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
 
 
 @pytest_twisted.ensureDeferred
@@ -513,6 +586,29 @@ async def test_sqlite_forgets_what_has_expired(tmp_path: Path) -> None:
         assert db.execute("SELECT bucket FROM rate_buckets").fetchall() == [("other",)]
         assert db.execute("SELECT count(*) FROM quota_counters").fetchone() == (0,)
         assert db.execute("SELECT count(*) FROM leases").fetchone() == (0,)
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_forgets_expired_responses(tmp_path: Path) -> None:
+    path = tmp_path / "oproxy.db"
+    store = SQLiteStore(path)
+    await store.put_response(stored("resp_old", expires=NOW + 10), [], NOW)
+    await store.put_response(stored("resp_new", expires=NOW + 7200), [], NOW + 3600)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT response_id FROM responses").fetchall() == [("resp_new",)]
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_adds_the_responses_table_to_an_older_file(tmp_path: Path) -> None:
+    path = tmp_path / "oproxy.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE keys (key_id TEXT PRIMARY KEY)")
+        db.execute("PRAGMA user_version = 2")
+    store = SQLiteStore(path)
+    await store.put_response(stored("resp_1"), [], NOW)
+    assert list(await store.get_responses(["resp_1"], "key:a", NOW)) == ["resp_1"]
     await store.close()
 
 
@@ -674,6 +770,17 @@ async def test_redis_keys_live_under_the_namespace_and_expire(
     assert 659_000 < await admin.execute("PTTL", namespace + "quota:day") <= 660_000
     assert 30_000 < await admin.execute("PTTL", namespace + "lease:p") <= 31_000
     assert float(await admin.execute("GET", namespace + "rate:r")) == NOW + 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_responses_expire_by_themselves(redis: Callable[[], RedisClient]) -> None:
+    namespace = f"test:{uuid.uuid4().hex}:"
+    store = RedisStateStore(redis(), namespace=namespace)
+    admin = redis()
+    await store.put_response(stored("resp_1", expires=NOW + 60), [], NOW)
+    assert 59_000 < await admin.execute("PTTL", namespace + "response:resp_1") <= 60_000
+    await store.put_response(stored("resp_2", expires=NOW + 600), ["resp_1"], NOW)
+    assert 599_000 < await admin.execute("PTTL", namespace + "response:resp_1") <= 600_000
 
 
 @pytest_twisted.ensureDeferred

@@ -12,8 +12,9 @@ as it is relayed and stored once it has ended normally.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,10 +23,35 @@ from oproxy.api.dispatch import first_answer, first_stream
 from oproxy.api.scope import Scope
 from oproxy.cache import cache_policy, replay
 from oproxy.routing.router import Route
-from oproxy.streaming import relay_sse, relay_sse_with_keepalive
+from oproxy.streaming import OPENAI_FRAMING, Framing, relay_sse, relay_sse_with_keepalive
 
 #: The proxy's own share of a non-streamed answer's time, in milliseconds.
 OVERHEAD_HEADER = b"x-oproxy-overhead-ms"
+
+Chunks = AsyncGenerator[dict[str, Any], None]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """
+    How a chat answer reaches a client that asked in another API (OpenAI's
+    Responses, Anthropic's Messages): the request was translated to a chat
+    request, which the backends, the cache and the accounting handle as any
+    other; this turns what comes back into the client's API, last.
+
+    The cache keeps the chat answer, so a replay is rendered afresh (new
+    ids, the client's own options) like an answer just made.
+
+    :ivar label: the ``route`` label of the time-to-first-token metric.
+    :ivar render: a whole ``chat.completion`` as the client's object.
+    :ivar events: the chat stream's chunks as the client's events.
+    :ivar framing: how those events are written.
+    """
+
+    label: str
+    render: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    events: Callable[[Chunks], Chunks]
+    framing: Framing = OPENAI_FRAMING
 
 
 async def answer(
@@ -37,6 +63,8 @@ async def answer(
     stream: bool,
     produce: Callable[[Route], Awaitable[dict[str, Any]]],
     produce_stream: Callable[[Route], Awaitable[AsyncGenerator[dict[str, Any], None]]],
+    body: Mapping[str, Any] | None = None,
+    shape: Shape | None = None,
 ) -> bytes | None:
     """
     Serve from the cache when allowed and present; otherwise produce from
@@ -44,13 +72,20 @@ async def answer(
 
     The cache key names the pool of backends the model is routed over, not
     the one that happens to answer: any of them gives the same answer.
+
+    :param body: the request the routes answer, when it is not the
+        client's own (a chat request translated from another API).
+    :param shape: how that API's client is given the answer; ``None`` for
+        an OpenAI client, who gets it as it comes.
     """
     request = scope.request
     cache = scope.services.cache
     first = routes[0]
+    label = route_name if shape is None else shape.label
+    framing = OPENAI_FRAMING if shape is None else shape.framing
     policy = cache_policy(
         route_name,
-        scope.body,
+        scope.body if body is None else body,
         model=first.upstream_model,
         backend=scope.services.router.pool_name(model),
         key_name=scope.caller.subject if scope.caller and scope.caller.name else None,
@@ -67,22 +102,25 @@ async def answer(
             scope.services.metrics.cache.labels(scope.cache_status.lower()).inc()
     if hit is not None:
         if stream:
-            await relay_sse(request, _timed(scope, route_name, replay(hit)), scope.services.clock)
+            replayed = replay(hit) if shape is None else shape.events(replay(hit))
+            await relay_sse(request, _timed(scope, label, replayed), scope.services.clock, framing)
             return None
+        answered = hit.body if shape is None else await shape.render(hit.body)
         if scope.logs_bodies:
-            scope.logged_response = hit.body
-        return scope.json(hit.body)
+            scope.logged_response = answered
+        return scope.json(answered)
     if not stream:
-        body = await first_answer(scope, routes, produce)
+        made = await first_answer(scope, routes, produce)
+        await cache.store(policy, made, stream=False)
+        answered = made if shape is None else await shape.render(made)
         if scope.logs_bodies:
-            scope.logged_response = body
-        await cache.store(policy, body, stream=False)
+            scope.logged_response = answered
         request.setHeader(OVERHEAD_HEADER, b"%.3f" % (scope.overhead() * 1000))
-        return scope.json(body)
+        return scope.json(answered)
 
     async def opened() -> AsyncGenerator[dict[str, Any], None]:
-        chunks = await first_stream(scope, routes, produce_stream)
-        return _timed(scope, route_name, cache.recording(policy, chunks))
+        chunks = cache.recording(policy, await first_stream(scope, routes, produce_stream))
+        return _timed(scope, label, chunks if shape is None else shape.events(chunks))
 
     streaming = scope.config.streaming
     await relay_sse_with_keepalive(
@@ -91,6 +129,7 @@ async def answer(
         scope.services.clock,
         after=streaming.keepalive_after,
         interval=streaming.keepalive_interval,
+        framing=framing,
     )
     return None
 

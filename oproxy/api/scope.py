@@ -111,18 +111,28 @@ class Scope:
         """Whether the caller's key allows ``model`` (lists show only those)."""
         return self.caller is None or self.caller.policy.allows_model(model)
 
-    async def admitted_routes(self, route_name: str) -> tuple[str, list[Route]]:
+    async def admitted_routes(
+        self, route_name: str, body: Mapping[str, Any] | None = None
+    ) -> tuple[str, list[Route]]:
         """
         The body's model, once the caller may use it and its limits have
         room, and the routes to try for it, best first.
 
         The permission check comes before routing, so a key cannot learn
         which models exist beyond those it may use.
+
+        :param body: what the routes will be sent, when it is not the
+            client's body (a chat request translated from another API):
+            the charge is estimated from it, as ``route_name`` reads it.
         """
         model = self.model()
         if self.caller is not None:
             self.ticket = await self.services.guard.admit(
-                self.caller, model, route_name, self.body, self.request_id
+                self.caller,
+                model,
+                route_name,
+                self.body if body is None else body,
+                self.request_id,
             )
             if self.ticket is not None:
                 for name, value in self.ticket.headers.items():
@@ -165,14 +175,14 @@ class Scope:
             return None
         return 0
 
-    async def _images_for(self, route: Route) -> Mapping[str, str]:
+    async def _images_for(self, route: Route, body: Mapping[str, Any]) -> Mapping[str, str]:
         """
         A chat's images for ``route``: counted against
         ``images.max_per_request`` whatever the backend, and for Ollama,
         which takes only inline images it can read (:class:`IInlineImages`),
         fetched and converted (once, should another route be tried).
         """
-        parts = image_parts(self.body)
+        parts = image_parts(body)
         if len(parts) > self.config.images.max_per_request:
             raise too_many_images(len(parts), self.config.images, "messages")
         if not parts or not IInlineImages.providedBy(route.backend):
@@ -181,15 +191,23 @@ class Scope:
             self.prepared_images = await self.services.images.prepare(parts, self.config.images)
         return self.prepared_images
 
-    async def call(self, route: Route, image_urls: list[str] | None = None) -> Call:
+    async def call(
+        self,
+        route: Route,
+        image_urls: list[str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> Call:
         """
         The routed call, with a chat's images made ready.
 
         :param image_urls: a chat's remote image URLs, listed once its body
             was validated; ``None`` for other requests.
+        :param body: the chat request, when it is not the client's body (a
+            request translated from another API).
         """
         model = route.client_model
-        images = await self._images_for(route) if image_urls is not None else {}
+        chat = self.body if body is None else body
+        images = await self._images_for(route, chat) if image_urls is not None else {}
         key_name = self.key_name
 
         def count(usage: Mapping[str, int]) -> None:

@@ -17,12 +17,15 @@ from twisted.internet.interfaces import IReactorTime
 
 from oproxy.after_send import AfterSend
 from oproxy.cache import ResponseCache
+from oproxy.certs.report import CertificateReport
 from oproxy.config import Config
+from oproxy.console.parts import Console
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
 from oproxy.routing.router import Router
 from oproxy.security.guard import Guard
+from oproxy.state.base import IStateStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,10 @@ class Services:
     :ivar after_send: runs work once the answers written now are sent.
     :ivar access_log: the JSON access log, when one is configured.
     :ivar up_since: when the process began serving (the clock's time).
+    :ivar certificates: the certificates the daemon serves and renews, as
+        the files say (``None``: it has none to speak of).
+    :ivar console: what the admin console keeps between requests (``None``:
+        no console in this process).
     """
 
     config: Config
@@ -50,6 +57,14 @@ class Services:
     after_send: AfterSend
     access_log: AccessLog | None = None
     up_since: float = 0.0
+    certificates: CertificateReport | None = None
+
+    @property
+    def state(self) -> IStateStore:
+        """The state store the guard keeps keys and limits in (stored responses too)."""
+        return self.guard.store
+
+    console: Console | None = None
 
     def reloaded(self, config: Config, router: Router, cache: ResponseCache) -> Services:
         """The record for a new configuration; everything else stays."""

@@ -53,6 +53,11 @@ async def health(scope: Scope) -> bytes | None:
         state_store=await services.guard.check(),
         shows_model=scope.may_use,
     )
+    if services.certificates is not None:
+        certificates = services.certificates.health(services.clock.seconds())
+        document["certificates"] = certificates
+        if certificates["status"] != "ok" and document["status"] == "ok":
+            document["status"] = "degraded"
     return scope.json(document, status=503 if document["status"] == "unavailable" else 200)
 
 

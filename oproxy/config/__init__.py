@@ -14,6 +14,7 @@ line) and :mod:`~oproxy.config.checks` (cross-references, exposure).
 """
 
 from oproxy.config.checks import check_exposure, endpoint_is_loopback
+from oproxy.config.console import ConsoleConfig
 from oproxy.config.loading import (
     default_state_path,
     interpolate,
@@ -22,6 +23,7 @@ from oproxy.config.loading import (
     parse_config,
     with_overrides,
 )
+from oproxy.config.responses import ResponsesConfig
 from oproxy.config.schema import (
     DEFAULT_LISTEN,
     DEFAULT_OLLAMA_URL,
@@ -56,11 +58,13 @@ __all__ = [
     "CacheConfig",
     "Config",
     "ConfigError",
+    "ConsoleConfig",
     "ImagesConfig",
     "MetricsConfig",
     "ModelRule",
     "ReloadConfig",
     "RequestLimits",
+    "ResponsesConfig",
     "RoutingConfig",
     "SentryConfig",
     "StateConfig",

@@ -12,6 +12,7 @@ import ipaddress
 import re
 from fnmatch import fnmatchcase
 
+from oproxy.config.certificates import check_certificates
 from oproxy.config.schema import Config, ModelRule
 from oproxy.config.values import ConfigError
 
@@ -28,6 +29,7 @@ def check_references(config: Config) -> None:
     for rule in config.routing.models:
         _check_rule(rule, names)
     _unique("auth.keys", "key", [k.name for k in config.auth.keys])
+    check_certificates(config.certificates, config.listen)
     if config.state.backend == "redis" and not config.state.url:
         raise ConfigError(
             "state.url", "a redis state store needs a redis://, rediss:// or unix:// URL"
@@ -84,7 +86,10 @@ def check_exposure(config: Config) -> Config:
     Tens of thousands of model servers sit open on the internet because the
     default was open; ours is closed.
     """
-    exposed = [e for e in config.listen if not endpoint_is_loopback(e)]
+    # An endpoint that only redirects to HTTPS (and answers ACME's
+    # challenges) serves nothing a key would protect.
+    redirects = config.certificates.plain_http
+    exposed = [e for e in config.listen if not endpoint_is_loopback(e) and e not in redirects]
     auth = config.auth
     if exposed and not auth.keys and not auth.require_keys and not auth.anonymous:
         raise ConfigError(

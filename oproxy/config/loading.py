@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import yaml
 
+from oproxy.config.certificates import check_certificates, with_directory
 from oproxy.config.checks import check_exposure, check_references
 from oproxy.config.reading import structure
 from oproxy.config.schema import (
@@ -171,11 +172,13 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         backends = (BackendConfig(name="local", url=ollama, timeouts=config.timeouts),)
     else:
         backends = tuple(_backend_url(b, i) for i, b in enumerate(config.backends))
+    state = attrs.evolve(config.state, path=config.state.path or default_state_path(environ))
     config = attrs.evolve(
         config,
         backends=backends,
         routing=attrs.evolve(config.routing, models=_model_rules(models)),
-        state=attrs.evolve(config.state, path=config.state.path or default_state_path(environ)),
+        state=state,
+        certificates=with_directory(config.certificates, state.path),
     )
     check_references(config)
     return check_exposure(config)
@@ -208,4 +211,5 @@ def with_overrides(
         url = normalise_ollama_url(backend_url, "--backend")
         local = BackendConfig(name="local", type="ollama", url=url, timeouts=config.timeouts)
         config = attrs.evolve(config, backends=(local,))
+    check_certificates(config.certificates, config.listen)
     return check_exposure(config)

@@ -14,6 +14,9 @@ from typing import Annotated
 
 import attrs
 
+from oproxy.config.certificates import CertificatesConfig
+from oproxy.config.console import ConsoleConfig
+from oproxy.config.responses import ResponsesConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
     CIDR,
@@ -419,3 +422,7 @@ class Config:
     sentry: SentryConfig = SentryConfig()
     streaming: StreamingConfig = StreamingConfig()
     reload: ReloadConfig = ReloadConfig()
+    responses: ResponsesConfig = attrs.field(factory=ResponsesConfig)
+    #: Certificates made and renewed by the daemon (ACME, a local CA), HSTS.
+    certificates: CertificatesConfig = attrs.Factory(CertificatesConfig)
+    console: ConsoleConfig = attrs.Factory(ConsoleConfig)

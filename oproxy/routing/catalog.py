@@ -49,6 +49,10 @@ class Catalog:
         loaded = self._loaded.get(backend, set())
         return any(form in loaded for form in name_forms(model))
 
+    def loaded_models(self, backend: str) -> list[str]:
+        """The models the backend has loaded, as last seen (``/api/ps``, answers)."""
+        return sorted(self._loaded.get(backend, set()))
+
     def models(self, backend: str) -> list[dict[str, Any]]:
         return list(self._served.get(backend, {}).values())
 

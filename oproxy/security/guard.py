@@ -57,29 +57,44 @@ ONE_CREDENTIAL = (
     "Only one credential header is allowed: send a single Authorization header "
     "(and at most one x-api-key header)."
 )
+TWO_KEYS = (
+    "The Authorization and x-api-key headers name different keys: send the key in one of them."
+)
 
 
-def credential(request: IRequest) -> bytes | None:
+def credential(request: IRequest, *, x_api_key: bool = False) -> bytes | None:
     """
     The request's ``Authorization`` header, refusing a request that sends it
     (or ``x-api-key``) more than once.
 
     With two, Twisted keeps the last while a front proxy may check the first;
     a request that could mean two callers is refused rather than guessed at.
-    ``x-api-key`` is not read as a key (the OpenAI API has none), but a front
-    proxy may read it, so a second one is refused all the same.  A single
-    header whose value holds a comma is one header: it is simply not a key.
+    A single header whose value holds a comma is one header: it is simply not
+    a key.
 
-    :raises InvalidRequest: a credential header appears more than once.
+    ``x-api-key`` is read as the key only where ``x_api_key`` says so: on
+    Anthropic's routes, whose SDKs and Claude Code send the key there.  It is
+    then the key as an ``Authorization: Bearer`` header would carry it, and
+    a request that sends both headers must name the same key in both.  On
+    the other routes it is not read (the OpenAI API has no such header), but
+    a front proxy may read it, so a second one is refused all the same.
+
+    :raises InvalidRequest: a credential header appears more than once, or
+        both name different keys.
     """
     headers = request.requestHeaders
-    authorization = headers.getRawHeaders(b"authorization")
-    api_key = headers.getRawHeaders(b"x-api-key")
+    authorization: list[bytes] | None = headers.getRawHeaders(b"authorization")
+    api_key: list[bytes] | None = headers.getRawHeaders(b"x-api-key")
     if (authorization is not None and len(authorization) > 1) or (
         api_key is not None and len(api_key) > 1
     ):
         raise InvalidRequest(ONE_CREDENTIAL, code="multiple_credentials")
-    return authorization[0] if authorization else None
+    if not x_api_key or not api_key:
+        return authorization[0] if authorization else None
+    as_bearer: bytes = b"Bearer " + api_key[0].strip()
+    if authorization and bearer_token(authorization[0]) != bearer_token(as_bearer):
+        raise InvalidRequest(TWO_KEYS, code="multiple_credentials")
+    return as_bearer
 
 
 def bearer_token(authorization: bytes | None) -> str | None:

@@ -15,6 +15,10 @@ Circuit records are the routing breaker's state shared between processes.
 The store does not read them: it keeps each as an opaque string with an
 expiry and replaces it atomically with what the caller's function makes of
 it, so both stores agree by construction on what the breaker decides.
+
+Stored responses (OpenAI's Responses API with ``store: true``) are opaque
+documents too, each with its owner (the caller who made it) and an expiry;
+a caller reads and deletes only its own.
 """
 
 from __future__ import annotations
@@ -156,6 +160,23 @@ class CircuitRecord:
     expires: float
 
 
+@dataclass(frozen=True)
+class StoredResponse:
+    """
+    A response kept for its owner until ``expires``.
+
+    :ivar owner: the caller that made it (its subject, ``key:<id>``...):
+        nobody else may read, chain from or delete it.
+    :ivar document: the response, its input and its history, as JSON; the
+        store does not read it.
+    """
+
+    response_id: str
+    owner: str
+    expires: float
+    document: str
+
+
 #: What :meth:`IStateStore.update_circuit` calls with a circuit's current
 #: value (``None``: none, or expired): the record to keep, or ``None`` to drop it.
 CircuitChange = Callable[[str | None], CircuitRecord | None]
@@ -226,6 +247,27 @@ class IStateStore(Interface):
 
     def circuits(now: float) -> defer.Deferred[dict[str, str]]:
         """Every circuit record that has not expired at ``now``: its value, by name."""
+
+    def put_response(
+        record: StoredResponse, extend: Sequence[str], now: float
+    ) -> defer.Deferred[None]:
+        """
+        Keep ``record`` (replacing one with its id), and make the owner's
+        responses named in ``extend`` last at least as long: a response is
+        chained onto those, and must not outlive them.  Responses expired
+        at ``now`` may be forgotten on the way.
+        """
+
+    def get_responses(
+        response_ids: Sequence[str], owner: str, now: float
+    ) -> defer.Deferred[dict[str, StoredResponse]]:
+        """
+        The responses among ``response_ids`` that ``owner`` made and that
+        have not expired at ``now``, by id; the others are simply missing.
+        """
+
+    def delete_response(response_id: str, owner: str, now: float) -> defer.Deferred[bool]:
+        """Forget ``owner``'s response ``response_id``; whether there was one."""
 
     def ping() -> defer.Deferred[None]:
         """Succeed when the store answers."""

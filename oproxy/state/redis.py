@@ -15,6 +15,10 @@ again, a quota counter a minute after its period, a lease set after its
 last lease.  Expiry uses Redis's relative timers, so hosts whose clocks are
 a little off Redis's still agree.
 
+A stored response is a hash (owner, expiry on the callers' clock, the
+document) that expires by itself; the scripts that write or delete one
+check its owner in the same step.
+
 Circuit records are the exception: they live in one hash (so a process
 reads them all with one ``HGETALL``), each value prefixed with its expiry
 on the callers' clock, and are replaced by compare-and-swap: Python reads a
@@ -45,6 +49,7 @@ from oproxy.state.base import (
     RateCharge,
     Refusal,
     StateUnavailable,
+    StoredResponse,
 )
 from oproxy.state.outcomes import rate_refusal, rate_states, rate_states_unchanged, rate_steps
 
@@ -267,6 +272,38 @@ return 1
 )
 
 
+#: KEYS: the response, then the responses whose life to extend.  ARGV:
+#: owner, expires (callers' clock), document, ttl_ms.
+PUT_RESPONSE = Script(
+    """
+local owner, expires, ttl = ARGV[1], ARGV[2], tonumber(ARGV[4])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'owner', owner, 'expires', expires, 'document', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+for i = 2, #KEYS do
+  if redis.call('HGET', KEYS[i], 'owner') == owner then
+    if redis.call('PTTL', KEYS[i]) < ttl then
+      redis.call('PEXPIRE', KEYS[i], ttl)
+      redis.call('HSET', KEYS[i], 'expires', expires)
+    end
+  end
+end
+return 0
+"""
+)
+
+#: KEYS: the response.  ARGV: owner, now.  Returns 1 when deleted.
+DELETE_RESPONSE = Script(
+    """
+local found = redis.call('HMGET', KEYS[1], 'owner', 'expires')
+if found[1] ~= ARGV[1] or not found[2] then return 0 end
+if tonumber(found[2]) <= tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+)
+
+
 @implementer(IStateStore)
 class RedisStateStore:
     """
@@ -410,6 +447,59 @@ class RedisStateStore:
             return found
 
         return self._guard(read())
+
+    # -- stored responses ----------------------------------------------------------
+
+    def put_response(
+        self, record: StoredResponse, extend: Sequence[str], now: float
+    ) -> defer.Deferred[None]:
+        keys = [self._key("response:", record.response_id)]
+        keys += [self._key("response:", response_id) for response_id in extend]
+        args: list[Arg] = [
+            record.owner,
+            repr(float(record.expires)),
+            record.document,
+            _ttl_ms(record.expires - now),
+        ]
+        return self._guard(self._run_for_nothing(PUT_RESPONSE, keys, args))
+
+    def get_responses(
+        self, response_ids: Sequence[str], owner: str, now: float
+    ) -> defer.Deferred[dict[str, StoredResponse]]:
+        async def get() -> dict[str, StoredResponse]:
+            # Pipelined: every HMGET goes out before the first reply is read.
+            replies = await defer.gatherResults(
+                [
+                    self._command(
+                        "HMGET", self._key("response:", response_id), "owner", "expires", "document"
+                    )
+                    for response_id in response_ids
+                ],
+                consumeErrors=True,
+            )
+            found: dict[str, StoredResponse] = {}
+            for response_id, (stored_owner, expires, document) in zip(
+                response_ids, replies, strict=True
+            ):
+                if stored_owner is None or expires is None or document is None:
+                    continue
+                if stored_owner.decode() != owner or float(expires) <= now:
+                    continue
+                found[response_id] = StoredResponse(
+                    response_id, owner, float(expires), document.decode()
+                )
+            return found
+
+        return self._guard(get())
+
+    def delete_response(self, response_id: str, owner: str, now: float) -> defer.Deferred[bool]:
+        async def delete() -> bool:
+            deleted = await self._run(
+                DELETE_RESPONSE, [self._key("response:", response_id)], [owner, repr(float(now))]
+            )
+            return bool(deleted)
+
+        return self._guard(delete())
 
     # -- keys ----------------------------------------------------------------------
 

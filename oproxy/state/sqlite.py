@@ -38,6 +38,7 @@ from oproxy.state.base import (
     RateCharge,
     Refusal,
     StateUnavailable,
+    StoredResponse,
     quota_fits,
     rate_settle,
 )
@@ -46,8 +47,8 @@ from oproxy.state.outcomes import rate_refusal, rate_states, rate_states_unchang
 T = TypeVar("T")
 
 #: Bumped when the tables change; a file from a newer oproxy is refused.
-#: 2 added ``circuits``.
-SCHEMA_VERSION = 2
+#: 2 added ``circuits``, 3 ``responses``.
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -81,10 +82,20 @@ CREATE TABLE IF NOT EXISTS circuits (
     value TEXT NOT NULL,
     expires REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS responses (
+    response_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL,
+    document TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires);
 """
 
 #: Seconds of caller time between sweeps of expired rows, per process.
 PURGE_EVERY = 60.0
+
+#: Ids looked up by one statement (SQLite's bound on parameters is higher).
+IDS_PER_STATEMENT = 500
 
 # SQLITE_BUSY and SQLITE_LOCKED: contention, after which the connection is still good.
 _CONTENTION = {5, 6}
@@ -111,6 +122,7 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._closed = False
         self._next_purge = -math.inf
+        self._next_response_purge = -math.inf
 
     # -- limits ------------------------------------------------------------------
 
@@ -251,6 +263,64 @@ class SQLiteStore:
             return dict(rows.fetchall())
 
         return self._call(read)
+
+    # -- stored responses ----------------------------------------------------------
+
+    def put_response(
+        self, record: StoredResponse, extend: Sequence[str], now: float
+    ) -> defer.Deferred[None]:
+        def put(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                db.execute(
+                    "INSERT OR REPLACE INTO responses (response_id, owner, expires, document)"
+                    " VALUES (?, ?, ?, ?)",
+                    (record.response_id, record.owner, record.expires, record.document),
+                )
+                for ids in _batches(extend):
+                    db.execute(  # placeholders only: the ids are parameters
+                        "UPDATE responses SET expires = max(expires, ?)"  # noqa: S608
+                        f" WHERE owner = ? AND response_id IN ({_marks(ids)})",
+                        (record.expires, record.owner, *ids),
+                    )
+                self._maybe_purge_responses(db, now)
+
+        return self._call(put)
+
+    def get_responses(
+        self, response_ids: Sequence[str], owner: str, now: float
+    ) -> defer.Deferred[dict[str, StoredResponse]]:
+        def get(db: sqlite3.Connection) -> dict[str, StoredResponse]:
+            found: dict[str, StoredResponse] = {}
+            for ids in _batches(response_ids):
+                rows = db.execute(  # placeholders only: the ids are parameters
+                    "SELECT response_id, owner, expires, document FROM responses"  # noqa: S608
+                    f" WHERE owner = ? AND expires > ? AND response_id IN ({_marks(ids)})",
+                    (owner, now, *ids),
+                )
+                for response_id, stored_owner, expires, document in rows:
+                    found[response_id] = StoredResponse(
+                        response_id, stored_owner, float(expires), document
+                    )
+            return found
+
+        return self._call(get)
+
+    def delete_response(self, response_id: str, owner: str, now: float) -> defer.Deferred[bool]:
+        def delete(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "DELETE FROM responses WHERE response_id = ? AND owner = ? AND expires > ?",
+                (response_id, owner, now),
+            )
+            return cursor.rowcount > 0
+
+        return self._call(delete)
+
+    def _maybe_purge_responses(self, db: sqlite3.Connection, now: float) -> None:
+        """Forget expired responses, now and then (readers skip them meanwhile)."""
+        if now < self._next_response_purge:
+            return
+        self._next_response_purge = now + PURGE_EVERY
+        db.execute("DELETE FROM responses WHERE expires <= ?", (now,))
 
     # -- keys ----------------------------------------------------------------------
 
@@ -461,6 +531,15 @@ def _lease_refusal(db: sqlite3.Connection, leases: Sequence[Lease], now: float) 
             return Refusal("parallel", lease.bucket, lease.limit, len(held), 1)
         held.add(lease.lease_id)
     return None
+
+
+def _batches(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), IDS_PER_STATEMENT):
+        yield ids[start : start + IDS_PER_STATEMENT]
+
+
+def _marks(ids: Sequence[str]) -> str:
+    return ", ".join("?" * len(ids))
 
 
 def _tat(db: sqlite3.Connection, bucket: str) -> float | None:

@@ -52,6 +52,11 @@ log = Logger()
 #: whole answer, or ``None`` for one it has written itself (a stream).
 Handler = Callable[[Scope], Awaitable[bytes | None]]
 
+#: How a route's caller is identified when not by a bearer key: the
+#: console's pages and JSON by their session cookie.  It raises the typed
+#: error of a refusal, as the key check does.
+Identify = Callable[[Services, IRequest], Awaitable[Caller]]
+
 #: Refusals counted as rejections: keys, permissions, body size, limits, quotas.
 REJECTION_STATUSES = frozenset((401, 403, 413, 429))
 
@@ -87,6 +92,10 @@ class Endpoint:
         every route is broken out and the labels stay bounded.
     :ivar counted: whether it shows in the request metrics and the access
         log; the scrape of those metrics does not count itself.
+    :ivar identify: how the caller is identified, when not by its key
+        (``authenticates`` still says whether anyone is).
+    :ivar headers: headers every answer of the route carries, errors
+        included (the console's security headers), set first.
     """
 
     path: str
@@ -97,6 +106,8 @@ class Endpoint:
     json_body: bool = False
     label: str = ""
     counted: bool = True
+    identify: Identify | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -124,6 +135,8 @@ class Pipeline:
         clock = services.clock
         started = clock.seconds()
         request_id = stamp_request_id(request)
+        for name, value in endpoint.headers:
+            request.setHeader(name, value)
         if self.draining:
             close_after_answer(request)
         counted = endpoint.counted
@@ -133,7 +146,12 @@ class Pipeline:
         if counted:
             services.metrics.in_flight.inc()
         try:
-            caller = await authenticate(services, request) if endpoint.authenticates else None
+            if not endpoint.authenticates:
+                caller = None
+            elif endpoint.identify is not None:
+                caller = await endpoint.identify(services, request)
+            else:
+                caller = await authenticate(services, request, endpoint.dialect.reads_x_api_key)
             body = read_json(request) if endpoint.json_body else {}
             scope = Scope(
                 request, request_id, services, services.config, caller, body, started, params
@@ -219,10 +237,13 @@ def close_after_answer(request: IRequest) -> None:
     request.requestHeaders.setRawHeaders(b"connection", [b"close"])
 
 
-async def authenticate(services: Services, request: IRequest) -> Caller:
-    """Who is calling, by key (or anonymous where that is allowed)."""
+async def authenticate(services: Services, request: IRequest, x_api_key: bool = False) -> Caller:
+    """
+    Who is calling, by key (or anonymous where that is allowed); the key may
+    come as ``x-api-key`` where the route's API family sends it there.
+    """
     return await services.guard.identify(
-        services.config.auth, credential(request), client_address(request)
+        services.config.auth, credential(request, x_api_key=x_api_key), client_address(request)
     )
 
 

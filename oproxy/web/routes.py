@@ -30,14 +30,17 @@ from oproxy.api import (
     chat,
     completions,
     embeddings,
+    messages,
     models,
     native,
     native_models,
+    responses,
     status,
 )
 from oproxy.api.docs import OPENAPI_JSON, SWAGGER_PAGE, swagger_ui_files
+from oproxy.console.routes import CONSOLE_ROUTES
 from oproxy.errors import MethodNotAllowed, NotFound
-from oproxy.web.dialects import OLLAMA, OPENAI
+from oproxy.web.dialects import ANTHROPIC, OLLAMA, OPENAI, Dialect, dialect_for_path
 from oproxy.web.pipeline import Endpoint, Handler, Pipeline, stamp_request_id
 
 
@@ -75,6 +78,16 @@ ROUTES: tuple[Route, ...] = (
     Endpoint("/v1/embeddings", ("POST",), embeddings.create, json_body=True),
     Endpoint("/v1/models", ("GET",), models.list_all),
     Endpoint("/v1/models/<path:model_id>", ("GET",), models.retrieve),
+    # -- OpenAI's Responses API
+    Endpoint("/v1/responses", ("POST",), responses.create, json_body=True),
+    Endpoint("/v1/responses/<response_id>", ("GET",), responses.retrieve),
+    Endpoint("/v1/responses/<response_id>", ("DELETE",), responses.delete),
+    Endpoint("/v1/responses/<response_id>/input_items", ("GET",), responses.input_items),
+    # -- Anthropic's Messages API: its errors are Anthropic's, its key may be x-api-key
+    Endpoint("/v1/messages", ("POST",), messages.create, ANTHROPIC, json_body=True),
+    Endpoint(
+        "/v1/messages/count_tokens", ("POST",), messages.count_tokens, ANTHROPIC, json_body=True
+    ),
     # -- key management (admin keys only)
     Endpoint("/admin/keys", ("GET",), admin.list_all),
     Endpoint("/admin/keys", ("POST",), admin.create, json_body=True),
@@ -109,6 +122,8 @@ ROUTES: tuple[Route, ...] = (
     _native("/api/create", native_models.create),
     _native("/api/delete", native_models.delete, ("DELETE",)),
     _native("/api/copy", native_models.copy),
+    # -- the admin console: pages and their JSON, by session (oproxy/console/)
+    *CONSOLE_ROUTES,
 )
 
 
@@ -177,10 +192,15 @@ def _relative_redirect(request: IRequest, failure: Any) -> bytes:
     return b""
 
 
+def _routing_dialect(request: IRequest) -> Dialect:
+    """OpenAI's, but Anthropic's under Anthropic's API, whose clients read only that."""
+    return ANTHROPIC if dialect_for_path(request.path) is ANTHROPIC else OPENAI
+
+
 def _not_found(request: IRequest, failure: Any) -> bytes:
     stamp_request_id(request)
     path = request.path.decode("latin-1", "replace")
-    return OPENAI.respond(request, NotFound(f"Unknown request URL: {path}."))
+    return _routing_dialect(request).respond(request, NotFound(f"Unknown request URL: {path}."))
 
 
 def _method_not_allowed(request: IRequest, failure: Any) -> bytes:
@@ -189,6 +209,6 @@ def _method_not_allowed(request: IRequest, failure: Any) -> bytes:
     allowed = failure.value.valid_methods or []
     if allowed:
         request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
-    return OPENAI.respond(
+    return _routing_dialect(request).respond(
         request, MethodNotAllowed(f"Method {method} is not allowed on this route.")
     )
