@@ -20,6 +20,8 @@ from oproxy.config import Config
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
+from oproxy.plugins.chain import Chain
+from oproxy.plugins.host import PluginHost
 from oproxy.routing.router import Router
 from oproxy.security.guard import Guard
 from oproxy.web.pipeline import Pipeline
@@ -44,10 +46,13 @@ class ProxyApp:
         guard: Guard,
         access_log: AccessLog | None = None,
         after_send: AfterSend | None = None,
+        plugins: PluginHost | None = None,
     ) -> None:
         """
         :param after_send: runs counting and logging once answers are sent
             (one of its own unless given).
+        :param plugins: the plugins built from the configuration, whose
+            chain is in force (none, unless given).
         """
         services = Services(
             config=config,
@@ -60,6 +65,7 @@ class ProxyApp:
             after_send=after_send or AfterSend(clock),
             access_log=access_log,
             up_since=clock.seconds(),
+            plugins=plugins.chain if plugins is not None else (),
         )
         self.pipeline = Pipeline(services)
         self._resource: IResource | None = None
@@ -69,15 +75,18 @@ class ProxyApp:
         self.clock, self.images, self.guard = clock, images, guard
         self.metrics, self.access_log = metrics, access_log
         self.after_send = services.after_send
+        self.plugins = plugins
 
     @property
     def services(self) -> Services:
         """What a request starting now gets."""
         return self.pipeline.services
 
-    def swap(self, config: Config, router: Router, cache: ResponseCache) -> None:
+    def swap(
+        self, config: Config, router: Router, cache: ResponseCache, plugins: Chain | None = None
+    ) -> None:
         """Make a new configuration live; requests in flight keep theirs."""
-        self.pipeline.services = self.pipeline.services.reloaded(config, router, cache)
+        self.pipeline.services = self.pipeline.services.reloaded(config, router, cache, plugins)
         self.config, self.router, self.cache = config, router, cache
 
     def resource(self) -> IResource:

@@ -193,6 +193,21 @@ class Metrics:
             registry=registry,
         )
 
+        self.plugin_failures = Counter(
+            "oproxy_plugin_failures",
+            "Plugin hooks that failed or timed out, by plugin, hook and reason "
+            "(error, timeout); each either refused its request or was passed over.",
+            ["plugin", "hook", "reason"],
+            registry=registry,
+        )
+        self.webhook_dropped = Counter(
+            "oproxy_webhook_dropped_records",
+            "Records a webhook plugin dropped: its queue was full (the oldest go), its "
+            "URL refused them for good, or the process stopped before they were delivered.",
+            ["plugin"],
+            registry=registry,
+        )
+
     def count_tokens(self, usage: Mapping[str, int], *, model: str, key: str | None) -> None:
         key_label = key or "-"
         self.tokens.labels("prompt", model, key_label).inc(usage.get("prompt_tokens", 0))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
@@ -40,6 +41,8 @@ from oproxy.images.fetch import Images
 from oproxy.listeners import Listener, bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import Metrics, metrics_for_this_process
+from oproxy.plugins.host import PluginHost
+from oproxy.plugins.interface import Environment
 from oproxy.reload import Reloader
 from oproxy.reporting import ReportingService, check_reporting
 from oproxy.routing.breaker import CircuitSync
@@ -221,9 +224,13 @@ def build_app(
 ) -> ProxyApp:
     """
     Wire the app over the shared pool.  Nothing is opened: the guard's
-    store opens when :meth:`Guard.start` runs (the service tree does that).
+    store opens when :meth:`Guard.start` runs (the service tree does that),
+    and the plugins that are services start with the tree.
+
+    :raises ConfigError: a configured plugin cannot be built.
     """
     metrics = metrics_for_this_process()
+    plugins = build_plugins(config, reactor, pool, metrics)
     guard = build_guard(config, reactor, metrics, builders)
     # Circuits are shared with the other workers through the same store.
     routing = RoutingState.new(reactor, config.routing, store=guard.store, metrics=metrics)
@@ -237,7 +244,21 @@ def build_app(
         guard=guard,
         access_log=access_log,
         after_send=after_send,
+        plugins=plugins,
     )
+
+
+def build_plugins(
+    config: Config, reactor: Any, pool: ConnectionPool, metrics: Metrics
+) -> PluginHost:
+    """
+    The configured plugins, built (not started), with what they may use:
+    the clock, a treq client over the shared pool, the metrics.
+    """
+    http = HTTPClient(Agent(reactor, pool=pool))
+    host = PluginHost(Environment(clock=reactor, http=http, metrics=metrics))
+    host.commit(host.build(config.plugins))
+    return host
 
 
 def build_guard(
@@ -311,7 +332,10 @@ def serving_service(
     pool = builders.pool(reactor)
     access_log = AccessLog(config.access_log.path) if config.access_log else None
     after_send = AfterSend(reactor)
-    app = build_app(config, reactor, pool, access_log, after_send, builders)
+    try:
+        app = build_app(config, reactor, pool, access_log, after_send, builders)
+    except ConfigError as e:
+        raise SystemExit(f"oproxy: invalid configuration: {e}") from None
 
     def draining() -> None:
         app.draining = True
@@ -328,6 +352,7 @@ def serving_service(
             after_send=after_send,
             access_log=access_log,
             draining=draining,
+            plugins=app.plugins,
         ),
         make_site=make_site,
         bind=listen,

@@ -8,6 +8,12 @@ from.  The lookup happens after authentication and before anything is
 fetched or sent upstream, so a hit costs no image download and no model
 time.  Only successful, complete answers are stored; a stream is recorded
 as it is relayed and stored once it has ended normally.
+
+The cache sits between the plugins' hooks: its key is made from the body
+the request hooks left (what the backend is asked), it stores what the
+backend answered, and the response and chunk hooks run on every answer,
+from the cache or not.  A plugin that changes answers therefore changes
+cached ones the same way, and never twice.
 """
 
 from __future__ import annotations
@@ -65,24 +71,37 @@ async def answer(
         if name.lower() == b"x-cache":
             scope.cache_status = value.decode("ascii")
             scope.services.metrics.cache.labels(scope.cache_status.lower()).inc()
+    hooks = scope.hooks
     if hit is not None:
         if stream:
-            await relay_sse(request, _timed(scope, route_name, replay(hit)), scope.services.clock)
+            replayed = replay(hit)
+            if hooks is not None:
+                replayed = hooks.stream(replayed)
+            await relay_sse(request, _timed(scope, route_name, replayed), scope.services.clock)
             return None
-        if scope.logs_bodies:
-            scope.logged_response = hit.body
-        return scope.json(hit.body)
-    if not stream:
-        body = await first_answer(scope, routes, produce)
+        body = hit.body
+        if hooks is not None:
+            body = await hooks.response(body)
         if scope.logs_bodies:
             scope.logged_response = body
+        return scope.json(body)
+    if not stream:
+        body = await first_answer(scope, routes, produce)
+        # Stored (serialised) before any plugin changes it.
         await cache.store(policy, body, stream=False)
+        if hooks is not None:
+            body = await hooks.response(body)
+        if scope.logs_bodies:
+            scope.logged_response = body
         request.setHeader(OVERHEAD_HEADER, b"%.3f" % (scope.overhead() * 1000))
         return scope.json(body)
 
     async def opened() -> AsyncGenerator[dict[str, Any], None]:
-        chunks = await first_stream(scope, routes, produce_stream)
-        return _timed(scope, route_name, cache.recording(policy, chunks))
+        chunks = cache.recording(policy, await first_stream(scope, routes, produce_stream))
+        if hooks is not None:
+            # The recording keeps the chunks it passes on: the plugins get copies.
+            chunks = hooks.stream(chunks, copy=policy.key is not None and policy.write)
+        return _timed(scope, route_name, chunks)
 
     streaming = scope.config.streaming
     await relay_sse_with_keepalive(

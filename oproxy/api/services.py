@@ -21,6 +21,7 @@ from oproxy.config import Config
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
+from oproxy.plugins.chain import Chain
 from oproxy.routing.router import Router
 from oproxy.security.guard import Guard
 
@@ -38,6 +39,7 @@ class Services:
     :ivar after_send: runs work once the answers written now are sent.
     :ivar access_log: the JSON access log, when one is configured.
     :ivar up_since: when the process began serving (the clock's time).
+    :ivar plugins: the plugins in force, in order (empty: none enabled).
     """
 
     config: Config
@@ -50,7 +52,12 @@ class Services:
     after_send: AfterSend
     access_log: AccessLog | None = None
     up_since: float = 0.0
+    plugins: Chain = ()
 
-    def reloaded(self, config: Config, router: Router, cache: ResponseCache) -> Services:
+    def reloaded(
+        self, config: Config, router: Router, cache: ResponseCache, plugins: Chain | None = None
+    ) -> Services:
         """The record for a new configuration; everything else stays."""
-        return replace(self, config=config, router=router, cache=cache)
+        if plugins is None:
+            plugins = self.plugins
+        return replace(self, config=config, router=router, cache=cache, plugins=plugins)

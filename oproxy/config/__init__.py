@@ -22,6 +22,7 @@ from oproxy.config.loading import (
     parse_config,
     with_overrides,
 )
+from oproxy.config.plugins import PluginConfig
 from oproxy.config.schema import (
     DEFAULT_LISTEN,
     DEFAULT_OLLAMA_URL,
@@ -59,6 +60,7 @@ __all__ = [
     "ImagesConfig",
     "MetricsConfig",
     "ModelRule",
+    "PluginConfig",
     "ReloadConfig",
     "RequestLimits",
     "RoutingConfig",

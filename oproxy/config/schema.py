@@ -14,6 +14,7 @@ from typing import Annotated
 
 import attrs
 
+from oproxy.config.plugins import PluginConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
     CIDR,
@@ -419,3 +420,6 @@ class Config:
     sentry: SentryConfig = SentryConfig()
     streaming: StreamingConfig = StreamingConfig()
     reload: ReloadConfig = ReloadConfig()
+    #: The plugins enabled, in the order they run (read by
+    #: :mod:`oproxy.config.resolving`, which resolves their names).
+    plugins: Annotated[tuple[PluginConfig, ...], FileKey(None)] = ()
