@@ -202,9 +202,10 @@ class Metrics:
         )
         self.webhook_dropped = Counter(
             "oproxy_webhook_dropped_records",
-            "Records a webhook plugin dropped: its queue was full (the oldest go), its "
-            "URL refused them for good, or the process stopped before they were delivered.",
-            ["plugin"],
+            "Records a webhook plugin dropped, by its URL (without credentials or query): "
+            "its queue was full (the oldest go), the URL refused them for good, or the "
+            "process stopped before they were delivered.",
+            ["url"],
             registry=registry,
         )
 
