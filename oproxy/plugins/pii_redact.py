@@ -167,7 +167,7 @@ _BUILT_IN = {
         None,
     ),
     "phone": (
-        r"(?<![\w+()])(?:\+\d{1,3}[ .-]?|\(\d{1,4}\)[ .-]?)?"
+        r"(?<![\w+()]|\d[ .-])(?:\+\d{1,3}[ .-]?|\(\d{1,4}\)[ .-]?)?"
         r"\(?\d(?:\)?[ .-]?\(?\d){5,14}(?!\w|[ .-]\d)",
         "[PHONE]",
         _phone,
@@ -208,7 +208,10 @@ class Redactor:
         """The matches in ``text[start:]``: earliest first, then longest, none overlapping."""
         candidates: list[tuple[int, int, int, str]] = []
         for rank, detector in enumerate(self._detectors):
-            for match in detector.pattern.finditer(text, start):
+            # Every place a match may begin, not only where the last one
+            # ended: a candidate that fails its check (a number that is not a
+            # card) must not hide one that begins inside it.
+            for match in detector.pattern.finditer(text, start, overlapped=True):
                 if match.end() == match.start():
                     continue
                 length = match.end() - match.start()
