@@ -110,7 +110,7 @@ def test_blocked_words_refuse_the_request(body: dict[str, Any], blocked: bool) -
 
 def test_regular_expressions_and_a_message_of_ones_own() -> None:
     plugin = blocker(patterns=[r"\bproject\s+\w+\b"], regex=True, message="Not here.")
-    with pytest.raises(InvalidRequest, match="Not here."):
+    with pytest.raises(InvalidRequest, match=r"^Not here\.$"):
         plugin.on_request(exchange("/api/chat"), chat("about PROJECT titan"))
     plugin.on_request(exchange("/api/chat"), chat("a projection"))
 
