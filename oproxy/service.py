@@ -12,10 +12,11 @@ in an order that lets every request end first:
   config watch, access-log rotation, ``SIGHUP``).
 * ``stopService`` stops accepting, drains the requests and streams in
   flight, stops the loops, runs the work left for after the answers (counts,
-  access lines), waits until every request's usage is settled in the store,
-  and only then closes the response cache, the state store and the upstream
-  connection pool, in that order, waiting for each; error reporting stops
-  last.
+  access lines, plugins' completion hooks), stops the plugins that are
+  services (a webhook delivers its queue, through the pool), waits until
+  every request's usage is settled in the store, and only then closes the
+  response cache, the state store and the upstream connection pool, in that
+  order, waiting for each; error reporting stops last.
 
 ``twistd`` stops the tree in a ``before shutdown`` trigger of its own and
 waits for the Deferred :meth:`ProxyService.stopService` returns, so nothing
