@@ -233,6 +233,20 @@ async def test_plugins_apply_where_their_filters_say(proxy_factory: Any) -> None
     assert [(x.key, x.model) for x, _ in RECORDER.requests] == [("bob", "llama3.2")]
 
 
+@pytest_twisted.ensureDeferred
+async def test_key_management_is_not_the_plugins_business(proxy_factory: Any) -> None:
+    root = APIKey(name="root", sha256=hash_key("sk-root"), policy=KeyPolicy(admin=True))
+    proxy = proxy_factory(auth=AuthConfig(keys=(root,)), plugins=plugins({"name": "recorder"}))
+    response, _ = await call(proxy, "/admin/keys", {"name": "ci"}, Authorization="Bearer sk-root")
+    assert response.code == 201
+    await proxy.settled()
+    assert RECORDER.requests == [] and RECORDER.outcomes == []
+    await call(
+        proxy, "/api/pull", {"model": "llama3.2", "stream": False}, Authorization="Bearer sk-root"
+    )
+    assert [x.route for x, _ in RECORDER.requests] == ["/api/pull"]
+
+
 # -- answers and chunks -------------------------------------------------------------------
 
 
