@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application import service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -54,6 +55,8 @@ from oproxy.images.fetch import Images
 from oproxy.listeners import Listener, bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import Metrics, metrics_for_this_process
+from oproxy.plugins.host import PluginHost
+from oproxy.plugins.interface import Environment
 from oproxy.reload import Reloader
 from oproxy.reporting import ReportingService, check_reporting
 from oproxy.routing.breaker import CircuitSync
@@ -236,12 +239,15 @@ def build_app(
 ) -> ProxyApp:
     """
     Wire the app over the shared pool.  Nothing is opened: the guard's
-    store opens when :meth:`Guard.start` runs (the service tree does that).
+    store opens when :meth:`Guard.start` runs (the service tree does that),
+    and the plugins that are services start with the tree.
 
     :param config_source: the file the console's editor shows and writes
         (by default none: the editor is read-only).
+    :raises ConfigError: a configured plugin cannot be built.
     """
     metrics = metrics_for_this_process()
+    plugins = build_plugins(config, reactor, pool, metrics)
     certificates = certificate_report(config)
     if certificates is not None:
         metrics.add_collector(certificates)
@@ -267,7 +273,21 @@ def build_app(
         after_send=after_send,
         certificates=certificates,
         console=console,
+        plugins=plugins,
     )
+
+
+def build_plugins(
+    config: Config, reactor: Any, pool: ConnectionPool, metrics: Metrics
+) -> PluginHost:
+    """
+    The configured plugins, built (not started), with what they may use:
+    the clock, a treq client over the shared pool, the metrics.
+    """
+    http = HTTPClient(Agent(reactor, pool=pool))
+    host = PluginHost(Environment(clock=reactor, http=http, metrics=metrics))
+    host.commit(host.build(config.plugins))
+    return host
 
 
 def build_guard(
@@ -359,7 +379,10 @@ def serving_service(
         if worker
         else reload_here(lambda: reloader.reload()),
     )
-    app = build_app(config, reactor, pool, access_log, after_send, builders, source)
+    try:
+        app = build_app(config, reactor, pool, access_log, after_send, builders, source)
+    except ConfigError as e:
+        raise SystemExit(f"oproxy: invalid configuration: {e}") from None
 
     def draining() -> None:
         app.draining = True
@@ -376,6 +399,7 @@ def serving_service(
             after_send=after_send,
             access_log=access_log,
             draining=draining,
+            plugins=app.plugins,
         ),
         make_site=make_site,
         bind=listen,

@@ -196,8 +196,9 @@ SEED: dict[str, Any] = {
     "auth": {"keys": [{"name": "alice", "key": "sk-a"}]},
     "access_log": {"path": "/var/log/oproxy/access.log"},
     "certificates": {"acme": {"domains": ["gw.example.com"]}},
+    "plugins": [{"name": "max-tokens-cap", "config": {"max_tokens": 64}}],
 }
-_ENTRY = {("backends",): 0, ("models",): "some-model", ("auth", "keys"): 0}
+_ENTRY = {("backends",): 0, ("models",): "some-model", ("auth", "keys"): 0, ("plugins",): 0}
 
 
 def documented_keys(text: str) -> Iterator[tuple[Path_, str]]:

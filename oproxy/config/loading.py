@@ -21,6 +21,7 @@ import yaml
 from oproxy.config.certificates import check_certificates, with_directory
 from oproxy.config.checks import check_exposure, check_references
 from oproxy.config.reading import structure
+from oproxy.config.resolving import Finder, read_plugins
 from oproxy.config.schema import (
     DEFAULT_OLLAMA_URL,
     BackendConfig,
@@ -152,15 +153,19 @@ def _backend_url(backend: BackendConfig, index: int) -> BackendConfig:
     return attrs.evolve(backend, url=url)
 
 
-def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
+def parse_config(data: Any, environ: Mapping[str, str], *, plugins: Finder | None = None) -> Config:
     """
     Validate parsed YAML (after ``${ENV}`` interpolation) into a :class:`Config`.
+
+    :param plugins: how plugin names are resolved (by default, among the
+        installed plugins, searched only when the file enables some).
     """
     document = _interpolate_tree({} if data is None else data, environ)
     ollama = normalise_ollama_url(environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_URL, "OLLAMA_HOST")
-    models = None
+    models = enabled = None
     if isinstance(document, dict):
         models = document.pop("models", None)
+        enabled = document.pop("plugins", None)
         if document.get("access_log") == {}:
             del document["access_log"]  # every line commented out: no access log
         _fill(document, "sentry", "dsn", environ.get("SENTRY_DSN"))
@@ -179,24 +184,27 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         routing=attrs.evolve(config.routing, models=_model_rules(models)),
         state=state,
         certificates=with_directory(config.certificates, state.path),
+        plugins=read_plugins(enabled, plugins),
     )
     check_references(config)
     return check_exposure(config)
 
 
-def load_config(text: str | None, environ: Mapping[str, str]) -> Config:
+def load_config(
+    text: str | None, environ: Mapping[str, str], *, plugins: Finder | None = None
+) -> Config:
     """
     Parse a YAML document (or nothing, for the embedded defaults).
     """
     if text is None:
-        return parse_config({}, environ)
+        return parse_config({}, environ, plugins=plugins)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         raise ConfigError("", f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return parse_config(data, environ)
+    return parse_config(data, environ, plugins=plugins)
 
 
 def with_overrides(

@@ -16,6 +16,7 @@ import attrs
 
 from oproxy.config.certificates import CertificatesConfig
 from oproxy.config.console import ConsoleConfig
+from oproxy.config.plugins import PluginConfig
 from oproxy.config.responses import ResponsesConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
@@ -426,3 +427,6 @@ class Config:
     #: Certificates made and renewed by the daemon (ACME, a local CA), HSTS.
     certificates: CertificatesConfig = attrs.Factory(CertificatesConfig)
     console: ConsoleConfig = attrs.Factory(ConsoleConfig)
+    #: The plugins enabled, in the order they run (read by
+    #: :mod:`oproxy.config.resolving`, which resolves their names).
+    plugins: Annotated[tuple[PluginConfig, ...], FileKey(None)] = ()

@@ -90,7 +90,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     # -- key management (admin keys only)
     Endpoint("/admin/keys", ("GET",), admin.list_all),
-    Endpoint("/admin/keys", ("POST",), admin.create, json_body=True),
+    Endpoint("/admin/keys", ("POST",), admin.create, json_body=True, plugins=False),
     Endpoint("/admin/keys/<key_id>", ("GET",), admin.show, label="/admin/keys/{id}"),
     Endpoint("/admin/keys/<key_id>", ("DELETE",), admin.revoke, label="/admin/keys/{id}"),
     Endpoint(
