@@ -15,8 +15,10 @@ REST API for what the OpenAI API does not say.
   gives sizes and parameter counts for the console.
 * Requests: LM Studio's documented parameters include ``max_tokens`` but
   not ``max_completion_tokens``, which it ignores; the proxy sends the
-  limit under the name it reads.  There is no ``/health``: the probe reads
-  the model list.
+  limit under the name it reads.  There is no ``/health`` (LM Studio
+  answers a route it does not have with HTTP 200 and ``{"error":
+  "Unexpected endpoint or method. (GET /health)"}``, so a generic probe of
+  ``/health`` would always pass): the probe reads the model list.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class LMStudioBackend(OpenAIBackend):
     async def _native_models(self) -> list[dict[str, Any]] | None:
         """``/api/v0/models``' entries, or ``None`` on a server without that API."""
         status, headers, body = await self._upstream.send_json("GET", self._root + "/api/v0/models")
-        if status in (404, 405):
+        if status in (404, 405) or _unexpected_endpoint(body):
             return None
         if status != 200:
             raise self.error(status, body, headers)
@@ -99,7 +101,7 @@ class LMStudioBackend(OpenAIBackend):
     async def _v1_models(self) -> dict[str, dict[str, Any]]:
         """``/api/v1/models`` by key (LM Studio 0.4), or nothing on an older server."""
         status, headers, body = await self._upstream.send_json("GET", self._root + "/api/v1/models")
-        if status in (404, 405):
+        if status in (404, 405) or _unexpected_endpoint(body):
             return {}
         if status != 200:
             raise self.error(status, body, headers)
@@ -128,6 +130,16 @@ class LMStudioBackend(OpenAIBackend):
         status, headers, body = await self._upstream.send_json("POST", path, payload)
         if status != 200:
             raise self.error(status, body, headers, model=model)
+
+
+def _unexpected_endpoint(body: object) -> bool:
+    """
+    LM Studio's answer to a route it does not have: HTTP 200 with
+    ``{"error": "Unexpected endpoint or method. (GET /api/v0/models)"}``
+    (an older server, without that API).
+    """
+    error = body.get("error") if isinstance(body, Mapping) else None
+    return isinstance(error, str) and error.startswith("Unexpected endpoint")
 
 
 def _text(value: object) -> str | None:
