@@ -117,14 +117,23 @@ class Catalog:
                 if name not in kept:
                     del table[name]
 
-    async def refresh(self, backends: Sequence[IBackend]) -> None:
+    async def refresh(self, backends: Sequence[IBackend], seconds: float | None = None) -> None:
         """
         Re-read every backend's model list (and, where it says, what it has
         loaded); a backend that fails keeps its last list.  A backend whose
         list is being read already is not asked twice: this waits for that
         reading.
+
+        :param seconds: wait this long at most (``None``: as long as the
+            backends' own timeouts allow); a reading nobody else waits for
+            is then given up.
         """
-        await defer.gatherResults([self._read(b) for b in backends], consumeErrors=True)
+        reading = defer.gatherResults([self._read(b) for b in backends], consumeErrors=True)
+        if seconds is None:
+            await reading
+            return
+        with contextlib.suppress(DeadlineExceeded):
+            await within(reading, seconds, self.clock)
 
     async def first_listings(self, backends: Sequence[IBackend], seconds: float) -> None:
         """

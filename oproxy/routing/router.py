@@ -328,12 +328,16 @@ class Router:
             [defer.Deferred.fromCoroutine(one(b)) for b in telling], consumeErrors=True
         )
 
-    async def refresh_models(self) -> None:
-        """Re-read the model lists older than ``discovery_interval``."""
+    async def refresh_models(self, seconds: float | None = None) -> None:
+        """
+        Re-read the model lists older than ``discovery_interval``.
+
+        :param seconds: wait this long at most (see :meth:`Catalog.refresh`).
+        """
         catalog = self.state.catalog
         stale = [b for b in self.backends if catalog.age(b.name) >= self.config.discovery_interval]
         if stale:
-            await catalog.refresh(stale)
+            await catalog.refresh(stale, seconds)
 
     # -- what the API layer reports back ----------------------------------------------
 
