@@ -14,12 +14,23 @@ import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
+from zope.interface.verify import verifyObject
 
-from oproxy.backends.base import Call, IBackend, Load, ModelInfo
+from oproxy.backends.base import (
+    Call,
+    IBackend,
+    IBusyness,
+    ILoadedModels,
+    IModelLoading,
+    IModelSuffixes,
+    Load,
+    ModelInfo,
+)
 from oproxy.backends.kinds import KINDS, build_backend
-from oproxy.config import APIKey, AuthConfig, BackendConfig
+from oproxy.config import APIKey, AuthConfig, BackendConfig, ConfigError, load_config
 from oproxy.config.schema import BACKEND_TYPES
 from oproxy.errors import InvalidRequest, UpstreamBusy, UpstreamError
 from oproxy.security.keys import hash_key
@@ -495,3 +506,144 @@ async def test_huggingface_describes_its_models(serve: Any) -> None:
     assert described["meta-llama/Llama-3.1-8B-Instruct"].loaded is None
     probed = await backend.probe()
     assert probed["models_available"] == len(described)
+
+
+# --------------------------------------------------------------------------
+# The Hugging Face token stays secret
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_huggingface_token_is_never_logged_or_shown(behind: Any) -> None:
+    token = "hf_very_secret_token_9f8e7d6c5b4a"
+    fake = FakeHuggingFaceRouter(reactor, token=token)
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        seen.append(f"{formatEvent(event)} {event!r}")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        proxy = behind(fake, "huggingface", "/v1", backend={"api_key": token})
+        url = proxy.v1("chat/completions")
+        bodies = []
+        body = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": HELLO}
+        for failure in (None, 500, 401, 429):
+            if failure is not None:
+                fake.fail_next(failure, f"upstream says {failure}")
+            response, raw = await post_json(proxy.client, url, body)
+            bodies.append(raw)
+        response, raw = await post_json(proxy.client, url, {**body, "model": "org/none"})
+        bodies.append(raw)
+        health = await proxy.client.get(proxy.v1("health"))
+        document = await health.content()
+        bodies.append(document)
+        listing = await proxy.client.get(proxy.v1("models"))
+        bodies.append(await listing.content())
+        wrong = behind(fake, "huggingface", "/v1", backend={"api_key": "hf_wrong_token"})
+        response, raw = await post_json(wrong.client, wrong.v1("chat/completions"), body)
+        assert response.code == 502
+        assert "api_key" in orjson.loads(raw)["error"]["message"]
+        bodies.append(raw)
+        await proxy.settled()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert orjson.loads(document)["backends"][0]["type"] == "huggingface"
+    assert fake.stats.requests[0].headers["authorization"] == f"Bearer {token}"
+    assert any("POST /v1/chat/completions" in text for text in seen)  # the logs were watched
+    for text in [*seen, *(b.decode() for b in bodies)]:
+        assert token not in text
+    assert token not in repr(proxy.app.config)
+
+
+def test_the_huggingface_token_comes_from_the_environment() -> None:
+    config = load_config(
+        "backends: [{name: hf, type: huggingface}]", {"HF_TOKEN": "hf_from_the_environment"}
+    )
+    (backend,) = config.backends
+    assert backend.url == "https://router.huggingface.co/v1"
+    assert backend.api_key == "hf_from_the_environment"
+    assert "hf_from_the_environment" not in repr(config)
+    given = load_config(
+        "backends: [{name: hf, type: huggingface, api_key: hf_given}]", {"HF_TOKEN": "hf_env"}
+    )
+    assert given.backends[0].api_key == "hf_given"
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.api_key: .*HF_TOKEN"):
+        load_config("backends: [{name: hf, type: huggingface}]", {})
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "url"),
+    [
+        ("lmstudio", "10.0.0.5", "http://10.0.0.5:1234"),
+        ("lmstudio", "http://10.0.0.5:1234/v1/", "http://10.0.0.5:1234/v1"),
+        ("llamacpp", "localhost", "http://localhost:8080"),
+        ("llamacpp", "gpu:9000", "http://gpu:9000"),
+        ("vllm", "gpu-box", "http://gpu-box:8000"),
+        ("tgi", "tgi.lan", "http://tgi.lan:3000"),
+        (
+            "tei",
+            "https://xyz.endpoints.huggingface.cloud",
+            "https://xyz.endpoints.huggingface.cloud",
+        ),
+        ("vllm", "[::1]:8001", "http://[::1]:8001"),
+    ],
+)
+def test_each_kind_reads_its_url(kind: str, given: str, url: str) -> None:
+    config = load_config(f"backends: [{{name: b, type: {kind}, url: '{given}'}}]", {})
+    assert config.backends[0].url == url
+
+
+@pytest.mark.parametrize("given", ["ftp://h", "http://u:p@h:1234", "http://h:99999"])
+def test_a_bad_kind_url_names_the_key(given: str) -> None:
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.url"):
+        load_config(f"backends: [{{name: b, type: vllm, url: '{given}'}}]", {})
+
+
+# --------------------------------------------------------------------------
+# What each kind says it can do
+
+
+CAPABILITIES = {
+    "ollama": {"ILoadedModels", "IModelLoading"},
+    "openai": set(),
+    "lmstudio": {"ILoadedModels", "IModelLoading"},
+    "llamacpp": {"IBusyness"},
+    "vllm": {"IBusyness"},
+    "tgi": {"IBusyness"},
+    "tei": set(),
+    "huggingface": {"IModelSuffixes"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_kind_declares_what_it_can_do(kind: str) -> None:
+    config = BackendConfig(name="b", type=kind, url="http://127.0.0.1:9", api_key="k")
+    backend = build_backend(config, Agent(reactor), reactor)
+    assert verifyObject(IBackend, backend)
+    assert backend.kind == kind
+    declared = {
+        i.__name__
+        for i in (ILoadedModels, IBusyness, IModelLoading, IModelSuffixes)
+        if i.providedBy(backend)
+    }
+    assert declared == CAPABILITIES[kind]
+    for capability in (ILoadedModels, IBusyness, IModelLoading, IModelSuffixes):
+        if capability.providedBy(backend):
+            assert verifyObject(capability, backend)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_shows_each_kind_and_its_own_probe(behind: Any) -> None:
+    fake = FakeLlamaCpp(reactor, loading=True, slots=3)
+    proxy = behind(fake, "llamacpp")
+    response = await proxy.client.get(proxy.v1("health"))
+    (backend,) = orjson.loads(await response.content())["backends"]
+    assert (backend["type"], backend["reachable"]) == ("llamacpp", False)
+    assert "Loading model" in backend["error"]
+    fake.finish_loading()
+    response = await proxy.client.get(proxy.v1("health"))
+    (backend,) = orjson.loads(await response.content())["backends"]
+    assert backend["reachable"] is True
+    assert backend["version"] == "b6500-fakefake"
+    assert backend["details"]["slots"] == 3
+    assert backend["models_loaded"] == [fake.model.id]

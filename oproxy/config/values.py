@@ -277,6 +277,10 @@ def server_url(value: Any, default_port: int) -> str:
             raise invalid(f"must be an http(s) URL, not {given!r}") from None
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         text = f"http://{host}:{port}{parts.path}"
+    try:
+        urlsplit(text).port  # noqa: B018 - a port out of range raises
+    except ValueError:
+        raise invalid(f"must be an http(s) URL, not {given!r}") from None
     return api_url(text)
 
 

@@ -151,6 +151,10 @@ class FakeLlamaCpp(FakeOpenAI):
     def not_allowed(self, request: Request) -> bytes:
         return respond(request, 405, b"text/plain", b"Method Not Allowed")
 
+    def model_name(self, body: dict[str, Any]) -> str:
+        name = body.get("model")
+        return name if isinstance(name, str) else self.model.id  # optional here
+
     def resolve_model(self, name: str) -> FakeOpenAIModel:
         return self.model  # one model, whatever the request calls it
 

@@ -165,6 +165,10 @@ class FakeOpenAI(FakeServer[APIError]):
         """
         return body
 
+    def model_name(self, body: dict[str, Any]) -> str:
+        """The model a body names; OpenAI requires one."""
+        return require_model(body)
+
     def finish_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
         """A whole answer as this server words it (extra fields, missing ones)."""
         return answer
@@ -296,7 +300,7 @@ class FakeOpenAI(FakeServer[APIError]):
         streams and whether it wants the usage streamed.
         """
         body = self._inference_body(request)
-        name = require_model(body)
+        name = self.model_name(body)
         check(body)
         stream, include_usage = check_stream(body)
         body = self.read_body(route, body)
@@ -339,7 +343,7 @@ class FakeOpenAI(FakeServer[APIError]):
 
     def _embeddings(self, request: Request) -> bytes:
         body = self._inference_body(request)
-        name = require_model(body)
+        name = self.model_name(body)
         encoding = check_embeddings(body)
         body = self.read_body("embeddings", body)
         model = self.resolve_model(name)

@@ -114,6 +114,10 @@ class FakeTGI(FakeOpenAI):
     def not_allowed(self, request: Request) -> bytes:
         return respond(request, 405, None, b"")
 
+    def model_name(self, body: dict[str, Any]) -> str:
+        name = body.get("model")
+        return name if isinstance(name, str) else self.model.id  # optional here
+
     def resolve_model(self, name: str) -> FakeOpenAIModel:
         return self.model
 
