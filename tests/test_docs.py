@@ -32,6 +32,7 @@ ENVIRON = {
     "OPENAI_API_KEY": "sk-upstream",
     "OPROXY_METRICS_TOKEN": "scrape",
     "SENTRY_DSN": "https://key@sentry.example/1",
+    "HF_TOKEN": "hf_docs_example",
 }
 
 Path_ = tuple[str | int, ...]
