@@ -26,11 +26,20 @@ from oproxy.backends.base import (
     ILoadedModels,
     IModelLoading,
     IModelSuffixes,
+    ISamplingFields,
     Load,
     ModelInfo,
 )
 from oproxy.backends.kinds import KINDS, build_backend
-from oproxy.config import APIKey, AuthConfig, BackendConfig, ConfigError, load_config
+from oproxy.config import (
+    APIKey,
+    AuthConfig,
+    BackendConfig,
+    ConfigError,
+    ModelRule,
+    RoutingConfig,
+    load_config,
+)
 from oproxy.config.schema import BACKEND_TYPES
 from oproxy.errors import InvalidRequest, UpstreamBusy, UpstreamError
 from oproxy.security.keys import hash_key
@@ -606,13 +615,16 @@ def test_a_bad_kind_url_names_the_key(given: str) -> None:
 CAPABILITIES = {
     "ollama": {"ILoadedModels", "IModelLoading"},
     "openai": set(),
-    "lmstudio": {"ILoadedModels", "IModelLoading"},
-    "llamacpp": {"IBusyness"},
-    "vllm": {"IBusyness"},
+    "lmstudio": {"ILoadedModels", "IModelLoading", "ISamplingFields"},
+    "llamacpp": {"IBusyness", "ISamplingFields"},
+    "vllm": {"IBusyness", "ISamplingFields"},
     "tgi": {"IBusyness"},
     "tei": set(),
     "huggingface": {"IModelSuffixes"},
 }
+
+
+ALL_CAPABILITIES = (ILoadedModels, IBusyness, IModelLoading, IModelSuffixes, ISamplingFields)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -621,13 +633,9 @@ def test_each_kind_declares_what_it_can_do(kind: str) -> None:
     backend = build_backend(config, Agent(reactor), reactor)
     assert verifyObject(IBackend, backend)
     assert backend.kind == kind
-    declared = {
-        i.__name__
-        for i in (ILoadedModels, IBusyness, IModelLoading, IModelSuffixes)
-        if i.providedBy(backend)
-    }
+    declared = {i.__name__ for i in ALL_CAPABILITIES if i.providedBy(backend)}
     assert declared == CAPABILITIES[kind]
-    for capability in (ILoadedModels, IBusyness, IModelLoading, IModelSuffixes):
+    for capability in ALL_CAPABILITIES:
         if capability.providedBy(backend):
             assert verifyObject(capability, backend)
 
@@ -647,3 +655,79 @@ async def test_health_shows_each_kind_and_its_own_probe(behind: Any) -> None:
     assert backend["version"] == "b6500-fakefake"
     assert backend["details"]["slots"] == 3
     assert backend["models_loaded"] == [fake.model.id]
+
+
+# --------------------------------------------------------------------------
+# Ollama and generic servers, described and loaded
+
+
+@pytest_twisted.ensureDeferred
+async def test_ollama_describes_loads_and_unloads_its_models(proxy_factory: Any) -> None:
+    admin = AuthConfig(keys=(APIKey(name="root", sha256=hash_key(ADMIN), policy=_admin_policy()),))
+    proxy: Proxy = proxy_factory(auth=admin)
+    (ollama,) = proxy.app.router.backends
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    url = f"{proxy.url}/admin/models/load"
+    response, raw = await post_json(proxy.client, url, {"model": "llama3.2"}, headers)
+    assert response.code == 200, raw
+    assert await ollama.loaded_models() == ["llama3.2:latest"]
+    described = {d.id: d for d in await ollama.describe_models()}
+    llama = described["llama3.2:latest"]
+    assert llama.loaded is True and llama.family and llama.size and llama.parameters
+    assert described["all-minilm:latest"].loaded is False
+    url = f"{proxy.url}/admin/models/unload"
+    response, raw = await post_json(proxy.client, url, {"model": "llama3.2"}, headers)
+    assert response.code == 200, raw
+    assert await ollama.loaded_models() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_generic_server_is_described_by_its_listing(serve: Any) -> None:
+    backend = serve(FakeOpenAI(reactor), "openai", "/v1")
+    described = await backend.describe_models()
+    assert [d.id for d in described][:2] == ["gpt-fake", "org/fake-7b-instruct"]
+    assert all(d.loaded is None and d.size is None for d in described)
+    assert described[0].to_json() == {
+        "id": "gpt-fake",
+        "kind": None,
+        "family": None,
+        "size": None,
+        "parameters": None,
+        "quantization": None,
+        "context_length": None,
+        "loaded": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "fake", "model", "expected"),
+    [
+        ("llamacpp", FakeLlamaCpp, "qwen2.5-7b-instruct-q4_k_m.gguf", {"top_k", "repeat_penalty"}),
+        ("vllm", FakeVLLM, "Qwen/Qwen2.5-7B-Instruct", {"top_k", "repetition_penalty"}),
+        ("lmstudio", FakeLMStudio, "qwen2.5-7b-instruct", {"top_k", "repeat_penalty", "ttl"}),
+        ("tgi", FakeTGI, "HuggingFaceH4/zephyr-7b-beta", set()),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_models_options_reach_the_sampling_fields_its_server_takes(
+    behind: Any, kind: str, fake: Any, model: str, expected: set[str]
+) -> None:
+    options = (
+        ("temperature", 0.2),
+        ("top_k", 20),
+        ("repeat_penalty", 1.1),
+        ("repetition_penalty", 1.05),
+        ("ttl", 300),
+        ("num_ctx", 8192),
+    )
+    served = fake(reactor)
+    routing = RoutingConfig(models=(ModelRule("house", target=model, options=options),))
+    proxy = behind(served, kind, routing=routing)
+    body = {"model": "house", "messages": HELLO, "top_k": 5}
+    response, raw = await post_json(proxy.client, proxy.v1("chat/completions"), body)
+    assert response.code == 200, raw
+    upstream = sent(served, "/v1/chat/completions")
+    assert upstream["temperature"] == 0.2
+    assert upstream["top_k"] == 5  # the client's own value wins
+    extra = {"top_k", "repeat_penalty", "repetition_penalty", "ttl", "num_ctx", "options"}
+    assert {name for name in upstream if name in extra} == expected | ({"top_k"})

@@ -255,3 +255,15 @@ class IModelSuffixes(IBackend):
 
     def listed_as(model: str) -> str:
         """The name ``model`` is listed under (itself when it has no suffix)."""
+
+
+class ISamplingFields(IBackend):
+    """
+    Takes sampling fields beyond OpenAI's at the top level of a request
+    (llama.cpp's ``top_k``, ``min_p``, ``repeat_penalty``; vLLM's
+    ``repetition_penalty``): a model's configured ``options`` that are
+    among them are sent there rather than dropped.
+    """
+
+    #: The names of those fields.
+    sampling_fields: frozenset[str]

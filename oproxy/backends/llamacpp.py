@@ -28,19 +28,46 @@ from typing import Any
 
 from zope.interface import implementer
 
-from oproxy.backends.base import Call, IBusyness, Load, ModelInfo
+from oproxy.backends.base import Call, IBusyness, ISamplingFields, Load, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
 from oproxy.backends.prometheus import gauge_sums
 from oproxy.backends.shaping import max_tokens_only, without
 from oproxy.errors import InvalidRequest, UpstreamError
 
+#: The server's own sampling fields (its ``/completion`` options, which its
+#: OpenAI routes read too).
+SAMPLING = frozenset(
+    (
+        "top_k",
+        "min_p",
+        "typical_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "dynatemp_range",
+        "dynatemp_exponent",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "xtc_probability",
+        "xtc_threshold",
+        "n_keep",
+        "cache_prompt",
+    )
+)
+
 PROCESSING = "llamacpp:requests_processing"
 DEFERRED = "llamacpp:requests_deferred"
 
 
-@implementer(IBusyness)
+@implementer(IBusyness, ISamplingFields)
 class LlamaCppBackend(OpenAIBackend):
     """A ``llama-server`` process serving one model."""
+
+    sampling_fields = SAMPLING
 
     def adapt(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         if path == "/completions" and payload.get("suffix") is not None:

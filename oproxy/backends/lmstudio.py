@@ -28,17 +28,23 @@ from typing import Any
 
 from zope.interface import implementer
 
-from oproxy.backends.base import ILoadedModels, IModelLoading, ModelInfo
+from oproxy.backends.base import ILoadedModels, IModelLoading, ISamplingFields, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
 from oproxy.backends.shaping import max_tokens_only
 from oproxy.errors import ModelNotFound, UpstreamError
 
 LOADED = "loaded"
 
+#: LM Studio's documented parameters beyond OpenAI's, and ``ttl``: how
+#: long a model it loads for the request stays loaded when idle.
+SAMPLING = frozenset(("top_k", "repeat_penalty", "ttl"))
 
-@implementer(ILoadedModels, IModelLoading)
+
+@implementer(ILoadedModels, IModelLoading, ISamplingFields)
 class LMStudioBackend(OpenAIBackend):
     """An LM Studio server (its API server, ``lms server start``)."""
+
+    sampling_fields = SAMPLING
 
     def adapt(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         return max_tokens_only(payload)

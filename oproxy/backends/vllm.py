@@ -24,17 +24,32 @@ from typing import Any
 
 from zope.interface import implementer
 
-from oproxy.backends.base import IBusyness, Load, ModelInfo
+from oproxy.backends.base import IBusyness, ISamplingFields, Load, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
 from oproxy.backends.prometheus import gauge_sums
+
+#: vLLM's sampling parameters beyond OpenAI's, read at the top level.
+SAMPLING = frozenset(
+    (
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "length_penalty",
+        "min_tokens",
+        "ignore_eos",
+        "skip_special_tokens",
+    )
+)
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 
 
-@implementer(IBusyness)
+@implementer(IBusyness, ISamplingFields)
 class VLLMBackend(OpenAIBackend):
     """A vLLM server."""
+
+    sampling_fields = SAMPLING
 
     async def load(self) -> Load:
         status, headers, raw = await self._upstream.get_bytes(self._root + "/metrics")

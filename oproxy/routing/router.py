@@ -26,6 +26,7 @@ from oproxy.backends.base import (
     IImplicitLatest,
     IModelSuffixes,
     IRuntimeOptions,
+    ISamplingFields,
     Load,
 )
 from oproxy.config import ModelRule, RoutingConfig
@@ -83,7 +84,10 @@ class Route:
         merged = dict(sent)
         native = dict(sent.get("options") or {}) if isinstance(sent.get("options"), dict) else {}
         for name, value in self.options:
-            if name in OPENAI_FIELDS:
+            if name in OPENAI_FIELDS or (
+                ISamplingFields.providedBy(self.backend)
+                and name in ISamplingFields(self.backend).sampling_fields
+            ):
                 merged.setdefault(name, value)
             elif IRuntimeOptions.providedBy(self.backend):
                 native.setdefault(name, value)
