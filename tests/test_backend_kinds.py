@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 import pytest_twisted
+from openai.lib.streaming._deltas import accumulate_delta
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
@@ -126,13 +127,13 @@ async def test_tools(kind_proxy: Any, case: KindCase, stream: bool) -> None:
         assert answer["choices"][0]["finish_reason"] == "tool_calls"
     else:
         chunks = sse_events(raw)[:-1]
-        deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or []]
-        call = {
-            "function": {
-                "name": deltas[0]["function"]["name"],
-                "arguments": "".join(d["function"].get("arguments") or "" for d in deltas),
-            }
-        }
+        # Added up as the official SDK's stream helpers add deltas up.
+        message: dict[object, object] = {}
+        for chunk in chunks:
+            accumulate_delta(message, chunk["choices"][0]["delta"])
+        assert message["role"] == "assistant"
+        (call,) = message["tool_calls"]  # type: ignore[misc]
+        assert call["type"] == "function" and call["id"]
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert call["function"]["name"] == "get_weather"
     assert orjson.loads(call["function"]["arguments"]) == {"city": "Tokyo"}

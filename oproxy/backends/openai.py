@@ -157,6 +157,12 @@ class OpenAIBackend:
     def adapt_answer(self, path: str, answer: dict[str, Any]) -> None:
         """Mend, in place, what this server leaves out of a whole answer."""
 
+    def adapt_stream(
+        self, chunks: AsyncGenerator[dict[str, Any], None]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A stream's chunks as OpenAI words them, where this server does not."""
+        return chunks
+
     # ------------------------------------------------------------------
     # Generation
 
@@ -211,7 +217,7 @@ class OpenAIBackend:
             async with aclosing(events):
                 answer = await anext(events, None)
             raise self.error(status, answer, headers, model=call.client_model)
-        return relayed(events, call, include_usage=client_wants_usage)
+        return self.adapt_stream(relayed(events, call, include_usage=client_wants_usage))
 
     def error(
         self, status: int, body: object, headers: Headers, *, model: str | None = None

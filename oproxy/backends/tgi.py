@@ -18,13 +18,16 @@ OpenAI chat and completions routes.
   ``{"error": "...", "error_type": "validation"}`` with 422, 424
   (generation failed) or 429 (overloaded); a failure mid-stream is an
   event of that shape.  A whole chat answer's ``id`` is empty; the proxy
-  gives it one.  TGI has no embeddings.
+  gives it one.  Streamed tool calls repeat the role, the call's ``id``
+  and the function's ``name`` in every delta; the proxy sends them once,
+  as OpenAI does (:func:`once_per_call`).  TGI has no embeddings.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 from zope.interface import implementer
@@ -52,6 +55,42 @@ def info_model(info: Any, owned_by: str, name_field: str = "model_id") -> dict[s
     if not isinstance(name, str) or not name:
         raise UpstreamError(f"backend {owned_by!r} did not name its model in /info")
     return {"id": name, "object": "model", "created": 0, "owned_by": owned_by}
+
+
+async def once_per_call(
+    chunks: AsyncGenerator[dict[str, Any], None],
+) -> AsyncGenerator[dict[str, Any], None]:
+    """
+    TGI's streamed tool calls as OpenAI streams them: the role, a call's
+    ``id``, ``type`` and function ``name`` in its first delta only.  TGI
+    repeats them in every delta, and a client that adds deltas up (the
+    OpenAI SDK's stream helpers concatenate strings) would read
+    ``get_weatherget_weather...``.
+    """
+    roles: set[int] = set()
+    calls: set[tuple[int, int]] = set()
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(delta, dict):
+                    continue
+                number = choice.get("index", 0)
+                if "role" in delta:
+                    if number in roles:
+                        del delta["role"]
+                    roles.add(number)
+                for call in delta.get("tool_calls") or ():
+                    key = (number, call.get("index", 0))
+                    if key not in calls:
+                        calls.add(key)
+                        continue
+                    call.pop("id", None)
+                    call.pop("type", None)
+                    function = call.get("function")
+                    if isinstance(function, dict):
+                        function.pop("name", None)
+            yield chunk
 
 
 def unsupported(backend: str, server: str, what: str, model: str) -> InvalidRequest:
@@ -82,6 +121,11 @@ class TGIBackend(OpenAIBackend):
         if not answer.get("id"):
             prefix = "chatcmpl-" if path == "/chat/completions" else "cmpl-"
             answer["id"] = prefix + secrets.token_hex(12)
+
+    def adapt_stream(
+        self, chunks: AsyncGenerator[dict[str, Any], None]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        return once_per_call(chunks)
 
     async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
         raise unsupported(self.name, "text-generation-inference", "embeddings", call.client_model)

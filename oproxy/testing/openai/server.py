@@ -173,6 +173,12 @@ class FakeOpenAI(FakeServer[APIError]):
         """A whole answer as this server words it (extra fields, missing ones)."""
         return answer
 
+    def stream_steps(
+        self, route: str, steps: list[list[dict[str, Any]]]
+    ) -> list[list[dict[str, Any]]]:
+        """A stream's chunks, by tick, as this server words them."""
+        return steps
+
     def model_entry(self, model: FakeOpenAIModel) -> dict[str, Any]:
         """One model as ``/v1/models`` lists it."""
         return model.entry()
@@ -322,7 +328,7 @@ class FakeOpenAI(FakeServer[APIError]):
             ticks = len(plan.pieces) + 2
             whole = lambda: self.finish_answer("chat", chat_completion(head, plan))  # noqa: E731
             return self._run(request, model, ticks, whole, usage)
-        steps = chat_stream_steps(head, plan, include_usage)
+        steps = self.stream_steps("chat", chat_stream_steps(head, plan, include_usage))
         last = [usage_chunk(head, "chat.completion.chunk", usage)] if include_usage else []
         return self._run_stream(request, model, steps, last, usage)
 

@@ -24,7 +24,10 @@ Its quirks, kept:
   "regex", "value": ...}`` (OpenAI's ``json_schema`` key is a "missing
   field `value`");
 * a whole chat answer's ``id`` is empty; ``system_fingerprint`` is
-  ``<version>-native``.
+  ``<version>-native``;
+* every streamed tool-call delta repeats ``role``, the call's ``id``,
+  ``type`` and the function's ``name``, which a client that adds deltas up
+  (the OpenAI SDK's stream helpers) would run together.
 """
 
 from __future__ import annotations
@@ -148,6 +151,30 @@ class FakeTGI(FakeOpenAI):
                 f"Given: 1 `inputs` tokens and {limit} `max_new_tokens`",
             )
         return shaped
+
+    def stream_steps(
+        self, route: str, steps: list[list[dict[str, Any]]]
+    ) -> list[list[dict[str, Any]]]:
+        """
+        TGI's tool-call deltas: every one repeats the role, the call's
+        ``id``, ``type`` and function ``name`` (its ``ToolCallDelta``), where
+        OpenAI sends them once.
+        """
+        first: dict[str, Any] | None = None
+        for step in steps:
+            for chunk in step:
+                for choice in chunk["choices"]:
+                    calls = choice["delta"].get("tool_calls")
+                    if not calls:
+                        continue
+                    if first is None:
+                        first = calls[0]
+                    choice["delta"]["role"] = "assistant"
+                    for call in calls:
+                        call["id"] = first["id"]
+                        call["type"] = "function"
+                        call["function"]["name"] = first["function"]["name"]
+        return steps
 
     def finish_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
         answer["system_fingerprint"] = f"{VERSION}-native"
