@@ -29,8 +29,7 @@ from oproxy.after_send import AfterSend
 from oproxy.announce import log_backends
 from oproxy.app import ProxyApp
 from oproxy.backends.base import IBackend
-from oproxy.backends.ollama import OllamaBackend
-from oproxy.backends.openai import OpenAIBackend
+from oproxy.backends.kinds import build_backend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.certs.tls import server_endpoint
 from oproxy.certs.wiring import (
@@ -67,7 +66,7 @@ from oproxy.serving import SignalService
 from oproxy.site import ProxySite
 from oproxy.state.base import IStateStore
 from oproxy.state.opening import open_store
-from oproxy.upstream import ReusedEndpoints, Upstream
+from oproxy.upstream import ReusedEndpoints
 from oproxy.watch import ConfigWatcher
 from oproxy.workers import WorkerPool, WorkerSpec
 
@@ -187,12 +186,7 @@ def build_router(
         agent = LeanAgent(
             endpoints, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool.lean
         )
-        if backend_config.type == "openai":
-            backends.append(
-                OpenAIBackend(backend_config, agent, clock, api_key=backend_config.api_key)
-            )
-        else:
-            backends.append(OllamaBackend(Upstream(backend_config, agent, clock)))
+        backends.append(build_backend(backend_config, agent, clock))
     if state is None:
         state = RoutingState.new(clock, config.routing)
     state.catalog.forget(b.name for b in backends)

@@ -24,11 +24,13 @@ from oproxy.config.reading import structure
 from oproxy.config.resolving import Finder, read_plugins
 from oproxy.config.schema import (
     DEFAULT_OLLAMA_URL,
+    DEFAULT_PORTS,
+    HUGGINGFACE_ROUTER_URL,
     BackendConfig,
     Config,
     ModelRule,
 )
-from oproxy.config.values import ConfigError, api_url, mapping, ollama_url
+from oproxy.config.values import ConfigError, api_url, mapping, ollama_url, server_url
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -105,10 +107,12 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _fill_backends(document: dict[str, Any]) -> None:
+def _fill_backends(document: dict[str, Any], environ: Mapping[str, str]) -> None:
     """
     A backend's default name is its place in the list; its timeouts are
-    the global ones, overridden key by key.
+    the global ones, overridden key by key.  A ``huggingface`` backend
+    goes to the Inference Providers router unless told otherwise, with the
+    token ``HF_TOKEN`` holds unless ``api_key`` gives one.
     """
     listed, shared = document.get("backends"), _or(document.get("timeouts"), {})
     if not isinstance(listed, list) or not isinstance(shared, dict):
@@ -121,6 +125,9 @@ def _fill_backends(document: dict[str, Any]) -> None:
             given = {**given, "name": _or(given.get("name"), f"backend{index}")}
             if isinstance(own, dict) and shared:
                 given["timeouts"] = {**shared, **{k: _or(v, shared.get(k)) for k, v in own.items()}}
+            if given.get("type") == "huggingface":
+                given["url"] = _or(given.get("url"), HUGGINGFACE_ROUTER_URL)
+                given["api_key"] = _or(given.get("api_key"), environ.get("HF_TOKEN") or None)
         filled.append(given)
     document["backends"] = filled
 
@@ -145,11 +152,30 @@ def _model_rules(models: Any) -> tuple[ModelRule, ...]:
 
 
 def _backend_url(backend: BackendConfig, index: int) -> BackendConfig:
-    """An Ollama's URL as ``OLLAMA_HOST`` takes it; another server's as its SDK does."""
+    """
+    An Ollama's URL as ``OLLAMA_HOST`` takes it; a generic server's as its
+    SDK does; a known server's either way or as ``host[:port]``.  A
+    ``huggingface`` backend needs its token.
+    """
     try:
-        url = ollama_url(backend.url) if backend.type == "ollama" else api_url(backend.url)
+        if backend.type == "ollama":
+            url = ollama_url(backend.url)
+        elif backend.type in DEFAULT_PORTS:
+            url = server_url(backend.url, DEFAULT_PORTS[backend.type])
+        else:
+            url = api_url(backend.url)
     except ConfigError as e:
         raise e.within("url").within(index).within("backends") from None
+    if backend.type == "huggingface" and not backend.api_key:
+        raise (
+            ConfigError(
+                "api_key",
+                "a huggingface backend needs a Hugging Face token: set api_key, or HF_TOKEN "
+                "in the environment",
+            )
+            .within(index)
+            .within("backends")
+        )
     return attrs.evolve(backend, url=url)
 
 
@@ -170,7 +196,7 @@ def parse_config(data: Any, environ: Mapping[str, str], *, plugins: Finder | Non
             del document["access_log"]  # every line commented out: no access log
         _fill(document, "sentry", "dsn", environ.get("SENTRY_DSN"))
         _fill(document, "sentry", "environment", environ.get("SENTRY_ENVIRONMENT"))
-        _fill_backends(document)
+        _fill_backends(document, environ)
     config = structure(document, Config)
     backends: tuple[BackendConfig, ...]
     if document.get("backends") is None:

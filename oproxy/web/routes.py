@@ -27,6 +27,7 @@ from werkzeug.routing import RequestRedirect
 
 from oproxy.api import (
     admin,
+    admin_models,
     chat,
     completions,
     embeddings,
@@ -96,6 +97,9 @@ ROUTES: tuple[Route, ...] = (
     Endpoint(
         "/admin/keys/<key_id>/rotate", ("POST",), admin.rotate, label="/admin/keys/{id}/rotate"
     ),
+    # -- loading and unloading models (admin keys only)
+    Endpoint("/admin/models/load", ("POST",), admin_models.load, json_body=True),
+    Endpoint("/admin/models/unload", ("POST",), admin_models.unload, json_body=True),
     # -- health and metrics
     Endpoint("/healthz", ("GET", "HEAD"), status.liveness, authenticates=False),
     Endpoint("/readyz", ("GET", "HEAD"), status.readiness, authenticates=False),
