@@ -31,7 +31,16 @@ METRICS_PATH = "/metrics"
 #: Endpoint types whose connections speak TLS.
 _TLS_ENDPOINTS = frozenset({"ssl", "tls"})
 
-_KINDS = {"ollama": "Ollama", "openai": "OpenAI-compatible server"}
+_KINDS = {
+    "ollama": "Ollama",
+    "openai": "OpenAI-compatible server",
+    "lmstudio": "LM Studio",
+    "llamacpp": "llama.cpp server",
+    "vllm": "vLLM",
+    "tgi": "text-generation-inference",
+    "tei": "text-embeddings-inference",
+    "huggingface": "Hugging Face Inference Providers",
+}
 
 
 def bound_address(address: object) -> tuple[str, int] | str:

@@ -22,6 +22,8 @@ from oproxy.console.parts import Console
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
+from oproxy.plugins.chain import Chain
+from oproxy.plugins.host import PluginHost
 from oproxy.routing.router import Router
 from oproxy.security.guard import Guard
 from oproxy.web.pipeline import Pipeline
@@ -48,12 +50,15 @@ class ProxyApp:
         after_send: AfterSend | None = None,
         certificates: CertificateReport | None = None,
         console: Console | None = None,
+        plugins: PluginHost | None = None,
     ) -> None:
         """
         :param after_send: runs counting and logging once answers are sent
             (one of its own unless given).
         :param certificates: what ``/v1/health`` says about certificates.
         :param console: the admin console's parts, if it is served.
+        :param plugins: the plugins built from the configuration, whose
+            chain is in force (none, unless given).
         """
         services = Services(
             config=config,
@@ -68,6 +73,7 @@ class ProxyApp:
             up_since=clock.seconds(),
             certificates=certificates,
             console=console,
+            plugins=plugins.chain if plugins is not None else (),
         )
         self.pipeline = Pipeline(services)
         self._resource: IResource | None = None
@@ -77,15 +83,18 @@ class ProxyApp:
         self.clock, self.images, self.guard = clock, images, guard
         self.metrics, self.access_log = metrics, access_log
         self.after_send = services.after_send
+        self.plugins = plugins
 
     @property
     def services(self) -> Services:
         """What a request starting now gets."""
         return self.pipeline.services
 
-    def swap(self, config: Config, router: Router, cache: ResponseCache) -> None:
+    def swap(
+        self, config: Config, router: Router, cache: ResponseCache, plugins: Chain | None = None
+    ) -> None:
         """Make a new configuration live; requests in flight keep theirs."""
-        self.pipeline.services = self.pipeline.services.reloaded(config, router, cache)
+        self.pipeline.services = self.pipeline.services.reloaded(config, router, cache, plugins)
         self.config, self.router, self.cache = config, router, cache
 
     def resource(self) -> IResource:

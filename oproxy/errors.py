@@ -198,6 +198,24 @@ class ServerError(OProxyError):
         super().__init__(message)
 
 
+class PluginFailed(OProxyError):
+    """
+    A plugin configured with ``on_error: reject`` failed or timed out on
+    this request; what went wrong is in the log under the request id.
+    """
+
+    status = 500
+    error_type = "server_error"
+    default_code = "plugin_failed"
+
+    def __init__(self, plugin: str, *, timed_out: bool = False) -> None:
+        what = "did not answer in time" if timed_out else "failed"
+        super().__init__(
+            f"The plugin {plugin!r} {what} while processing your request.",
+            code="plugin_timeout" if timed_out else None,
+        )
+
+
 class QuotaExceeded(OProxyError):
     """A token quota is used up until its period ends: retrying sooner cannot help."""
 

@@ -45,10 +45,15 @@ class BackendHealth:
     #: The server answered HTTP, even if not as a probe wants (an older
     #: server, or one in front of it, without the probed routes): it is up.
     answered: bool = False
+    #: The backend's ``type``, for people reading ``/v1/health``.
+    kind: str | None = None
+    #: What else the server's own health routes said (slots, queue, context).
+    details: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        shown: dict[str, Any] = {
             "name": self.name,
+            "type": self.kind,
             "reachable": self.reachable,
             "probe_latency_seconds": round(self.latency_seconds, 6),
             "version": self.version,
@@ -56,6 +61,9 @@ class BackendHealth:
             "models_loaded": list(self.models_loaded),
             "error": self.error,
         }
+        if self.details:
+            shown["details"] = dict(self.details)
+        return shown
 
 
 async def probe(backend: IBackend, clock: IReactorTime, deadline: float) -> BackendHealth:
@@ -73,6 +81,7 @@ async def probe(backend: IBackend, clock: IReactorTime, deadline: float) -> Back
     except Exception as e:
         error = str(e) or type(e).__name__
     else:
+        details = found.get("details")
         return BackendHealth(
             name=backend.name,
             reachable=True,
@@ -81,6 +90,8 @@ async def probe(backend: IBackend, clock: IReactorTime, deadline: float) -> Back
             models_available=found.get("models_available"),
             models_loaded=tuple(found.get("models_loaded", ())),
             answered=True,
+            kind=getattr(backend, "kind", None),
+            details=details if isinstance(details, Mapping) else None,
         )
     return BackendHealth(
         name=backend.name,
@@ -88,6 +99,7 @@ async def probe(backend: IBackend, clock: IReactorTime, deadline: float) -> Back
         latency_seconds=clock.seconds() - started,
         error=error,
         answered=answered,
+        kind=getattr(backend, "kind", None),
     )
 
 
@@ -150,6 +162,11 @@ def _shown(backend: dict[str, Any], shows_model: Callable[[str], bool]) -> dict[
 #: for Prometheus even when nobody asks for ``/readyz``.
 PROBE_INTERVAL = 15.0
 
+#: Seconds between readings of the backends that say how busy they are
+#: (vLLM's queue, llama.cpp's slots): often enough for ``least-busy`` to
+#: follow a burst, rarely enough to cost the servers nothing.
+LOAD_INTERVAL = 2.0
+
 
 class ProbeService(service.Service):
     """
@@ -170,6 +187,7 @@ class ProbeService(service.Service):
         interval: float = PROBE_INTERVAL,
         *,
         first_round: Callable[[list[BackendHealth]], object] | None = None,
+        load_interval: float = LOAD_INTERVAL,
     ) -> None:
         self._app = app
         self._clock = clock
@@ -180,6 +198,31 @@ class ProbeService(service.Service):
         #: The probe under way, cancelled by a stop.
         self._probing: defer.Deferred[None] | None = None
         self._first_round = first_round
+        self._load_interval = load_interval
+        self._load_loop: task.LoopingCall | None = None
+        #: The reading of loads under way, cancelled by a stop.
+        self._reading: defer.Deferred[None] | None = None
+
+    def _read_loads(self) -> defer.Deferred[None] | None:
+        """
+        Read how busy the backends that say it are, unless a reading is
+        still under way or none says it (the loop keeps running, as a
+        reload may add one).
+        """
+        router = self._app.router
+        if self._reading is not None or not router.reports_load:
+            return None
+
+        def ended(result: object) -> None:
+            self._reading = None
+            if isinstance(result, Failure) and self.running:
+                log.failure("Reading the backends' load failed", result)
+
+        reading = defer.Deferred.fromCoroutine(router.refresh_loads())
+        reading.addBoth(ended)
+        if not reading.called:
+            self._reading = reading
+        return None
 
     def _probe(self) -> defer.Deferred[Any]:
         async def probe_and_learn() -> None:
@@ -212,6 +255,9 @@ class ProbeService(service.Service):
         self._loop = task.LoopingCall(self._probe)
         self._loop.clock = self._clock
         self._looping = self._loop.start(self._interval, now=True)
+        self._load_loop = task.LoopingCall(self._read_loads)
+        self._load_loop.clock = self._clock
+        self._load_loop.start(self._load_interval, now=True)
 
     def stopService(self) -> defer.Deferred[None]:
         """
@@ -225,6 +271,10 @@ class ProbeService(service.Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._load_loop is not None and self._load_loop.running:
+            self._load_loop.stop()
+        if self._reading is not None:
+            self._reading.cancel()
         if self._probing is not None:
             self._probing.cancel()
         looping, self._looping = self._looping, None

@@ -194,6 +194,21 @@ class Metrics:
             ["phase"],
             registry=registry,
         )
+        self.plugin_failures = Counter(
+            "oproxy_plugin_failures",
+            "Plugin hooks that failed or timed out, by plugin, hook and reason "
+            "(error, timeout); each either refused its request or was passed over.",
+            ["plugin", "hook", "reason"],
+            registry=registry,
+        )
+        self.webhook_dropped = Counter(
+            "oproxy_webhook_dropped_records",
+            "Records a webhook plugin dropped, by its URL (without credentials or query): "
+            "its queue was full (the oldest go), the URL refused them for good, or the "
+            "process stopped before they were delivered.",
+            ["url"],
+            registry=registry,
+        )
 
     def add_collector(self, collector: Any) -> None:
         """

@@ -532,6 +532,51 @@ def _console_paths() -> dict[str, Any]:
     }
 
 
+def _model_loading_paths() -> dict[str, Any]:
+    """``/admin/models/load`` and ``/admin/models/unload``."""
+    request = {
+        "type": "object",
+        "required": ["model"],
+        "properties": {
+            "model": {"type": "string", "description": "The model, as clients name it."},
+            "backend": {
+                "type": "string",
+                "description": "One backend; without it, every backend that can and lists it.",
+            },
+        },
+    }
+    answer = {
+        "type": "object",
+        "required": ["object", "action", "model", "backends"],
+        "properties": {
+            "object": {"type": "string", "const": "model.action"},
+            "action": {"type": "string", "enum": ["load", "unload"]},
+            "model": {"type": "string"},
+            "backends": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+
+    def operation(summary: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "tags": ["Admin"],
+                "requestBody": {"required": True, "content": _json(request)},
+                "responses": {
+                    "200": {"description": "OK", "content": _json(answer)},
+                    **_COMMON_ERRORS,
+                },
+            }
+        }
+
+    return {
+        "/admin/models/load": operation(
+            "Load a model into the memory of the backends that can (LM Studio, Ollama)"
+        ),
+        "/admin/models/unload": operation("Take a model out of the backends' memory"),
+    }
+
+
 _OLLAMA_ERROR = {"$ref": "#/components/responses/OllamaError"}
 
 _OLLAMA_ERRORS = {
@@ -1003,6 +1048,7 @@ def openapi_document() -> dict[str, Any]:
             **_responses_paths(),
             **_messages_paths(),
             **_admin_paths(),
+            **_model_loading_paths(),
             **_ollama_paths(),
             **_console_paths(),
         },

@@ -2,7 +2,7 @@
 Reloading the configuration without a restart.
 
 A new file is validated in full before anything changes; then the app's
-snapshot and router are swapped together.  A request in flight keeps the
+snapshot, router and plugins are swapped together.  A request in flight keeps the
 snapshot it started with.  A bad file is reported and ignored: the running
 configuration stays.  ``SIGHUP`` and a change of the file on disk
 (:mod:`oproxy.watch`) both end up in :meth:`Reloader.reload`.
@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from oproxy.app import ProxyApp
 from oproxy.cache import ResponseCache
 from oproxy.config import Config, ConfigError
+from oproxy.plugins.chain import Chain
 from oproxy.routing.router import Router
 
 log = Logger()
@@ -36,6 +37,10 @@ class Reloader:
         source: str | None = None,
     ) -> None:
         """
+        The app's plugins (if it has any) are rebuilt for the new
+        configuration before anything is swapped: a plugin that cannot be
+        built refuses the file like any mistake in it.
+
         :param retire_cache: takes a cache the new configuration replaced;
             the process's tree closes it (and a stop waits for that).
         :param source: the file ``load`` reads, named in the log so that an
@@ -52,8 +57,10 @@ class Reloader:
         """
         Load, validate and swap; return whether the new configuration is live.
         """
+        host = self._app.plugins
         try:
             config = self._load()
+            plugins: Chain | None = host.build(config.plugins) if host is not None else None
         except (ConfigError, OSError) as e:
             log.error(
                 "Configuration {source} not reloaded, keeping the running one: {reason}",
@@ -70,7 +77,9 @@ class Reloader:
             log.warn("certificates changes take effect at the next restart")
         previous = self._app.cache
         cache = previous if config.cache == old.cache else self._build_cache(config)
-        self._app.swap(config, self._build_router(config), cache)
+        self._app.swap(config, self._build_router(config), cache, plugins)
+        if host is not None and plugins is not None:
+            host.commit(plugins)
         if cache is not previous:
             self._retire_cache(previous)
         log.info("Configuration reloaded from {source}", source=self._source)

@@ -12,10 +12,11 @@ in an order that lets every request end first:
   config watch, access-log rotation, ``SIGHUP``).
 * ``stopService`` stops accepting, drains the requests and streams in
   flight, stops the loops, runs the work left for after the answers (counts,
-  access lines), waits until every request's usage is settled in the store,
-  and only then closes the response cache, the state store and the upstream
-  connection pool, in that order, waiting for each; error reporting stops
-  last.
+  access lines, plugins' completion hooks), stops the plugins that are
+  services (a webhook delivers its queue, through the pool), waits until
+  every request's usage is settled in the store, and only then closes the
+  response cache, the state store and the upstream connection pool, in that
+  order, waiting for each; error reporting stops last.
 
 ``twistd`` stops the tree in a ``before shutdown`` trigger of its own and
 waits for the Deferred :meth:`ProxyService.stopService` returns, so nothing
@@ -125,6 +126,9 @@ class Resources:
     :ivar access_log: the JSON access log, when one is configured.
     :ivar draining: tells the request handling that the process stops, so
         that answers close their connections.
+    :ivar plugins: the plugins' own services (a webhook's sender), started
+        with the resources and stopped once the last answers are counted
+        (their completion hooks have run), before the connections close.
     """
 
     guard: Guard
@@ -133,6 +137,7 @@ class Resources:
     after_send: AfterSend
     access_log: AccessLog | None
     draining: Callable[[], None]
+    plugins: service.IService | None = None
 
 
 class ProcessService(service.MultiService):
@@ -273,6 +278,8 @@ class ProxyService(ProcessService):
         if self.resources.access_log is not None:
             self.resources.access_log.open()
         self.resources.guard.start()
+        if self.resources.plugins is not None:
+            self.resources.plugins.startService()
         if self._descriptions is not None:
             hosts = [port.getHost() for port in self.ports]
             log_listeners(zip(self._descriptions, hosts, strict=True))
@@ -299,6 +306,8 @@ class ProxyService(ProcessService):
             await step("Draining", lambda: drain(self.reactor, site, ports, self._drain_timeout()))
         await step("Stopping the background services", self.stop_children)
         await step("Counting and logging the last answers", resources.after_send.run)
+        if resources.plugins is not None:
+            await step("Stopping the plugins", resources.plugins.stopService)
         await step("Settling the last requests", resources.guard.stop)
         await step("Closing the replaced caches", self._retired_closed)
         await step("Closing the response cache", lambda: resources.cache().close())

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.application import service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -28,8 +29,7 @@ from oproxy.after_send import AfterSend
 from oproxy.announce import log_backends
 from oproxy.app import ProxyApp
 from oproxy.backends.base import IBackend
-from oproxy.backends.ollama import OllamaBackend
-from oproxy.backends.openai import OpenAIBackend
+from oproxy.backends.kinds import build_backend
 from oproxy.cache import ResponseCache, build_cache
 from oproxy.certs.tls import server_endpoint
 from oproxy.certs.wiring import (
@@ -54,6 +54,8 @@ from oproxy.images.fetch import Images
 from oproxy.listeners import Listener, bind
 from oproxy.logs import AccessLog, AccessLogService, Rotator
 from oproxy.metrics import Metrics, metrics_for_this_process
+from oproxy.plugins.host import PluginHost
+from oproxy.plugins.interface import Environment
 from oproxy.reload import Reloader
 from oproxy.reporting import ReportingService, check_reporting
 from oproxy.routing.breaker import CircuitSync
@@ -64,7 +66,7 @@ from oproxy.serving import SignalService
 from oproxy.site import ProxySite
 from oproxy.state.base import IStateStore
 from oproxy.state.opening import open_store
-from oproxy.upstream import ReusedEndpoints, Upstream
+from oproxy.upstream import ReusedEndpoints
 from oproxy.watch import ConfigWatcher
 from oproxy.workers import WorkerPool, WorkerSpec
 
@@ -184,12 +186,7 @@ def build_router(
         agent = LeanAgent(
             endpoints, Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool.lean
         )
-        if backend_config.type == "openai":
-            backends.append(
-                OpenAIBackend(backend_config, agent, clock, api_key=backend_config.api_key)
-            )
-        else:
-            backends.append(OllamaBackend(Upstream(backend_config, agent, clock)))
+        backends.append(build_backend(backend_config, agent, clock))
     if state is None:
         state = RoutingState.new(clock, config.routing)
     state.catalog.forget(b.name for b in backends)
@@ -236,12 +233,15 @@ def build_app(
 ) -> ProxyApp:
     """
     Wire the app over the shared pool.  Nothing is opened: the guard's
-    store opens when :meth:`Guard.start` runs (the service tree does that).
+    store opens when :meth:`Guard.start` runs (the service tree does that),
+    and the plugins that are services start with the tree.
 
     :param config_source: the file the console's editor shows and writes
         (by default none: the editor is read-only).
+    :raises ConfigError: a configured plugin cannot be built.
     """
     metrics = metrics_for_this_process()
+    plugins = build_plugins(config, reactor, pool, metrics)
     certificates = certificate_report(config)
     if certificates is not None:
         metrics.add_collector(certificates)
@@ -267,7 +267,21 @@ def build_app(
         after_send=after_send,
         certificates=certificates,
         console=console,
+        plugins=plugins,
     )
+
+
+def build_plugins(
+    config: Config, reactor: Any, pool: ConnectionPool, metrics: Metrics
+) -> PluginHost:
+    """
+    The configured plugins, built (not started), with what they may use:
+    the clock, a treq client over the shared pool, the metrics.
+    """
+    http = HTTPClient(Agent(reactor, pool=pool))
+    host = PluginHost(Environment(clock=reactor, http=http, metrics=metrics))
+    host.commit(host.build(config.plugins))
+    return host
 
 
 def build_guard(
@@ -359,7 +373,10 @@ def serving_service(
         if worker
         else reload_here(lambda: reloader.reload()),
     )
-    app = build_app(config, reactor, pool, access_log, after_send, builders, source)
+    try:
+        app = build_app(config, reactor, pool, access_log, after_send, builders, source)
+    except ConfigError as e:
+        raise SystemExit(f"oproxy: invalid configuration: {e}") from None
 
     def draining() -> None:
         app.draining = True
@@ -376,6 +393,7 @@ def serving_service(
             after_send=after_send,
             access_log=access_log,
             draining=draining,
+            plugins=app.plugins,
         ),
         make_site=make_site,
         bind=listen,

@@ -460,6 +460,15 @@ class Upstream:
                 timer.seconds += self._clock.seconds() - started
         return response.code, response.headers, _decode(raw, self.name)
 
+    async def get_bytes(self, path: str) -> tuple[int, Headers, bytes]:
+        """
+        ``GET`` a route that does not answer JSON (a Prometheus ``/metrics``
+        page): the status, headers and body as they came.
+        """
+        response = await self._send("GET", path, None)
+        limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
+        return response.code, response.headers, await self._reader(response, limit).read_all()
+
     async def stream_events(
         self, path: str, payload: Mapping[str, Any], timer: UpstreamTime | None = None
     ) -> tuple[int, Headers, AsyncGenerator[Any, None]]:

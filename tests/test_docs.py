@@ -34,6 +34,7 @@ ENVIRON = {
     "SENTRY_DSN": "https://key@sentry.example/1",
     "AGENTS_KEY": "sk-agents",
     "CLAUDE_CODE_KEY": "sk-claude",
+    "HF_TOKEN": "hf_docs_example",
 }
 
 Path_ = tuple[str | int, ...]
@@ -173,7 +174,8 @@ def test_the_example_file_has_its_commented_settings_put_back() -> None:
 
 def test_the_example_file_loads_with_every_setting() -> None:
     config = parse_config(EXAMPLE, ENVIRON)
-    assert [b.name for b in config.backends] == ["local", "gpu-box", "lmstudio"]
+    assert [b.name for b in config.backends] == ["local", "gpu-box", "openai", "laptop", "hf"]
+    assert [b.type for b in config.backends][3:] == ["lmstudio", "huggingface"]
     assert config.routing.rule_for("gpt-4o-mini") is not None
     assert config.metrics.token_sha256 is not None
 
@@ -196,8 +198,9 @@ SEED: dict[str, Any] = {
     "auth": {"keys": [{"name": "alice", "key": "sk-a"}]},
     "access_log": {"path": "/var/log/oproxy/access.log"},
     "certificates": {"acme": {"domains": ["gw.example.com"]}},
+    "plugins": [{"name": "max-tokens-cap", "config": {"max_tokens": 64}}],
 }
-_ENTRY = {("backends",): 0, ("models",): "some-model", ("auth", "keys"): 0}
+_ENTRY = {("backends",): 0, ("models",): "some-model", ("auth", "keys"): 0, ("plugins",): 0}
 
 
 def documented_keys(text: str) -> Iterator[tuple[Path_, str]]:

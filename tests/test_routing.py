@@ -212,7 +212,7 @@ routing:
         ("routing: {retries: -1}", "routing.retries"),
         ("backends: [{url: 'ftp://x', type: openai}]", "backends[0].url"),
         ("backends: [{url: 'http://u:p@x/v1', type: openai}]", "backends[0].url"),
-        ("backends: [{url: 'http://x', type: vllm}]", "backends[0].type"),
+        ("backends: [{url: 'http://x', type: triton}]", "backends[0].type"),
     ],
 )
 def test_bad_routing_settings_name_the_key(text: str, where: str) -> None:

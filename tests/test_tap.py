@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from oproxy.cache import MemoryStore, ResponseCache
 from oproxy.config import CacheConfig, StateConfig
+from oproxy.console.parts import ConsoleService
 from oproxy.health import ProbeService
 from oproxy.logs import AccessLogService
 from oproxy.metrics import MULTIPROCESS_ENV
@@ -144,6 +145,7 @@ def test_one_process_builds_without_io_binds_at_start_and_closes_in_order(
         ConfigWatcher,
         ProbeService,
         CircuitSync,
+        ConsoleService,
         AccessLogService,
     ]
     assert top.site is None

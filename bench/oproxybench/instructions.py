@@ -15,6 +15,9 @@ Usage (after ``apt-get install -y valgrind nginx-light``)::
 
     python bench/instructions.py --code /path/to/old --code . --requests 300
 
+``--extra-config FILE`` appends a YAML fragment to every daemon's
+configuration (a ``plugins:`` section, say), to measure what it costs.
+
 Python under callgrind runs about fifty times slower: a few hundred
 requests give a stable figure (the spread between repeats is printed).
 """
@@ -73,6 +76,7 @@ def measure_once(
     scenario: str,
     requests: int,
     warmup: int,
+    extra_config: str = "",
 ) -> float:
     """Instructions per request of the checkout at ``code``, one daemon run."""
     port = free_port()
@@ -82,7 +86,7 @@ def measure_once(
         f'listen: ["tcp:{port}:interface=127.0.0.1"]\n'
         f'backends: [{{name: bench, type: ollama, url: "http://127.0.0.1:{upstream_port}"}}]\n'
         "workers: 1\n"
-        "cache: {enabled: false}\n"
+        "cache: {enabled: false}\n" + extra_config
     )
     out = workdir / f"callgrind-{tag}.out"
     log_path = workdir / f"oproxy-{tag}.log"
@@ -143,12 +147,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario", choices=("chat", "stream", "embed"), default="chat", help="(chat)"
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--extra-config", type=Path, help="a YAML fragment appended to every daemon's config"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     codes = [c.resolve() for c in (args.code or [Path(__file__).resolve().parents[2]])]
+    extra_config = args.extra_config.read_text() if args.extra_config else ""
     for tool in (VALGRIND, CALLGRIND_CONTROL):
         if not Path(tool).exists():
             raise SystemExit(f"{tool} not found: apt-get install -y valgrind")
@@ -161,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for code in codes:
                 per_request = measure_once(
-                    procs, workdir, code, port, args.scenario, args.requests, args.warmup
+                    procs,
+                    workdir,
+                    code,
+                    port,
+                    args.scenario,
+                    args.requests,
+                    args.warmup,
+                    extra_config,
                 )
                 counts[str(code)].append(per_request)
                 log(f"{code} (run {repeat + 1}): {per_request:,.0f} instructions per request")

@@ -8,6 +8,12 @@ from.  The lookup happens after authentication and before anything is
 fetched or sent upstream, so a hit costs no image download and no model
 time.  Only successful, complete answers are stored; a stream is recorded
 as it is relayed and stored once it has ended normally.
+
+The cache sits between the plugins' hooks: its key is made from the body
+the request hooks left (what the backend is asked), it stores what the
+backend answered, and the response and chunk hooks run on every answer,
+from the cache or not.  A plugin that changes answers therefore changes
+cached ones the same way, and never twice.
 """
 
 from __future__ import annotations
@@ -100,18 +106,29 @@ async def answer(
         if name.lower() == b"x-cache":
             scope.cache_status = value.decode("ascii")
             scope.services.metrics.cache.labels(scope.cache_status.lower()).inc()
+    hooks = scope.hooks
     if hit is not None:
         if stream:
-            replayed = replay(hit) if shape is None else shape.events(replay(hit))
+            replayed = replay(hit)
+            if hooks is not None:
+                replayed = hooks.stream(replayed)
+            if shape is not None:
+                replayed = shape.events(replayed)
             await relay_sse(request, _timed(scope, label, replayed), scope.services.clock, framing)
             return None
-        answered = hit.body if shape is None else await shape.render(hit.body)
+        made = hit.body
+        if hooks is not None:
+            made = await hooks.response(made)
+        answered = made if shape is None else await shape.render(made)
         if scope.logs_bodies:
             scope.logged_response = answered
         return scope.json(answered)
     if not stream:
         made = await first_answer(scope, routes, produce)
+        # Stored (serialised) before any plugin changes it.
         await cache.store(policy, made, stream=False)
+        if hooks is not None:
+            made = await hooks.response(made)
         answered = made if shape is None else await shape.render(made)
         if scope.logs_bodies:
             scope.logged_response = answered
@@ -120,6 +137,9 @@ async def answer(
 
     async def opened() -> AsyncGenerator[dict[str, Any], None]:
         chunks = cache.recording(policy, await first_stream(scope, routes, produce_stream))
+        if hooks is not None:
+            # The recording keeps the chunks it passes on: the plugins get copies.
+            chunks = hooks.stream(chunks, copy=policy.key is not None and policy.write)
         return _timed(scope, label, chunks if shape is None else shape.events(chunks))
 
     streaming = scope.config.streaming

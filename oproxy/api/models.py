@@ -16,11 +16,19 @@ from oproxy.api.scope import Scope
 from oproxy.errors import ModelNotFound
 from oproxy.routing.router import Route
 
+#: How long ``/v1/models`` waits for the backends' listings: the first,
+#: which the probe starts as the process starts (a list asked for at once
+#: would otherwise lack that backend's models), and any it refreshes.
+FIRST_LISTING_SECONDS = 3.0
+
 
 async def list_all(scope: Scope) -> bytes | None:
     router = scope.services.router
     catalog = router.state.catalog
-    await router.refresh_models()
+    # Neither a stale list nor the first one may hold the answer for long:
+    # a backend that cannot list its models in time is left out this once.
+    await router.refresh_models(FIRST_LISTING_SECONDS)
+    await catalog.first_listings(router.backends, FIRST_LISTING_SECONDS)
     data: list[dict[str, Any]] = []
     listed: dict[str, dict[str, Any]] = {}
     for backend in router.backends:

@@ -213,6 +213,8 @@ async def _infer(
     if path == "/api/embeddings" and scope.ticket is not None:
         # The legacy route reports no token count: the estimate stands.
         scope.prompt_tokens = scope.ticket.plan.prompt_estimate
+    if scope.hooks is not None:
+        answer = await scope.hooks.response(answer)
     if scope.logs_bodies:
         scope.logged_response = answer
     return render_json(scope, answer)
@@ -281,6 +283,7 @@ async def relay_ndjson(scope: Scope, lines: Lines, route_name: str | None = None
     The first line is awaited before anything is committed, so an early
     failure is still an HTTP error; a failure after it is a last
     ``{"error": ...}`` line, exactly as Ollama ends a stream that failed.
+    The plugins' chunk hooks see each line, as Ollama frames it.
     The client's socket paces the relay, and a client that leaves cancels
     it, which closes the upstream connection: the model stops generating.
 
@@ -288,6 +291,8 @@ async def relay_ndjson(scope: Scope, lines: Lines, route_name: str | None = None
         when the lines are tokens.
     """
     request = scope.request
+    if scope.hooks is not None:
+        lines = scope.hooks.stream(lines)
     async with aclosing(lines):
         first = await anext(lines, None)
         if first is None:

@@ -221,6 +221,8 @@ async def _progress(scope: Scope, path: str, *, refresh: bool) -> bytes | None:
     finally:
         if refresh and done:
             await scope.services.router.state.catalog.refresh(done)
+    if scope.hooks is not None and isinstance(answer, dict):
+        answer = await scope.hooks.response(answer)
     return render_json(scope, answer)
 
 

@@ -17,6 +17,7 @@ from oproxy.backends.base import Call, IInlineImages
 from oproxy.config import Config
 from oproxy.errors import InvalidRequest
 from oproxy.images.fetch import too_many_images
+from oproxy.plugins.chain import Hooks
 from oproxy.routing.router import Route
 from oproxy.security.guard import Ticket
 from oproxy.security.limits import Caller
@@ -63,6 +64,9 @@ class Scope:
     route_in_use: Route | None = None
     #: A chat's images, fetched and converted once for every route tried.
     prepared_images: Mapping[str, str] | None = None
+    #: The plugins that apply to the request, for its answer, its chunks and
+    #: its completion (``None``: no plugin does).
+    hooks: Hooks | None = None
 
     @property
     def logs_bodies(self) -> bool:

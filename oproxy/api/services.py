@@ -23,6 +23,7 @@ from oproxy.console.parts import Console
 from oproxy.images.fetch import Images
 from oproxy.logs import AccessLog
 from oproxy.metrics import Metrics
+from oproxy.plugins.chain import Chain
 from oproxy.routing.router import Router
 from oproxy.security.guard import Guard
 from oproxy.state.base import IStateStore
@@ -45,6 +46,7 @@ class Services:
         the files say (``None``: it has none to speak of).
     :ivar console: what the admin console keeps between requests (``None``:
         no console in this process).
+    :ivar plugins: the plugins in force, in order (empty: none enabled).
     """
 
     config: Config
@@ -58,14 +60,18 @@ class Services:
     access_log: AccessLog | None = None
     up_since: float = 0.0
     certificates: CertificateReport | None = None
+    console: Console | None = None
+    plugins: Chain = ()
 
     @property
     def state(self) -> IStateStore:
         """The state store the guard keeps keys and limits in (stored responses too)."""
         return self.guard.store
 
-    console: Console | None = None
-
-    def reloaded(self, config: Config, router: Router, cache: ResponseCache) -> Services:
+    def reloaded(
+        self, config: Config, router: Router, cache: ResponseCache, plugins: Chain | None = None
+    ) -> Services:
         """The record for a new configuration; everything else stays."""
-        return replace(self, config=config, router=router, cache=cache)
+        if plugins is None:
+            plugins = self.plugins
+        return replace(self, config=config, router=router, cache=cache, plugins=plugins)

@@ -62,6 +62,9 @@ class IBackend(Interface):
     weight: int
     #: The name the configuration gives it (labels, logs, ``x-oproxy-backend``).
     name: str
+    #: The configuration's ``type`` (``ollama``, ``vllm``...), for people to
+    #: read (``/v1/health``, the console); never for deciding what it can do.
+    kind: str
 
     async def chat_completion(call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
         """One chat completion, as OpenAI's object."""
@@ -91,8 +94,77 @@ class IBackend(Interface):
     async def probe() -> dict[str, Any]:
         """
         A cheap health probe that never runs a completion: ``version``,
-        ``models_available`` and ``models_loaded`` where the server tells.
+        ``models_available`` and ``models_loaded`` where the server tells,
+        and ``details``, what else the server's own health routes said
+        (slots, queue depth, context size), shown in ``/v1/health``.
         """
+
+    async def describe_models() -> list[ModelInfo]:
+        """
+        What the server says about each of its models beyond an OpenAI
+        model object (size, family, context length, whether it is loaded),
+        for people: the console's model page.  What a server does not say
+        is ``None``.
+        """
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """
+    One model as its server describes it, in the same terms whatever the
+    server: :meth:`IBackend.describe_models` answers with these.
+
+    :ivar id: the name requests use, as in ``/v1/models``.
+    :ivar kind: what it does: ``llm``, ``vlm`` (reads images) or ``embeddings``.
+    :ivar family: its architecture (``llama``, ``qwen2``...).
+    :ivar size: bytes, on disk or in memory as the server counts them.
+    :ivar parameters: how many, as the server writes it (``8B``, ``8030261312``).
+    :ivar quantization: ``Q4_K_M``, ``4bit``, ``float16``...
+    :ivar context_length: the most tokens it takes (prompt and answer).
+    :ivar loaded: whether it is in memory now; ``None`` when the server does
+        not say (a hosted API).
+    """
+
+    id: str
+    kind: str | None = None
+    family: str | None = None
+    size: int | None = None
+    parameters: str | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+    loaded: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "family": self.family,
+            "size": self.size,
+            "parameters": self.parameters,
+            "quantization": self.quantization,
+            "context_length": self.context_length,
+            "loaded": self.loaded,
+        }
+
+
+@dataclass(frozen=True)
+class Load:
+    """
+    How busy a server says it is.
+
+    :ivar running: requests it is generating for now.
+    :ivar waiting: requests queued behind them.
+    :ivar slots: how many it can run at once, when it has a fixed number.
+    """
+
+    running: int
+    waiting: int = 0
+    slots: int | None = None
+
+    @property
+    def requests(self) -> int:
+        """Everything it has on its plate: running and waiting."""
+        return self.running + self.waiting
 
 
 # -- capabilities ---------------------------------------------------------------
@@ -136,3 +208,62 @@ class IInlineImages(IBackend):
     Reads images only inline, and only in the formats it decodes: the proxy
     fetches a chat's image URLs and converts them before calling it.
     """
+
+
+class ILoadedModels(IBackend):
+    """
+    Tells which of its models are in memory now (Ollama's ``/api/ps``, LM
+    Studio's ``state``): ``prefer-warm`` routing sends a model's requests
+    where it is loaded, and so spares a load.
+    """
+
+    async def loaded_models() -> list[str]:
+        """The names of the models loaded now."""
+
+
+class IBusyness(IBackend):
+    """
+    Tells how busy it is (vLLM's queue depth, llama.cpp's slots):
+    ``least-busy`` routing counts the requests other clients gave it, not
+    only the proxy's own.
+    """
+
+    async def load() -> Load:
+        """Its load now, read from the server (a cheap read, never a completion)."""
+
+
+class IModelLoading(IBackend):
+    """
+    Loads and unloads a model on request (LM Studio's load and unload
+    routes, Ollama's ``keep_alive``), for ``/admin/models/load`` and
+    ``/admin/models/unload``.
+    """
+
+    async def load_model(model: str) -> None:
+        """Load ``model`` into memory and return once it is loaded."""
+
+    async def unload_model(model: str) -> None:
+        """Take ``model`` out of memory."""
+
+
+class IModelSuffixes(IBackend):
+    """
+    Takes model names with a suffix its listing does not show (Inference
+    Providers' ``org/model:provider``, ``org/model:cheapest``): routing asks
+    which listed model such a name is.
+    """
+
+    def listed_as(model: str) -> str:
+        """The name ``model`` is listed under (itself when it has no suffix)."""
+
+
+class ISamplingFields(IBackend):
+    """
+    Takes sampling fields beyond OpenAI's at the top level of a request
+    (llama.cpp's ``top_k``, ``min_p``, ``repeat_penalty``; vLLM's
+    ``repetition_penalty``): a model's configured ``options`` that are
+    among them are sent there rather than dropped.
+    """
+
+    #: The names of those fields.
+    sampling_fields: frozenset[str]

@@ -20,8 +20,11 @@ from oproxy.backends.base import (
     Call,
     IImplicitLatest,
     IInlineImages,
+    ILoadedModels,
+    IModelLoading,
     IModelManagement,
     IRuntimeOptions,
+    ModelInfo,
 )
 from oproxy.errors import (
     InvalidRequest,
@@ -64,7 +67,14 @@ def ollama_error(status: int, body: Any, call_model: str, backend: str) -> OProx
     return UpstreamError(f"backend {backend!r} failed: {message}")
 
 
-@implementer(IModelManagement, IImplicitLatest, IRuntimeOptions, IInlineImages)
+@implementer(
+    IModelManagement,
+    IImplicitLatest,
+    IRuntimeOptions,
+    IInlineImages,
+    ILoadedModels,
+    IModelLoading,
+)
 class OllamaBackend:
     """
     An Ollama server, spoken to in its native API.
@@ -73,6 +83,7 @@ class OllamaBackend:
     def __init__(self, upstream: Upstream) -> None:
         self._upstream = upstream
         self.weight = upstream.backend.weight
+        self.kind = upstream.backend.type
 
     @property
     def name(self) -> str:
@@ -230,6 +241,57 @@ class OllamaBackend:
             "models_available": len(tags.get("models") or []),
             "models_loaded": [m.get("name") or m.get("model") for m in loaded.get("models") or []],
         }
+
+    async def loaded_models(self) -> list[str]:
+        """What ``/api/ps`` lists."""
+        loaded = await self._get_json("/api/ps")
+        return [m.get("name") or m.get("model") for m in loaded.get("models") or []]
+
+    async def describe_models(self) -> list[ModelInfo]:
+        """
+        ``/api/tags`` (size on disk, family, parameters, quantization) and
+        ``/api/ps`` (what is loaded, with the context it was loaded with).
+        """
+        tags, loaded = await _gather([self._get_json("/api/tags"), self._get_json("/api/ps")])
+        running = {
+            m.get("name") or m.get("model"): m
+            for m in loaded.get("models") or []
+            if isinstance(m, dict)
+        }
+        described = []
+        for model in tags.get("models") or []:
+            if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+                continue
+            details = model.get("details")
+            if not isinstance(details, dict):
+                details = {}
+            in_memory = running.get(model["name"])
+            context = in_memory.get("context_length") if in_memory else None
+            described.append(
+                ModelInfo(
+                    id=model["name"],
+                    family=details.get("family"),
+                    size=model.get("size") if isinstance(model.get("size"), int) else None,
+                    parameters=details.get("parameter_size"),
+                    quantization=details.get("quantization_level"),
+                    context_length=context if isinstance(context, int) else None,
+                    loaded=in_memory is not None,
+                )
+            )
+        return described
+
+    async def load_model(self, model: str) -> None:
+        """An empty ``/api/generate``: Ollama loads the model and answers once it has."""
+        await self._manage(model, {"model": model, "stream": False})
+
+    async def unload_model(self, model: str) -> None:
+        """An empty ``/api/generate`` with ``keep_alive: 0``."""
+        await self._manage(model, {"model": model, "keep_alive": 0, "stream": False})
+
+    async def _manage(self, model: str, payload: Mapping[str, Any]) -> None:
+        status, body = await self._upstream.request_json("POST", "/api/generate", payload)
+        if status != 200:
+            raise ollama_error(status, body, model, self.name)
 
     async def _get_json(self, path: str) -> dict[str, Any]:
         status, body = await self._upstream.request_json("GET", path)

@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from oproxy.backends.base import Call, IBackend
+from oproxy.backends.base import Call, IBackend, ModelInfo
 from oproxy.config import BackendConfig
 from oproxy.errors import (
     InvalidRequest,
@@ -60,11 +60,14 @@ class BaseURL:
     :ivar origin: ``scheme://host[:port]``, what the connection pool keys on.
     :ivar api: the path the API routes hang from, e.g. ``/v1``.
     :ivar health: the path of the server's ``/health``, if it has one.
+    :ivar root: the path the server's own routes hang from (``/props``,
+        ``/info``, ``/api/v0``...): the API root less a final ``/v1``.
     """
 
     origin: str
     api: str
     health: str
+    root: str = ""
 
 
 def split_base_url(url: str) -> BaseURL:
@@ -94,7 +97,9 @@ def split_base_url(url: str) -> BaseURL:
         raise ValueError(f"backend url {url!r} must not have a query or fragment")
     api = parts.path.rstrip("/") or "/v1"
     root = api.removesuffix("/v1") if api.endswith("/v1") else api
-    return BaseURL(origin=f"{parts.scheme}://{parts.netloc}", api=api, health=root + "/health")
+    return BaseURL(
+        origin=f"{parts.scheme}://{parts.netloc}", api=api, health=root + "/health", root=root
+    )
 
 
 @implementer(IBackend)
@@ -126,13 +131,37 @@ class OpenAIBackend:
         )
         self._api = base.api
         self._health = base.health
+        #: Where the server's own (not OpenAI) routes hang from.
+        self._root = base.root
         #: Whether the server has ``/health``; unknown until the first probe.
         self._has_health: bool | None = None
         self.weight = config.weight
+        self.kind = config.type
 
     @property
     def name(self) -> str:
         return self._upstream.name
+
+    # ------------------------------------------------------------------
+    # What a kind of server changes (see the modules beside this one)
+
+    def adapt(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """
+        The body as this server takes it, for the API route ``path``
+        (``/chat/completions``...): a kind whose server reads some fields
+        differently rewrites them here.  The generic server takes OpenAI's
+        body as it is.
+        """
+        return payload
+
+    def adapt_answer(self, path: str, answer: dict[str, Any]) -> None:
+        """Mend, in place, what this server leaves out of a whole answer."""
+
+    def adapt_stream(
+        self, chunks: AsyncGenerator[dict[str, Any], None]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A stream's chunks as OpenAI words them, where this server does not."""
+        return chunks
 
     # ------------------------------------------------------------------
     # Generation
@@ -160,15 +189,16 @@ class OpenAIBackend:
         return answer
 
     async def _answer(self, path: str, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
-        payload = upstream_body(body, call.upstream_model, stream=False)
+        payload = self.adapt(path, upstream_body(body, call.upstream_model, stream=False))
         status, headers, answer = await self._upstream.send_json(
             "POST", self._api + path, payload, call.upstream_time
         )
         if status != 200:
-            raise upstream_error(status, answer, headers, self.name, model=call.client_model)
+            raise self.error(status, answer, headers, model=call.client_model)
         if not isinstance(answer, dict):
             raise UpstreamError(f"backend {self.name!r} sent an answer that is not a JSON object")
         raise_for_upstream_error(answer)
+        self.adapt_answer(path, answer)
         answer["model"] = call.client_model
         usage = reported_usage(answer.get("usage"))
         if usage is not None:
@@ -179,23 +209,43 @@ class OpenAIBackend:
         self, path: str, call: Call, body: Mapping[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
         client_wants_usage = wants_usage_chunk(body)
-        payload = upstream_body(body, call.upstream_model, stream=True)
+        payload = self.adapt(path, upstream_body(body, call.upstream_model, stream=True))
         status, headers, events = await self._upstream.stream_events(
             self._api + path, payload, call.upstream_time
         )
         if status != 200:
             async with aclosing(events):
                 answer = await anext(events, None)
-            raise upstream_error(status, answer, headers, self.name, model=call.client_model)
-        return relayed(events, call, include_usage=client_wants_usage)
+            raise self.error(status, answer, headers, model=call.client_model)
+        return self.adapt_stream(relayed(events, call, include_usage=client_wants_usage))
+
+    def error(
+        self, status: int, body: object, headers: Headers, *, model: str | None = None
+    ) -> OProxyError:
+        """The error a client sees for this server's error answer (:func:`upstream_error`)."""
+        return upstream_error(status, body, headers, self.name, model=model)
+
+    async def get_json(self, path: str) -> Any:
+        """
+        ``GET`` one of the server's JSON routes (a full path); an error
+        answer raises the error the client would see.
+        """
+        status, headers, body = await self._upstream.send_json("GET", path)
+        if status != 200:
+            raise self.error(status, body, headers)
+        return body
 
     # ------------------------------------------------------------------
     # Models and health
 
     async def list_models(self) -> list[dict[str, Any]]:
+        return await self.openai_models()
+
+    async def openai_models(self) -> list[dict[str, Any]]:
+        """The server's own ``/v1/models``, each model made valid and ``owned_by`` this backend."""
         status, headers, body = await self._upstream.send_json("GET", self._api + "/models")
         if status != 200:
-            raise upstream_error(status, body, headers, self.name)
+            raise self.error(status, body, headers)
         data = body.get("data") if isinstance(body, Mapping) else None
         if not isinstance(data, list):
             raise UpstreamError(f"backend {self.name!r} listed its models in an unknown shape")
@@ -207,7 +257,7 @@ class OpenAIBackend:
         if status == 200 and _model_id(body) is not None:
             return self._model(body)
         if status not in (200, 404, 405):
-            raise upstream_error(status, body, headers, self.name, model=model_id)
+            raise self.error(status, body, headers, model=model_id)
         # Not there, or a server without this route (llama.cpp): the listing decides.
         for model in await self.list_models():
             if model["id"] == model_id:
@@ -226,10 +276,21 @@ class OpenAIBackend:
                 self._has_health = True
                 return {"version": None, "models_available": None, "models_loaded": []}
             if status not in (404, 405):
-                raise upstream_error(status, body, headers, self.name)
+                raise self.error(status, body, headers)
             self._has_health = False
         models = await self.list_models()
         return {"version": None, "models_available": len(models), "models_loaded": []}
+
+    async def describe_models(self) -> list[ModelInfo]:
+        """
+        What a generic server's listing says: the names, and a context
+        length where it gives one (vLLM's ``max_model_len``); nothing of
+        memory, which such a server does not tell.
+        """
+        return [
+            ModelInfo(id=entry["id"], context_length=whole_number(entry.get("max_model_len")))
+            for entry in await self.list_models()
+        ]
 
     def _model(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """
@@ -341,6 +402,13 @@ def _encode_as_base64(answer: dict[str, Any]) -> None:
     for item in answer.get("data") or ():
         if isinstance(item, dict) and isinstance(item.get("embedding"), list):
             item["embedding"] = float32_base64(item["embedding"])
+
+
+def whole_number(value: object) -> int | None:
+    """A count a server gave, if it is one (not a boolean, not negative)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _model_id(entry: object) -> str | None:

@@ -23,6 +23,7 @@ from oproxy.config.loading import (
     parse_config,
     with_overrides,
 )
+from oproxy.config.plugins import PluginConfig
 from oproxy.config.responses import ResponsesConfig
 from oproxy.config.schema import (
     DEFAULT_LISTEN,
@@ -62,6 +63,7 @@ __all__ = [
     "ImagesConfig",
     "MetricsConfig",
     "ModelRule",
+    "PluginConfig",
     "ReloadConfig",
     "RequestLimits",
     "ResponsesConfig",

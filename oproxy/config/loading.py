@@ -21,13 +21,16 @@ import yaml
 from oproxy.config.certificates import check_certificates, with_directory
 from oproxy.config.checks import check_exposure, check_references
 from oproxy.config.reading import structure
+from oproxy.config.resolving import Finder, read_plugins
 from oproxy.config.schema import (
     DEFAULT_OLLAMA_URL,
+    DEFAULT_PORTS,
+    HUGGINGFACE_ROUTER_URL,
     BackendConfig,
     Config,
     ModelRule,
 )
-from oproxy.config.values import ConfigError, api_url, mapping, ollama_url
+from oproxy.config.values import ConfigError, api_url, mapping, ollama_url, server_url
 
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -104,10 +107,12 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _fill_backends(document: dict[str, Any]) -> None:
+def _fill_backends(document: dict[str, Any], environ: Mapping[str, str]) -> None:
     """
     A backend's default name is its place in the list; its timeouts are
-    the global ones, overridden key by key.
+    the global ones, overridden key by key.  A ``huggingface`` backend
+    goes to the Inference Providers router unless told otherwise, with the
+    token ``HF_TOKEN`` holds unless ``api_key`` gives one.
     """
     listed, shared = document.get("backends"), _or(document.get("timeouts"), {})
     if not isinstance(listed, list) or not isinstance(shared, dict):
@@ -120,6 +125,9 @@ def _fill_backends(document: dict[str, Any]) -> None:
             given = {**given, "name": _or(given.get("name"), f"backend{index}")}
             if isinstance(own, dict) and shared:
                 given["timeouts"] = {**shared, **{k: _or(v, shared.get(k)) for k, v in own.items()}}
+            if given.get("type") == "huggingface":
+                given["url"] = _or(given.get("url"), HUGGINGFACE_ROUTER_URL)
+                given["api_key"] = _or(given.get("api_key"), environ.get("HF_TOKEN") or None)
         filled.append(given)
     document["backends"] = filled
 
@@ -144,28 +152,51 @@ def _model_rules(models: Any) -> tuple[ModelRule, ...]:
 
 
 def _backend_url(backend: BackendConfig, index: int) -> BackendConfig:
-    """An Ollama's URL as ``OLLAMA_HOST`` takes it; another server's as its SDK does."""
+    """
+    An Ollama's URL as ``OLLAMA_HOST`` takes it; a generic server's as its
+    SDK does; a known server's either way or as ``host[:port]``.  A
+    ``huggingface`` backend needs its token.
+    """
     try:
-        url = ollama_url(backend.url) if backend.type == "ollama" else api_url(backend.url)
+        if backend.type == "ollama":
+            url = ollama_url(backend.url)
+        elif backend.type in DEFAULT_PORTS:
+            url = server_url(backend.url, DEFAULT_PORTS[backend.type])
+        else:
+            url = api_url(backend.url)
     except ConfigError as e:
         raise e.within("url").within(index).within("backends") from None
+    if backend.type == "huggingface" and not backend.api_key:
+        raise (
+            ConfigError(
+                "api_key",
+                "a huggingface backend needs a Hugging Face token: set api_key, or HF_TOKEN "
+                "in the environment",
+            )
+            .within(index)
+            .within("backends")
+        )
     return attrs.evolve(backend, url=url)
 
 
-def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
+def parse_config(data: Any, environ: Mapping[str, str], *, plugins: Finder | None = None) -> Config:
     """
     Validate parsed YAML (after ``${ENV}`` interpolation) into a :class:`Config`.
+
+    :param plugins: how plugin names are resolved (by default, among the
+        installed plugins, searched only when the file enables some).
     """
     document = _interpolate_tree({} if data is None else data, environ)
     ollama = normalise_ollama_url(environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_URL, "OLLAMA_HOST")
-    models = None
+    models = enabled = None
     if isinstance(document, dict):
         models = document.pop("models", None)
+        enabled = document.pop("plugins", None)
         if document.get("access_log") == {}:
             del document["access_log"]  # every line commented out: no access log
         _fill(document, "sentry", "dsn", environ.get("SENTRY_DSN"))
         _fill(document, "sentry", "environment", environ.get("SENTRY_ENVIRONMENT"))
-        _fill_backends(document)
+        _fill_backends(document, environ)
     config = structure(document, Config)
     backends: tuple[BackendConfig, ...]
     if document.get("backends") is None:
@@ -179,24 +210,27 @@ def parse_config(data: Any, environ: Mapping[str, str]) -> Config:
         routing=attrs.evolve(config.routing, models=_model_rules(models)),
         state=state,
         certificates=with_directory(config.certificates, state.path),
+        plugins=read_plugins(enabled, plugins),
     )
     check_references(config)
     return check_exposure(config)
 
 
-def load_config(text: str | None, environ: Mapping[str, str]) -> Config:
+def load_config(
+    text: str | None, environ: Mapping[str, str], *, plugins: Finder | None = None
+) -> Config:
     """
     Parse a YAML document (or nothing, for the embedded defaults).
     """
     if text is None:
-        return parse_config({}, environ)
+        return parse_config({}, environ, plugins=plugins)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         raise ConfigError("", f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return parse_config(data, environ)
+    return parse_config(data, environ, plugins=plugins)
 
 
 def with_overrides(

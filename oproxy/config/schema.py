@@ -16,6 +16,7 @@ import attrs
 
 from oproxy.config.certificates import CertificatesConfig
 from oproxy.config.console import ConsoleConfig
+from oproxy.config.plugins import PluginConfig
 from oproxy.config.responses import ResponsesConfig
 from oproxy.config.values import (
     ALWAYS_REDACTED,
@@ -45,7 +46,12 @@ from oproxy.security.policy import LIMIT_NAMES, KeyPolicy, Limits
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
-BACKEND_TYPES = ("ollama", "openai")
+BACKEND_TYPES = ("ollama", "openai", "lmstudio", "llamacpp", "vllm", "tgi", "tei", "huggingface")
+#: The port each kind of server listens on unless told otherwise, for a
+#: ``url`` given as a bare host.
+DEFAULT_PORTS = {"lmstudio": 1234, "llamacpp": 8080, "vllm": 8000, "tgi": 3000, "tei": 3000}
+#: Where ``type: huggingface`` goes when no ``url`` is given.
+HUGGINGFACE_ROUTER_URL = "https://router.huggingface.co/v1"
 STRATEGIES = ("round-robin", "least-busy", "prefer-warm")
 #: Where ``/metrics`` may be scraped from without a token, by default.
 LOOPBACK_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -73,12 +79,18 @@ class BackendConfig:
     """
     One upstream model server.
 
-    :ivar type: ``ollama`` (its native API, translated) or ``openai`` (any
-        OpenAI-compatible server, passed through).
+    :ivar type: ``ollama`` (its native API, translated), ``openai`` (any
+        OpenAI-compatible server, passed through), or a server the proxy
+        knows beyond its OpenAI routes: ``lmstudio``, ``llamacpp``,
+        ``vllm``, ``tgi``, ``tei``, ``huggingface`` (see
+        :mod:`oproxy.backends.kinds`).
     :ivar url: for ``ollama``, normalised from the forms ``OLLAMA_HOST``
-        takes; for ``openai``, the SDK's ``base_url``.
+        takes; for ``openai``, the SDK's ``base_url``; for the other kinds,
+        either, or a bare ``host[:port]`` (the kind's usual port, see
+        :data:`DEFAULT_PORTS`); ``huggingface`` defaults to the router.
     :ivar api_key: sent upstream as ``Authorization: Bearer`` (never shown
-        in a ``repr``, so never in a log line).
+        in a ``repr``, so never in a log line); ``huggingface`` takes
+        ``HF_TOKEN`` from the environment when it is not given.
     :ivar timeouts: the global ``timeouts``, overridden key by key.
     :ivar weight: its share of requests when several backends serve a model.
     """
@@ -426,3 +438,6 @@ class Config:
     #: Certificates made and renewed by the daemon (ACME, a local CA), HSTS.
     certificates: CertificatesConfig = attrs.Factory(CertificatesConfig)
     console: ConsoleConfig = attrs.Factory(ConsoleConfig)
+    #: The plugins enabled, in the order they run (read by
+    #: :mod:`oproxy.config.resolving`, which resolves their names).
+    plugins: Annotated[tuple[PluginConfig, ...], FileKey(None)] = ()

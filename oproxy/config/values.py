@@ -260,6 +260,31 @@ def api_url(value: Any) -> str:
     return text.rstrip("/")
 
 
+def server_url(value: Any, default_port: int) -> str:
+    """
+    A model server's URL, as an SDK's ``base_url`` takes it, or the
+    shorter forms people write for a server on their network: ``host``
+    and ``host:port`` (plain HTTP, the server's usual port).
+    """
+    given = string(value)
+    text = given.strip()
+    if "://" not in text:
+        parts = urlsplit("http://" + text)
+        if not parts.hostname:
+            raise invalid(f"must be an http(s) URL, not {given!r}")
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise invalid(f"must be an http(s) URL, not {given!r}") from None
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        text = f"http://{host}:{port}{parts.path}"
+    try:
+        urlsplit(text).port  # noqa: B018 - a port out of range raises
+    except ValueError:
+        raise invalid(f"must be an http(s) URL, not {given!r}") from None
+    return api_url(text)
+
+
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 

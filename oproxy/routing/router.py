@@ -20,17 +20,29 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from oproxy.backends.base import IBackend, IImplicitLatest, IRuntimeOptions
+from oproxy.backends.base import (
+    IBackend,
+    IBusyness,
+    IImplicitLatest,
+    IModelSuffixes,
+    IRuntimeOptions,
+    ISamplingFields,
+    Load,
+)
 from oproxy.config import ModelRule, RoutingConfig
 from oproxy.errors import BackendsDown, ModelNotFound
-from oproxy.health import BackendHealth
+from oproxy.health import PROBE_TIMEOUT, BackendHealth
 from oproxy.metrics import Metrics
 from oproxy.routing.breaker import ANSWERED, GO, Breaker, Outcome, Permit
 from oproxy.routing.catalog import Catalog
 from oproxy.state.base import IStateStore
+from oproxy.upstream import within
 
 #: A model list older than this is refreshed before a name is declared unknown.
 STALE_SECONDS = 5.0
+
+#: A load a backend reported longer ago than this is not believed any more.
+LOAD_STALE_SECONDS = 30.0
 
 #: Top-level OpenAI fields a model's ``options`` may default; the rest are
 #: Ollama runtime options (``num_ctx``, ``top_k``...), sent to Ollama only.
@@ -72,7 +84,10 @@ class Route:
         merged = dict(sent)
         native = dict(sent.get("options") or {}) if isinstance(sent.get("options"), dict) else {}
         for name, value in self.options:
-            if name in OPENAI_FIELDS:
+            if name in OPENAI_FIELDS or (
+                ISamplingFields.providedBy(self.backend)
+                and name in ISamplingFields(self.backend).sampling_fields
+            ):
                 merged.setdefault(name, value)
             elif IRuntimeOptions.providedBy(self.backend):
                 native.setdefault(name, value)
@@ -81,16 +96,37 @@ class Route:
         return merged
 
 
+@dataclass(frozen=True)
+class ReportedLoad:
+    """
+    What a backend last said of its load, and how many of those requests
+    were this process's own then: the rest came from other clients.
+    """
+
+    requests: int
+    ours: int
+    at: float
+
+    @property
+    def others(self) -> int:
+        return max(0, self.requests - self.ours)
+
+
 @dataclass
 class RoutingState:
     """
     What routing learns as it runs; kept across reloads, so a reload does
     not forget which backends are down or busy.
+
+    :ivar busy: requests this process has in flight, per backend.
+    :ivar reported: the load backends that tell it (:class:`IBusyness`)
+        last reported.
     """
 
     breaker: Breaker
     catalog: Catalog
     busy: Counter[str] = field(default_factory=Counter)
+    reported: dict[str, ReportedLoad] = field(default_factory=dict)
     turns: Counter[str] = field(default_factory=Counter)
     #: Smooth weighted round robin's running credit, per model and backend.
     credit: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -189,20 +225,36 @@ class Router:
         are kept: their own answer will tell.
         """
         catalog = self.state.catalog
-        serving = [b for b in allowed if catalog.serves(b.name, target) is not False]
+        serving = [b for b in allowed if catalog.serves(b.name, _listed(b, target)) is not False]
         if not serving or any(not catalog.known(b.name) for b in allowed):
             stale = [b for b in allowed if catalog.age(b.name) > STALE_SECONDS]
             if stale:
                 await catalog.refresh(stale)
-                serving = [b for b in allowed if catalog.serves(b.name, target) is not False]
+                serving = [
+                    b for b in allowed if catalog.serves(b.name, _listed(b, target)) is not False
+                ]
         if not serving and explicit:
             return allowed  # the config says these serve it: let them answer
         return serving
 
+    def load_of(self, backend: IBackend) -> int:
+        """
+        How many requests ``backend`` has now, as best known: this
+        process's own in flight, plus those of other clients it reported
+        at its last reading (when that is recent).
+        """
+        own = self.state.busy[backend.name]
+        reported = self.state.reported.get(backend.name)
+        if reported is None:
+            return own
+        if self.state.catalog.clock.seconds() - reported.at > LOAD_STALE_SECONDS:
+            return own
+        return own + reported.others
+
     def _order(self, backends: list[IBackend], model: str, strategy: str) -> list[IBackend]:
         if len(backends) < 2:
             return backends
-        busy = self.state.busy
+        busy = {b.name: self.load_of(b) for b in backends} if strategy != "round-robin" else {}
         turn = self.state.turns[model]
         self.state.turns[model] += 1
         rotation = _weighted_rotation(backends, turn, self.state.credit.setdefault(model, {}))
@@ -244,12 +296,52 @@ class Router:
             if health.reachable:
                 self.state.catalog.note_loaded(health.name, health.models_loaded)
 
-    async def refresh_models(self) -> None:
-        """Re-read the model lists older than ``discovery_interval``."""
+    def note_load(self, backend: str, load: Load) -> None:
+        """What a backend reported of its load, read now."""
+        self.state.reported[backend] = ReportedLoad(
+            requests=load.requests,
+            ours=self.state.busy[backend],
+            at=self.state.catalog.clock.seconds(),
+        )
+
+    @property
+    def reports_load(self) -> bool:
+        """Whether any backend says how busy it is (:class:`IBusyness`)."""
+        return any(IBusyness.providedBy(b) for b in self.backends)
+
+    async def refresh_loads(self) -> None:
+        """
+        Read the load of every backend that tells it, concurrently, each
+        within the probes' deadline; a backend that does not answer has
+        its last report forgotten rather than trusted.
+        """
+        clock = self.state.catalog.clock
+
+        async def one(backend: IBusyness) -> None:
+            try:
+                load = await within(
+                    defer.Deferred.fromCoroutine(backend.load()), PROBE_TIMEOUT, clock
+                )
+            except Exception:
+                self.state.reported.pop(backend.name, None)
+                return
+            self.note_load(backend.name, load)
+
+        telling = [IBusyness(b) for b in self.backends if IBusyness.providedBy(b)]
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(one(b)) for b in telling], consumeErrors=True
+        )
+
+    async def refresh_models(self, seconds: float | None = None) -> None:
+        """
+        Re-read the model lists older than ``discovery_interval``.
+
+        :param seconds: wait this long at most (see :meth:`Catalog.refresh`).
+        """
         catalog = self.state.catalog
         stale = [b for b in self.backends if catalog.age(b.name) >= self.config.discovery_interval]
         if stale:
-            await catalog.refresh(stale)
+            await catalog.refresh(stale, seconds)
 
     # -- what the API layer reports back ----------------------------------------------
 
@@ -289,6 +381,11 @@ def circuit_model(backend: IBackend, model: str) -> str:
     if ":" not in model and IImplicitLatest.providedBy(backend):
         return model + ":latest"
     return model
+
+
+def _listed(backend: IBackend, model: str) -> str:
+    """The name ``backend`` lists ``model`` under (``org/m:provider`` is ``org/m``)."""
+    return backend.listed_as(model) if IModelSuffixes.providedBy(backend) else model
 
 
 def _allowed(rule: ModelRule | None, backend: str) -> bool:

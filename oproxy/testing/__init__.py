@@ -25,7 +25,13 @@ One package per server kind, on a shared base:
 * :mod:`oproxy.testing.openai` — the fake OpenAI-compatible server;
   ``python -m oproxy.testing.openai --port N`` or ``twistd
   oproxy-fake-openai``;
-* :mod:`oproxy.testing.base` — what both share: pacing, counters, the
+* :mod:`oproxy.testing.lmstudio`, :mod:`~oproxy.testing.llamacpp`,
+  :mod:`~oproxy.testing.vllm`, :mod:`~oproxy.testing.tgi`,
+  :mod:`~oproxy.testing.tei`, :mod:`~oproxy.testing.huggingface` — the
+  servers oproxy knows by kind, each an extension of the fake
+  OpenAI-compatible server with its own routes and quirks; ``python -m
+  oproxy.testing.<kind> --port N`` or ``twistd oproxy-fake-<kind>``;
+* :mod:`oproxy.testing.base` — what all share: pacing, counters, the
   server skeleton with failure injection, running as a process.
 
 The modules of the earlier flat layout that users import or run

@@ -21,6 +21,8 @@ from oproxy.errors import Answered, ModelNotFound, OProxyError
 class Dialect:
     """How one API family writes its errors."""
 
+    #: The API family, as plugins are told it (the shapes of its bodies).
+    name: str = ""
     #: The ``Content-Type`` of an error answer.
     content_type: bytes = b"application/json"
     #: Whether the family's clients send their key as ``x-api-key``
@@ -56,6 +58,8 @@ class OpenAIDialect(Dialect):
     the official SDK raises as ``APIError``.
     """
 
+    name = "openai"
+
     def status_and_body(self, error: OProxyError) -> tuple[int, bytes]:
         return error.status, orjson.dumps(error.to_body())
 
@@ -71,6 +75,8 @@ class OllamaDialect(Dialect):
     as if the client had asked Ollama; a stream that fails ends with an
     ``{"error": ...}`` line, as Ollama ends one.
     """
+
+    name = "ollama"
 
     #: What Ollama (gin) labels its JSON answers and errors with.
     content_type = b"application/json; charset=utf-8"

@@ -1,8 +1,9 @@
 """
 The steps every request goes through, in this order::
 
-    request id ─► draining? ─► key ─► body ─► handler ─► answer or error
-      ─► (once the answer is sent) settle usage, count, log
+    request id ─► draining? ─► key ─► body ─► plugins' request hooks
+      ─► handler ─► answer or error
+      ─► (once the answer is sent) settle usage, count, log, completion hooks
 
 Each step is a small function below, and :meth:`Pipeline.serve` runs them
 in that order for the :class:`Endpoint` the route table matched; no route
@@ -10,12 +11,14 @@ has a way of its own.  Limits and quotas are charged when the handler asks
 for its routes (:meth:`Scope.admitted_routes`), because they need the
 model, which the handler reads from the body in its API's way.
 
-New stages join :meth:`Pipeline.serve` here rather than growing a second
-path: a request hook between the body and the handler, a response hook at
-the answer, a chunk hook in the relays (:mod:`oproxy.streaming`,
-:func:`oproxy.api.native.relay_ndjson`), and a completion hook beside the
-counting, after the answer is sent.  Pages (the console) are endpoints with
-their own handlers and dialect.
+The plugins (:mod:`oproxy.plugins`) join here rather than growing a second
+path: their request hooks run between the body and the handler, their
+response hooks where the handlers answer (:mod:`oproxy.api.answer`,
+:mod:`oproxy.api.native`), their chunk hooks on the chunks the relays write
+(SSE and NDJSON), and their completion hooks beside the counting, after
+the answer is sent.  With no plugin enabled, the step is a look at an
+empty tuple.  Pages (the console) are endpoints with their own handlers
+and dialect.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from oproxy.errors import (
     UpstreamUnavailable,
 )
 from oproxy.metrics import Metrics
+from oproxy.plugins.chain import Hooks
+from oproxy.plugins.interface import Outcome
 from oproxy.security.guard import credential
 from oproxy.security.limits import Caller
 from oproxy.web.access import access_record
@@ -96,6 +101,8 @@ class Endpoint:
         (``authenticates`` still says whether anyone is).
     :ivar headers: headers every answer of the route carries, errors
         included (the console's security headers), set first.
+    :ivar plugins: whether the plugins see its requests (those with a JSON
+        body); key management is the operator's, not the plugins'.
     """
 
     path: str
@@ -108,6 +115,7 @@ class Endpoint:
     counted: bool = True
     identify: Identify | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    plugins: bool = True
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -141,6 +149,7 @@ class Pipeline:
             close_after_answer(request)
         counted = endpoint.counted
         scope: Scope | None = None
+        hooks: Hooks | None = None
         error_kind: str | None = None
         abandoned = False
         if counted:
@@ -153,9 +162,25 @@ class Pipeline:
             else:
                 caller = await authenticate(services, request, endpoint.dialect.reads_x_api_key)
             body = read_json(request) if endpoint.json_body else {}
+            if services.plugins and endpoint.json_body and endpoint.plugins:
+                hooks = Hooks(
+                    services.plugins,
+                    clock,
+                    services.metrics,
+                    route=endpoint.label,
+                    api=endpoint.dialect.name,
+                    key=caller.name if caller is not None else None,
+                    request_id=request_id,
+                    started=started,
+                )
+                body = await hooks.request(body)
+                if not hooks.active:
+                    hooks = None
             scope = Scope(
                 request, request_id, services, services.config, caller, body, started, params
             )
+            if hooks is not None:
+                scope.hooks = hooks
             return sized(request, await endpoint.handler(scope))
         except OProxyError as e:
             error_kind = e.code or e.error_type
@@ -187,6 +212,10 @@ class Pipeline:
                 services.metrics.in_flight.dec()
             if scope is not None:
                 settle(services, scope, abandoned)
+            if hooks is not None:
+                services.after_send(
+                    complete, hooks, request, scope, clock.seconds() - started, error_kind
+                )
             if counted:
                 elapsed = clock.seconds() - started
                 services.after_send(
@@ -311,6 +340,34 @@ def count_and_log(
         )
     if error_kind == CLIENT_CLOSED_KIND:
         log_request_line(request)
+
+
+def complete(
+    hooks: Hooks,
+    request: IRequest,
+    scope: Scope | None,
+    elapsed: float,
+    error_kind: str | None,
+) -> None:
+    """The plugins' completion hooks: how the request ended."""
+    model = backend = None
+    if scope is not None:
+        model = scope.model_label if scope.model_label != "-" else None
+        backend = scope.backend_label if scope.backend_label != "-" else None
+    hooks.complete(
+        Outcome(
+            status=request.code,  # type: ignore[attr-defined]
+            error=error_kind,
+            seconds=elapsed,
+            first_token_seconds=scope.first_token_seconds if scope is not None else None,
+            prompt_tokens=scope.prompt_tokens if scope is not None else None,
+            completion_tokens=scope.completion_tokens if scope is not None else None,
+            model=model,
+            backend=backend,
+            cache=scope.cache_status if scope is not None else None,
+            streamed=hooks.streamed,
+        )
+    )
 
 
 def log_request_line(request: IRequest) -> None:

@@ -27,6 +27,7 @@ from werkzeug.routing import RequestRedirect
 
 from oproxy.api import (
     admin,
+    admin_models,
     chat,
     completions,
     embeddings,
@@ -90,12 +91,15 @@ ROUTES: tuple[Route, ...] = (
     ),
     # -- key management (admin keys only)
     Endpoint("/admin/keys", ("GET",), admin.list_all),
-    Endpoint("/admin/keys", ("POST",), admin.create, json_body=True),
+    Endpoint("/admin/keys", ("POST",), admin.create, json_body=True, plugins=False),
     Endpoint("/admin/keys/<key_id>", ("GET",), admin.show, label="/admin/keys/{id}"),
     Endpoint("/admin/keys/<key_id>", ("DELETE",), admin.revoke, label="/admin/keys/{id}"),
     Endpoint(
         "/admin/keys/<key_id>/rotate", ("POST",), admin.rotate, label="/admin/keys/{id}/rotate"
     ),
+    # -- loading and unloading models (admin keys only)
+    Endpoint("/admin/models/load", ("POST",), admin_models.load, json_body=True),
+    Endpoint("/admin/models/unload", ("POST",), admin_models.unload, json_body=True),
     # -- health and metrics
     Endpoint("/healthz", ("GET", "HEAD"), status.liveness, authenticates=False),
     Endpoint("/readyz", ("GET", "HEAD"), status.readiness, authenticates=False),

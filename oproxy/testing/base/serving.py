@@ -144,3 +144,61 @@ def serve_forever(reactor: Any, resource: IResource, port: int, interface: str, 
     endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)
     endpoint.listen(site).addCallbacks(listening, cannot_listen)
     reactor.run()
+
+
+# --------------------------------------------------------------------------
+# One kind of server as a process, in a few lines
+
+
+#: How a kind's fake is built from the command line: the clock, the bearer
+#: key (or ``None``) and the token delay.
+KindBuilder = Callable[[IReactorTime, "str | None", float], FakeServer[Any]]
+
+
+class KindProcess:
+    """
+    ``twistd`` options, ``makeService`` and a ``main`` for one kind's fake
+    (LM Studio, llama.cpp, vLLM...), which differ only in their name, port
+    and constructor: ``twistd oproxy-fake-<kind> --listen ... --api-key
+    ...`` or ``python -m oproxy.testing.<kind> --port N``.
+    """
+
+    def __init__(self, name: str, package: str, default_port: int, build: KindBuilder) -> None:
+        self.name = name
+        self.package = package
+        self.default_port = default_port
+        self.build = build
+        listen = f"tcp:{default_port}:interface=127.0.0.1"
+
+        class KindOptions(Options):
+            optParameters = [
+                ["listen", None, listen, "Twisted endpoint description to listen on."],
+                ["api-key", None, None, "Require this bearer key (default: none)."],
+            ]
+
+        KindOptions.__doc__ = (
+            f"Command line of ``twistd oproxy-fake-{package.rsplit('.', 1)[-1]}``."
+        )
+        self.Options = KindOptions
+
+    def makeService(self, options: usage.Options) -> IService:
+        """A service serving the fake on the global reactor's clock."""
+        from twisted.internet import reactor
+
+        fake = self.build(cast(IReactorTime, reactor), options["api-key"], options["token-delay"])
+        return fake_service(reactor, fake, options)
+
+    def main(self, argv: Sequence[str] | None = None) -> None:
+        """Serve the fake on ``127.0.0.1:PORT`` with the real reactor."""
+
+        def arguments(parser: argparse.ArgumentParser) -> None:
+            parser.add_argument("--api-key", default=None)
+
+        run_standalone(
+            argv,
+            prog=f"python -m {self.package}",
+            name=self.name,
+            default_port=self.default_port,
+            add_arguments=arguments,
+            build=lambda clock, args: self.build(clock, args.api_key, args.token_delay),
+        )

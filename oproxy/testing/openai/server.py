@@ -73,7 +73,6 @@ from oproxy.testing.openai.wire import (
     DONE,
     FakeOpenAIStats,
     SeenRequest,
-    error_response,
     event,
     json_response,
     start_events,
@@ -93,6 +92,10 @@ class FakeOpenAI(FakeServer[APIError]):
     :param health_status: what ``GET /health`` answers: 200, an error status
         (503 while "loading"), or ``None`` for a server without the route
         (OpenAI, LM Studio).
+    :param stream_usage: whether ``stream_options.include_usage`` is
+        honoured (servers that predate it ignore it and send no usage).
+    :param list_delay: seconds ``GET /v1/models`` takes to answer (a server
+        still starting, a slow hosted listing).
 
     :ivar stats: counters, tokens and the request log, see
         :class:`FakeOpenAIStats`.
@@ -109,10 +112,14 @@ class FakeOpenAI(FakeServer[APIError]):
         api_key: str | None = None,
         token_delay: float = 0.0,
         health_status: int | None = 200,
+        stream_usage: bool = True,
+        list_delay: float = 0.0,
     ) -> None:
         super().__init__(clock, token_delay=token_delay, stats=FakeOpenAIStats())
         self.api_key = api_key
         self.health_status = health_status
+        self.stream_usage = stream_usage
+        self.list_delay = list_delay
         self._initial = tuple(DEFAULT_OPENAI_MODELS if models is None else models)
         self.models = {model.id: model for model in self._initial}
         self._answers = 0
@@ -147,6 +154,40 @@ class FakeOpenAI(FakeServer[APIError]):
         return b"req_%032x" % self._request_ids
 
     # ------------------------------------------------------------------
+    # What a kind of server changes (the fakes in the packages beside this one)
+
+    def read_body(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        A checked request body as this server reads it (``route`` is
+        ``chat``, ``completions`` or ``embeddings``): a kind refuses, with
+        its own error, the fields its server refuses, and drops those it
+        ignores.  OpenAI reads the body as it is.
+        """
+        return body
+
+    def model_name(self, body: dict[str, Any]) -> str:
+        """The model a body names; OpenAI requires one."""
+        return require_model(body)
+
+    def finish_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """A whole answer as this server words it (extra fields, missing ones)."""
+        return answer
+
+    def stream_steps(
+        self, route: str, steps: list[list[dict[str, Any]]]
+    ) -> list[list[dict[str, Any]]]:
+        """A stream's chunks, by tick, as this server words them."""
+        return steps
+
+    def model_entry(self, model: FakeOpenAIModel) -> dict[str, Any]:
+        """One model as ``/v1/models`` lists it."""
+        return model.entry()
+
+    def error_body(self, error: APIError) -> Any:
+        """An error as this server words it: OpenAI's four-key object."""
+        return error.body()
+
+    # ------------------------------------------------------------------
     # Routing and the wire format
 
     def routes(self) -> list[Route]:
@@ -173,11 +214,13 @@ class FakeOpenAI(FakeServer[APIError]):
             try:
                 check_key(self.api_key, request.getHeader(b"authorization"))
             except APIError as error:
-                return error_response(request, error)
+                return self.render_error(request, error)
         return None
 
     def render_error(self, request: Request, error: APIError) -> bytes:
-        return error_response(request, error)
+        for name, value in error.headers.items():
+            request.responseHeaders.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+        return json_response(request, error.status, self.error_body(error))
 
     def json_response(self, request: Request, status: int, value: Any) -> bytes:
         return json_response(request, status, value)
@@ -188,11 +231,10 @@ class FakeOpenAI(FakeServer[APIError]):
     def not_allowed(self, request: Request) -> bytes:
         return self._invalid_url(request, 405)
 
-    @staticmethod
-    def _invalid_url(request: Request, status: int) -> bytes:
+    def _invalid_url(self, request: Request, status: int) -> bytes:
         method = request.method.decode("latin-1")
         path = request.path.decode("latin-1")
-        return error_response(request, APIError(status, f"Invalid URL ({method} {path})"))
+        return self.render_error(request, APIError(status, f"Invalid URL ({method} {path})"))
 
     # ------------------------------------------------------------------
     # Plain routes
@@ -202,16 +244,21 @@ class FakeOpenAI(FakeServer[APIError]):
             return self._invalid_url(request, 404)
         if self.health_status == 200:
             return json_response(request, 200, {"status": "ok"})
-        return error_response(
+        return self.render_error(
             request, APIError(self.health_status, "Loading model", type="unavailable_error")
         )
 
-    def _list_models(self, request: Request) -> bytes:
-        data = [model.entry() for model in self.models.values()]
-        return json_response(request, 200, {"object": "list", "data": data})
+    def _list_models(self, request: Request) -> bytes | Deferred[bytes | None]:
+        def listing() -> bytes:
+            data = [self.model_entry(model) for model in self.models.values()]
+            return json_response(request, 200, {"object": "list", "data": data})
+
+        if self.list_delay <= 0:
+            return listing()
+        return Pacer(self.clock, self.list_delay, [_nothing], listing, _nothing).start(request)
 
     def _retrieve_model(self, request: Request, model_id: str) -> bytes:
-        return json_response(request, 200, self._model(unquote(model_id)).entry())
+        return json_response(request, 200, self.model_entry(self.resolve_model(unquote(model_id))))
 
     def _fake_fail(self, request: Request) -> bytes:
         body = parse_body(request.content.read() if request.content is not None else b"")
@@ -229,7 +276,12 @@ class FakeOpenAI(FakeServer[APIError]):
     # ------------------------------------------------------------------
     # Shared steps
 
-    def _model(self, name: str) -> FakeOpenAIModel:
+    def resolve_model(self, name: str) -> FakeOpenAIModel:
+        """
+        The model a request names, or OpenAI's 404; a kind whose server
+        serves one model whatever the name (llama.cpp, TGI, TEI) answers
+        with that one.
+        """
         model = self.models.get(name)
         if model is None:
             raise APIError(
@@ -247,17 +299,18 @@ class FakeOpenAI(FakeServer[APIError]):
         return parse_body(request.content.read() if request.content is not None else b"")
 
     def _generation(
-        self, request: Request, check: Callable[[Mapping[str, Any]], None]
+        self, request: Request, route: str, check: Callable[[Mapping[str, Any]], None]
     ) -> tuple[dict[str, Any], FakeOpenAIModel, bool, bool]:
         """
         A chat or completions request, checked: its body, model, whether it
         streams and whether it wants the usage streamed.
         """
         body = self._inference_body(request)
-        name = require_model(body)
+        name = self.model_name(body)
         check(body)
         stream, include_usage = check_stream(body)
-        return body, self._model(name), stream, include_usage
+        body = self.read_body(route, body)
+        return body, self.resolve_model(name), stream, include_usage and self.stream_usage
 
     def _head(self, prefix: str, model: str) -> Head:
         self._answers += 1
@@ -267,39 +320,44 @@ class FakeOpenAI(FakeServer[APIError]):
     # Generation
 
     def _chat(self, request: Request) -> bytes | Deferred[bytes | None]:
-        body, model, stream, include_usage = self._generation(request, check_chat)
+        body, model, stream, include_usage = self._generation(request, "chat", check_chat)
         plan = chat_plan(model.id, body, model.answer_tokens)
         head = self._head("chatcmpl-", model.id)
         usage = plan.usage()
         if not stream:
             ticks = len(plan.pieces) + 2
-            return self._run(request, model, ticks, lambda: chat_completion(head, plan), usage)
-        steps = chat_stream_steps(head, plan, include_usage)
+            whole = lambda: self.finish_answer("chat", chat_completion(head, plan))  # noqa: E731
+            return self._run(request, model, ticks, whole, usage)
+        steps = self.stream_steps("chat", chat_stream_steps(head, plan, include_usage))
         last = [usage_chunk(head, "chat.completion.chunk", usage)] if include_usage else []
         return self._run_stream(request, model, steps, last, usage)
 
     def _completions(self, request: Request) -> bytes | Deferred[bytes | None]:
-        body, model, stream, include_usage = self._generation(request, check_completion)
+        body, model, stream, include_usage = self._generation(
+            request, "completions", check_completion
+        )
         plans: list[Plan] = completion_plans(model.id, body, model.answer_tokens)
         head = self._head("cmpl-", model.id)
         usage = total_usage(plans)
         if not stream:
             ticks = max(len(plan.pieces) for plan in plans) + 1
-            return self._run(request, model, ticks, lambda: completion(head, plans), usage)
+            whole = lambda: self.finish_answer("completions", completion(head, plans))  # noqa: E731
+            return self._run(request, model, ticks, whole, usage)
         steps = completion_stream_steps(head, plans)
         last = [usage_chunk(head, "text_completion", usage)] if include_usage else []
         return self._run_stream(request, model, steps, last, usage)
 
     def _embeddings(self, request: Request) -> bytes:
         body = self._inference_body(request)
-        name = require_model(body)
+        name = self.model_name(body)
         encoding = check_embeddings(body)
-        model = self._model(name)
+        body = self.read_body("embeddings", body)
+        model = self.resolve_model(name)
         dimensions = body.get("dimensions") or model.dimensions
         texts = embedding_inputs(body["input"])
         answer = embeddings(model.id, texts, dimensions, encoding)
         self.stats.count_tokens(model.id, answer["usage"]["prompt_tokens"])
-        return json_response(request, 200, answer)
+        return json_response(request, 200, self.finish_answer("embeddings", answer))
 
     def _pace(
         self,
@@ -359,7 +417,7 @@ class FakeOpenAI(FakeServer[APIError]):
         def finish() -> bytes:
             error = self._ended(model, usage)
             if error is not None:
-                return error_response(request, error)
+                return self.render_error(request, error)
             return json_response(request, 200, whole())
 
         return self._pace(request, model, [_nothing] * ticks, finish, stream=False)
@@ -380,7 +438,7 @@ class FakeOpenAI(FakeServer[APIError]):
         def finish() -> None:
             error = self._ended(model, usage)
             if error is not None:
-                write(request, event(error.body()))
+                write(request, event(self.error_body(error)))
                 return
             write_events(request, last)
             write(request, DONE)

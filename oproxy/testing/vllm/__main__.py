@@ -1,0 +1,7 @@
+"""
+``python -m oproxy.testing.vllm --port N``: serve the fake vLLM.
+"""
+
+from oproxy.testing.vllm.tap import main
+
+main()
