@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import orjson
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.web.server import Site
 
 from oproxy.console.access import console_of
 from oproxy.console.editor import MAX_BYTES, _locked
 from oproxy.security.policy import KeyPolicy, Limits
 from oproxy.security.records import create_key
+from oproxy.testing.lmstudio import FakeLMStudio
+from tests.conftest import listen
 from tests.console_helpers import (
     ADMIN_KEY,
     USER_KEY,
@@ -121,9 +124,9 @@ async def test_bodies_show_when_they_are_logged(console_factory) -> None:  # noq
 # -- models -------------------------------------------------------------------------------
 
 
-async def _listed(console: Console) -> dict[str, dict[str, object]]:
+async def _listed(console: Console, backend: str = "local") -> dict[str, dict[str, object]]:
     data = (await console.request("GET", "/ui/api/models")).json()
-    return {model["name"]: model for model in data["models"]}
+    return {model["name"]: model for model in data["models"] if model["backend"] == backend}
 
 
 @pytest_twisted.ensureDeferred
@@ -193,6 +196,52 @@ async def test_delete_load_and_unload(console_factory) -> None:  # noqa: F811
     answer = await console.request("POST", "/ui/api/models/delete", json=body)
     assert answer.code == 404
     assert (await console.chat(model="qwen3")).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_kind_of_backend_shows_its_models_and_loads_where_it_can(
+    console_factory,  # noqa: F811
+) -> None:
+    lmstudio = FakeLMStudio(reactor, loaded=["qwen2.5-7b-instruct"])
+    running = listen(Site(lmstudio.resource()))
+    try:
+        console: Console = console_factory()
+        text = console.config_path.read_text().replace(
+            "auth:",
+            f'  - name: studio\n    type: lmstudio\n    url: "{running.url}"\nauth:',
+            1,
+        )
+        console = console_factory(text=text)
+        await console.sign_in()
+        data = (await console.request("GET", "/ui/api/models")).json()
+        kinds = {b["name"]: (b["kind"], b["can_load"], b["can_pull"]) for b in data["backends"]}
+        assert kinds == {"local": ("ollama", True, True), "studio": ("lmstudio", True, False)}
+        studio = {m["name"]: m for m in data["models"] if m["backend"] == "studio"}
+        vision = studio["qwen2-vl-2b-instruct"]
+        assert (vision["type"], vision["quantization"], vision["parameter_size"]) == (
+            "vlm",
+            "4bit",
+            "2B",
+        )
+        assert studio["qwen2.5-7b-instruct"]["loaded"] is True
+        assert studio["llama-3.2-3b-instruct"]["loaded"] is False
+        assert studio["llama-3.2-3b-instruct"]["context_length"] == 131072
+        assert not studio["llama-3.2-3b-instruct"]["can_delete"]
+        # Loading goes through LM Studio's own API, as /admin/models/load does.
+        body = {"model": "llama-3.2-3b-instruct", "backend": "studio"}
+        answer = await console.request("POST", "/ui/api/models/load", json=body)
+        assert answer.code == 200, answer.body
+        assert answer.json()["backends"] == ["studio"]
+        assert lmstudio.loads == 1
+        assert (await _listed(console, "studio"))["llama-3.2-3b-instruct"]["loaded"] is True
+        # The dashboard names the kind too.
+        dashboard = (await console.request("GET", "/ui/api/dashboard")).json()
+        assert {b["name"]: b["kind"] for b in dashboard["backends"]} == {
+            "local": "ollama",
+            "studio": "lmstudio",
+        }
+    finally:
+        await running.port.stopListening()
 
 
 # -- keys -----------------------------------------------------------------------------------

@@ -23,16 +23,21 @@ from oproxy.errors import InvalidRequest, ModelNotFound
 
 async def load(scope: Scope) -> bytes | None:
     """``POST /admin/models/load`` with ``{"model": ..., "backend": ...}``."""
-    return await _manage(scope, "load")
+    require_admin(scope)
+    return scope.json(await manage_loading(scope, "load"))
 
 
 async def unload(scope: Scope) -> bytes | None:
     """``POST /admin/models/unload`` with ``{"model": ..., "backend": ...}``."""
-    return await _manage(scope, "unload")
-
-
-async def _manage(scope: Scope, action: str) -> bytes | None:
     require_admin(scope)
+    return scope.json(await manage_loading(scope, "unload"))
+
+
+async def manage_loading(scope: Scope, action: str) -> dict[str, Any]:
+    """
+    Load or unload the body's model where it can be; what was done.  The
+    caller is an admin (a key here, a console session there).
+    """
     model, backend_name = _named(scope.body)
     router = scope.services.router
     rule = router.config.rule_for(model)
@@ -69,14 +74,12 @@ async def _manage(scope: Scope, action: str) -> bytes | None:
         )
     except defer.FirstError as e:
         e.subFailure.raiseException()
-    return scope.json(
-        {
-            "object": "model.action",
-            "action": action,
-            "model": model,
-            "backends": [b.name for b in serving],
-        }
-    )
+    return {
+        "object": "model.action",
+        "action": action,
+        "model": model,
+        "backends": [b.name for b in serving],
+    }
 
 
 def _named(body: Any) -> tuple[str, str | None]:

@@ -5,10 +5,12 @@ with live progress, delete, load and unload.
 What a backend can do is asked of its capabilities, never of its kind: a
 backend that speaks Ollama's native API (:class:`INativeOllama`) lists its
 models with their details (``/api/tags``) and what is loaded
-(``/api/ps``), and loads or unloads one (a ``/api/generate`` with an empty
-prompt loads it, with ``keep_alive: 0`` unloads it); one that holds
-models clients may change (:class:`IModelManagement`) pulls and deletes.
-Any other backend lists its model ids.
+(``/api/ps``); one that holds models clients may change
+(:class:`IModelManagement`) pulls and deletes; one that loads and unloads
+on request (:class:`IModelLoading`: Ollama, LM Studio) does so as
+``/admin/models/load`` does.  Any other backend's models are what its
+server says of them (:meth:`IBackend.describe_models`: LM Studio's type,
+context length and loaded state, vLLM's context length...).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any
 
 from twisted.internet import defer
 
+from oproxy.api.admin_models import manage_loading
 from oproxy.api.native import relay_ndjson
 from oproxy.api.scope import Scope
-from oproxy.backends.base import IBackend, IModelManagement, INativeOllama
+from oproxy.backends.base import IBackend, IModelLoading, IModelManagement, INativeOllama, ModelInfo
 from oproxy.config import ModelRule
 from oproxy.errors import (
     InvalidRequest,
@@ -61,9 +64,9 @@ async def _one_backend(scope: Scope, backend: IBackend) -> dict[str, Any]:
     native = INativeOllama.providedBy(backend)
     entry: dict[str, Any] = {
         "name": backend.name,
-        "kind": "ollama" if native else "openai",
+        "kind": backend.kind,
         "can_pull": IModelManagement.providedBy(backend),
-        "can_load": native,
+        "can_load": IModelLoading.providedBy(backend),
         "error": None,
         "models": [],
     }
@@ -86,13 +89,12 @@ async def _one_backend(scope: Scope, backend: IBackend) -> dict[str, Any]:
                 if isinstance(model, dict):
                     entry["models"].append(_native_model(model, loaded))
         else:
-            listed = await within(
-                defer.Deferred.fromCoroutine(backend.list_models()),
+            described = await within(
+                defer.Deferred.fromCoroutine(backend.describe_models()),
                 LISTING_SECONDS,
                 scope.services.clock,
             )
-            for model in listed:
-                entry["models"].append({"name": model.get("id"), "loaded": None})
+            entry["models"].extend(_described_model(model) for model in described)
     except defer.FirstError as e:
         entry["error"] = _reason(e.subFailure.value or e)
     except (OProxyError, DeadlineExceeded) as e:
@@ -124,6 +126,20 @@ def _native_model(model: dict[str, Any], loaded: dict[Any, dict[str, Any]]) -> d
         "loaded": running is not None,
         "loaded_until": running.get("expires_at") if running else None,
         "size_vram": running.get("size_vram") if running else None,
+    }
+
+
+def _described_model(model: ModelInfo) -> dict[str, Any]:
+    """A model as a server other than Ollama describes it, in the same columns."""
+    return {
+        "name": model.id,
+        "size": model.size,
+        "family": model.family,
+        "parameter_size": model.parameters,
+        "quantization": model.quantization,
+        "type": model.kind,
+        "context_length": model.context_length,
+        "loaded": model.loaded,
     }
 
 
@@ -192,27 +208,28 @@ def _model_name(scope: Scope) -> str:
     return model
 
 
-def _backend(scope: Scope, *, managed: bool) -> IBackend:
+def _managing_backend(scope: Scope) -> IModelManagement:
     """
-    The backend the body names, able to do what is asked; without a name,
-    the only one that can.
+    The backend the body names, able to pull and delete models; without a
+    name, the only one that can.
     """
     able = [
-        backend
+        IModelManagement(backend)
         for backend in scope.services.router.backends
-        if (IModelManagement if managed else INativeOllama).providedBy(backend)
+        if IModelManagement.providedBy(backend)
     ]
-    what = "pull and delete models" if managed else "load and unload models"
     named = scope.body.get("backend")
     if named:
         chosen = [b for b in able if b.name == named]
         if not chosen:
-            raise InvalidRequest(f"No backend named {named!r} can {what}.", param="backend")
+            raise InvalidRequest(
+                f"No backend named {named!r} can pull and delete models.", param="backend"
+            )
         return chosen[0]
     if len(able) == 1:
         return able[0]
     if not able:
-        raise InvalidRequest(f"No backend can {what}: only Ollama backends can.")
+        raise InvalidRequest("No backend can pull and delete models: only Ollama backends can.")
     raise InvalidRequest("Choose a backend.", param="backend")
 
 
@@ -232,7 +249,7 @@ async def pull(scope: Scope) -> bytes | None:
     ``success`` or the error.
     """
     model = _model_name(scope)
-    backend = IModelManagement(_backend(scope, managed=True))
+    backend = _managing_backend(scope)
     scope.backend_label = backend.name
     status, lines = await backend.upstream.stream_json_lines(
         "/api/pull", {"model": model, "stream": True}, scope.upstream_time
@@ -281,7 +298,7 @@ async def progress(
 async def delete(scope: Scope) -> bytes | None:
     """``POST /ui/api/models/delete`` with ``{"model", "backend"}``."""
     model = _model_name(scope)
-    backend = IModelManagement(_backend(scope, managed=True))
+    backend = _managing_backend(scope)
     scope.backend_label = backend.name
     status, answer = await backend.upstream.request_json(
         "DELETE", "/api/delete", {"model": model}, scope.upstream_time
@@ -296,31 +313,10 @@ async def delete(scope: Scope) -> bytes | None:
 
 
 async def load(scope: Scope) -> bytes | None:
-    """``POST /ui/api/models/load``: an empty generation loads the model."""
-    return await _load_or_unload(scope, unload=False)
+    """``POST /ui/api/models/load``: as ``/admin/models/load``, for the signed-in admin."""
+    return scope.json(await manage_loading(scope, "load"))
 
 
 async def unload(scope: Scope) -> bytes | None:
-    """``POST /ui/api/models/unload``: ``keep_alive: 0`` sends the model out of memory."""
-    return await _load_or_unload(scope, unload=True)
-
-
-async def _load_or_unload(scope: Scope, *, unload: bool) -> bytes | None:
-    model = _model_name(scope)
-    backend = INativeOllama(_backend(scope, managed=False))
-    scope.backend_label = backend.name
-    body: dict[str, Any] = {"model": model, "prompt": "", "stream": False}
-    if unload:
-        body["keep_alive"] = 0
-    status, answer = await backend.upstream.request_json(
-        "POST", "/api/generate", body, scope.upstream_time
-    )
-    if status == 404:
-        raise NotFound(f"{backend.name} has no model {model!r}.")
-    if status != 200:
-        message = answer.get("error") if isinstance(answer, dict) else None
-        verb = "unload" if unload else "load"
-        raise UpstreamError(f"{backend.name} did not {verb} {model!r}: {message or status}")
-    if not unload:
-        scope.services.router.state.catalog.mark_loaded(backend.name, model)
-    return scope.json({"model": model, "backend": backend.name, "loaded": not unload})
+    """``POST /ui/api/models/unload``: as ``/admin/models/unload``."""
+    return scope.json(await manage_loading(scope, "unload"))

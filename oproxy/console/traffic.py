@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from oproxy.api.scope import Scope
-from oproxy.backends.base import INativeOllama
 from oproxy.console.access import console_of
 from oproxy.console.follow import LogFollower
 from oproxy.console.pages import find_record
@@ -79,7 +78,7 @@ def backends(scope: Scope, probed: dict[str, dict[str, float]]) -> list[dict[str
         found.append(
             {
                 "name": backend.name,
-                "kind": "ollama" if INativeOllama.providedBy(backend) else "openai",
+                "kind": backend.kind,
                 "up": None if up is None else up >= 1,
                 "circuit_open": state.breaker.is_open(backend.name),
                 "probe_latency_seconds": seen.get("probe_latency_seconds"),

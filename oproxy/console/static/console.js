@@ -271,11 +271,17 @@
       }
     }
 
+    // The configuration's backend types, as their servers call themselves.
+    const KIND_NAMES = {
+      ollama: "Ollama", openai: "OpenAI-compatible", lmstudio: "LM Studio", llamacpp: "llama.cpp",
+      vllm: "vLLM", tgi: "TGI", tei: "TEI", huggingface: "Hugging Face",
+    };
+
     function backends(data) {
       const list = document.getElementById("backends");
       list.replaceChildren(...data.backends.map((b) => {
         const state = b.circuit_open ? pill("Held back", "warn") : b.up === null ? pill("Unknown", "") : b.up ? pill("Up", "ok") : pill("Down", "bad");
-        const meta = [`${b.kind === "ollama" ? "Ollama" : "OpenAI-compatible"}`, `${b.models} models`];
+        const meta = [KIND_NAMES[b.kind] || b.kind, `${b.models} models`];
         if (b.probe_latency_seconds !== null && b.probe_latency_seconds !== undefined) meta.push(`probe ${duration(b.probe_latency_seconds)}`);
         return h("li", { class: "backend" },
           h("div", { class: "backend-head" }, h("strong", {}, b.name), state, h("span", { class: "backend-meta" }, meta.join(" · "))),
