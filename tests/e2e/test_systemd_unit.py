@@ -238,7 +238,11 @@ def test_it_serves_https_on_443_under_the_restrictions(
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
     assert namespace.run(arguments).stdout.strip() == "ok"
-    namespace.stop(daemon)
+    # KillMode=mixed: systemd stops the main process alone, which stops its
+    # workers, and gives it TimeoutStopSec.
+    (timeout,) = directives(SERVICE)["TimeoutStopSec"]
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(float(timeout))
     text = log.read_text()
     assert "Traceback" not in text, text
     assert "with 2 worker processes" in text
