@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from oproxy.backends.base import IBusyness, Load, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
-from oproxy.backends.prometheus import gauge_sums
+from oproxy.backends.prometheus import gauge_load
 from oproxy.backends.shaping import max_tokens_only, tgi_response_format, without
 from oproxy.backends.unserved import refused
 from oproxy.errors import UpstreamError
@@ -159,8 +159,4 @@ class TGIBackend(OpenAIBackend):
         ]
 
     async def load(self) -> Load:
-        status, headers, raw = await self._upstream.get_bytes(self._root + "/metrics")
-        if status != 200:
-            raise self.error(status, {"error": raw[:200].decode("utf-8", "replace")}, headers)
-        found = gauge_sums(raw, (QUEUE, BATCH))
-        return Load(running=int(found.get(BATCH, 0)), waiting=int(found.get(QUEUE, 0)))
+        return gauge_load(await self.metrics_page(), running=BATCH, waiting=QUEUE)
