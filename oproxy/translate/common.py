@@ -189,6 +189,14 @@ def invalid_value(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="invalid_value")
 
 
+def unexpected_value(param: str, expected: str) -> InvalidRequest:
+    """
+    The error for a value that is none of a field's choices, worded as
+    OpenAI words it: ``Invalid value for '<param>': <expected>``.
+    """
+    return invalid_value(param, f"Invalid value for '{param}': {expected}")
+
+
 def unsupported_value(param: str, message: str) -> InvalidRequest:
     """The error for a valid OpenAI value that Ollama cannot honour."""
     return InvalidRequest(message, param=param, code="unsupported_value")
@@ -327,6 +335,22 @@ def present(body: Mapping[str, Any], key: str) -> Any:
     fields a caller set to ``None``, so the two must behave alike.
     """
     return body.get(key)
+
+
+def required_string(body: Mapping[str, Any], key: str, param: str) -> str:
+    """``body[key]`` as a string; absent or null, it is a missing parameter."""
+    value = present(body, key)
+    if value is None:
+        raise missing_parameter(param)
+    return as_string(value, param)
+
+
+def required_object(body: Mapping[str, Any], key: str, param: str) -> Mapping[str, Any]:
+    """``body[key]`` as an object; absent or null, it is a missing parameter."""
+    value = present(body, key)
+    if value is None:
+        raise missing_parameter(param)
+    return as_object(value, param)
 
 
 def optional_string(body: Mapping[str, Any], key: str, param: str) -> str | None:

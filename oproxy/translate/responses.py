@@ -42,7 +42,9 @@ from oproxy.translate.common import (
     optional_string,
     present,
     require_object_body,
+    required_string,
     token_count,
+    unexpected_value,
     unsupported_value,
     wrong_type,
 )
@@ -61,6 +63,13 @@ _EFFORTS: Final = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 #: Ollama's own knobs, passed on to the chat request as a chat client sends them.
 _PASSED_THROUGH: Final = ("options", "keep_alive")
+
+#: The events that stream the text of a reasoning item and of a message
+#: (``.delta`` and ``.done`` follow).
+_TEXT_EVENTS: Final[Mapping[str, str]] = {
+    "reasoning": "response.reasoning_text",
+    "message": "response.output_text",
+}
 
 #: The codes a ``response.error`` may carry (OpenAI's ``ResponseErrorCode``).
 _RESPONSE_ERROR_CODES: Final = frozenset(
@@ -96,9 +105,7 @@ def new_response_id() -> str:
 
 
 def _text_part(part: Mapping[str, Any], param: str, kind: str) -> dict[str, Any]:
-    if part.get("text") is None:
-        raise missing_parameter(join_path(param, "text"))
-    text = as_string(part["text"], join_path(param, "text"))
+    text = required_string(part, "text", join_path(param, "text"))
     if kind == "output_text":
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     return {"type": "input_text", "text": text}
@@ -111,15 +118,10 @@ def _image_part(part: Mapping[str, Any], param: str) -> dict[str, Any]:
             "Images by file_id are not supported by this server; send an image_url "
             "(an http(s) URL or a data URL).",
         )
-    if part.get("image_url") is None:
-        raise missing_parameter(join_path(param, "image_url"))
-    url = as_string(part["image_url"], join_path(param, "image_url"))
+    url = required_string(part, "image_url", join_path(param, "image_url"))
     detail = optional_string(part, "detail", join_path(param, "detail")) or "auto"
     if detail not in ("auto", "low", "high", "original"):
-        raise invalid_value(
-            join_path(param, "detail"),
-            f"Invalid value for '{join_path(param, 'detail')}': expected 'auto', 'low' or 'high'.",
-        )
+        raise unexpected_value(join_path(param, "detail"), "expected 'auto', 'low' or 'high'.")
     return {"type": "input_image", "image_url": url, "detail": detail}
 
 
@@ -144,10 +146,9 @@ def _input_parts(content: object, param: str) -> list[dict[str, Any]]:
                 f"Content parts of type {kind!r} are not supported by this server.",
             )
         else:
-            raise invalid_value(
+            raise unexpected_value(
                 join_path(part_param, "type"),
-                f"Invalid value for '{join_path(part_param, 'type')}': expected "
-                f"'input_text' or 'input_image', but got {kind!r}.",
+                f"expected 'input_text' or 'input_image', but got {kind!r}.",
             )
     return parts
 
@@ -164,17 +165,14 @@ def _output_parts(content: object, param: str) -> list[dict[str, Any]]:
         if kind in ("output_text", "input_text", "text"):
             parts.append(_text_part(part, part_param, "output_text"))
         elif kind == "refusal":
-            if part.get("refusal") is None:
-                raise missing_parameter(join_path(part_param, "refusal"))
-            refusal = as_string(part["refusal"], join_path(part_param, "refusal"))
+            refusal = required_string(part, "refusal", join_path(part_param, "refusal"))
             parts.append({"type": "refusal", "refusal": refusal})
         elif kind is None:
             raise missing_parameter(join_path(part_param, "type"))
         else:
-            raise invalid_value(
+            raise unexpected_value(
                 join_path(part_param, "type"),
-                f"Invalid value for '{join_path(part_param, 'type')}': an assistant "
-                f"message holds 'output_text' or 'refusal' parts, not {kind!r}.",
+                f"an assistant message holds 'output_text' or 'refusal' parts, not {kind!r}.",
             )
     return parts
 
@@ -187,27 +185,19 @@ def _item_id(item: Mapping[str, Any], param: str, prefix: str) -> str:
 def _message_item(item: Mapping[str, Any], param: str) -> dict[str, Any]:
     role = as_string(item["role"], join_path(param, "role"))
     if role not in ("user", "system", "developer", "assistant"):
-        raise invalid_value(
+        raise unexpected_value(
             join_path(param, "role"),
-            f"Invalid value for '{join_path(param, 'role')}': expected one of 'user', "
-            f"'system', 'developer' or 'assistant', but got {role!r}.",
+            f"expected one of 'user', 'system', 'developer' or 'assistant', but got {role!r}.",
         )
     if item.get("content") is None:
         raise missing_parameter(join_path(param, "content"))
-    content_param = join_path(param, "content")
-    if role == "assistant":
-        return {
-            "type": "message",
-            "id": _item_id(item, param, "msg_"),
-            "role": "assistant",
-            "content": _output_parts(item["content"], content_param),
-            "status": "completed",
-        }
+    # An assistant's words are output (text, refusals); the others' input.
+    parts = _output_parts if role == "assistant" else _input_parts
     return {
         "type": "message",
         "id": _item_id(item, param, "msg_"),
         "role": role,
-        "content": _input_parts(item["content"], content_param),
+        "content": parts(item["content"], join_path(param, "content")),
         "status": "completed",
     }
 
@@ -415,9 +405,7 @@ def _chat_tool(tool: object, param: str) -> dict[str, Any]:
             join_path(param, "type"),
             f"Tools of type {kind!r} are not supported by this server: only function tools are.",
         )
-    if tool.get("name") is None:
-        raise missing_parameter(join_path(param, "name"))
-    function: dict[str, Any] = {"name": as_string(tool["name"], join_path(param, "name"))}
+    function: dict[str, Any] = {"name": required_string(tool, "name", join_path(param, "name"))}
     description = optional_string(tool, "description", join_path(param, "description"))
     if description is not None:
         function["description"] = description
@@ -445,9 +433,7 @@ def _named(entry: Mapping[str, Any], param: str) -> dict[str, Any]:
         raise unsupported_value(
             join_path(param, "type"), "Only function tools can be chosen on this server."
         )
-    if entry.get("name") is None:
-        raise missing_parameter(join_path(param, "name"))
-    name = as_string(entry["name"], join_path(param, "name"))
+    name = required_string(entry, "name", join_path(param, "name"))
     return {"type": "function", "function": {"name": name}}
 
 
@@ -458,10 +444,8 @@ def chat_tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
         return None
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
-            raise invalid_value(
-                "tool_choice",
-                "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' "
-                "or an object.",
+            raise unexpected_value(
+                "tool_choice", "expected 'none', 'auto', 'required' or an object."
             )
         return choice
     choice = as_object(choice, "tool_choice")
@@ -504,10 +488,9 @@ def chat_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     if kind == "json_object":
         return {"type": "json_object"}
     if kind != "json_schema":
-        raise invalid_value(
+        raise unexpected_value(
             "text.format.type",
-            "Invalid value for 'text.format.type': expected 'text', 'json_object' or "
-            f"'json_schema', but got {kind!r}.",
+            f"expected 'text', 'json_object' or 'json_schema', but got {kind!r}.",
         )
     if format_.get("schema") is None:
         raise missing_parameter("text.format.schema")
@@ -594,11 +577,9 @@ def reasoning_effort(body: Mapping[str, Any]) -> str | None:
         return None
     effort = optional_string(reasoning, "effort", "reasoning.effort")
     if effort is not None and effort not in _EFFORTS:
-        raise invalid_value(
+        raise unexpected_value(
             "reasoning.effort",
-            f"Invalid value for 'reasoning.effort': {effort!r} (expected one of "
-            + ", ".join(f"'{level}'" for level in _EFFORTS)
-            + ").",
+            f"{effort!r} (expected one of " + ", ".join(f"'{level}'" for level in _EFFORTS) + ").",
         )
     return effort
 
@@ -871,33 +852,10 @@ class ResponseStream:
     def _delta(self, delta: Mapping[str, Any], events: list[dict[str, Any]]) -> None:
         thought = reasoning_text(delta)
         if thought:
-            index = self._item("reasoning", events)
-            item = self._output[index]
-            item["content"][0]["text"] += thought
-            events.append(
-                self._event(
-                    "response.reasoning_text.delta",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    delta=thought,
-                )
-            )
+            self._text_delta("reasoning", thought, events)
         text = _text(delta.get("content"))
         if text:
-            index = self._item("message", events)
-            item = self._output[index]
-            item["content"][0]["text"] += text
-            events.append(
-                self._event(
-                    "response.output_text.delta",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    delta=text,
-                    logprobs=[],
-                )
-            )
+            self._text_delta("message", text, events)
         for call in delta.get("tool_calls") or ():
             if isinstance(call, Mapping):
                 self._call_delta(call, events)
@@ -968,16 +926,32 @@ class ResponseStream:
             self._event("response.output_item.added", output_index=index, item=dict(item))
         )
         item["content"] = [part]
-        events.append(
-            self._event(
-                "response.content_part.added",
-                item_id=item["id"],
-                output_index=index,
-                content_index=0,
-                part=dict(part),
-            )
-        )
+        events.append(self._part_event("response.content_part.added", item, index, part=dict(part)))
         return index
+
+    def _text_delta(self, kind: str, text: str, events: list[dict[str, Any]]) -> None:
+        """Add ``text`` to the open item of ``kind`` (a reasoning or message item)."""
+        index = self._item(kind, events)
+        item = self._output[index]
+        item["content"][0]["text"] += text
+        events.append(self._text_event(kind, "delta", item, index, delta=text))
+
+    def _part_event(
+        self, name: str, item: Mapping[str, Any], index: int, **fields: Any
+    ) -> dict[str, Any]:
+        """An event about the one content part of the item at ``index``."""
+        return self._event(name, item_id=item["id"], output_index=index, content_index=0, **fields)
+
+    def _text_event(
+        self, kind: str, stage: str, item: Mapping[str, Any], index: int, **fields: Any
+    ) -> dict[str, Any]:
+        """
+        The ``delta`` or ``done`` event of the text of an item of ``kind``:
+        a message's output text carries (empty) ``logprobs``, reasoning not.
+        """
+        if kind == "message":
+            fields["logprobs"] = []
+        return self._part_event(f"{_TEXT_EVENTS[kind]}.{stage}", item, index, **fields)
 
     def _close(self, events: list[dict[str, Any]]) -> None:
         """End the open item with its ``.done`` events."""
@@ -1003,36 +977,8 @@ class ResponseStream:
             )
         else:
             part = dict(item["content"][0])
-            if kind == "reasoning":
-                events.append(
-                    self._event(
-                        "response.reasoning_text.done",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=0,
-                        text=part["text"],
-                    )
-                )
-            else:
-                events.append(
-                    self._event(
-                        "response.output_text.done",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=0,
-                        text=part["text"],
-                        logprobs=[],
-                    )
-                )
-            events.append(
-                self._event(
-                    "response.content_part.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=part,
-                )
-            )
+            events.append(self._text_event(kind, "done", item, index, text=part["text"]))
+            events.append(self._part_event("response.content_part.done", item, index, part=part))
         events.append(self._event("response.output_item.done", output_index=index, item=dict(item)))
 
     def finish(self) -> list[dict[str, Any]]:
