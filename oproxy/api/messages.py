@@ -71,8 +71,7 @@ async def create(scope: Scope) -> bytes | None:
     def events(
         chunks: AsyncGenerator[dict[str, Any], None],
     ) -> AsyncGenerator[dict[str, Any], None]:
-        translator = messages.MessageStream(message_id, model, stop_sequences)
-        return messages.message_events(chunks, translator)
+        return messages.MessageStream(message_id, model, stop_sequences).events(chunks)
 
     return await answer(
         scope,

@@ -186,7 +186,7 @@ async def create(scope: Scope) -> bytes | None:
     async def events(
         chunks: AsyncGenerator[dict[str, Any], None],
     ) -> AsyncGenerator[dict[str, Any], None]:
-        async with aclosing(responses.response_events(chunks, translator)) as translated:
+        async with aclosing(translator.events(chunks)) as translated:
             async for event in translated:
                 if event["type"] in ("response.completed", "response.incomplete"):
                     # Kept before the client hears of it, so that a

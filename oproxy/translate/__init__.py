@@ -10,5 +10,7 @@ gateway, the field-by-field mapping, testable without a reactor.
 
 Modules: :mod:`.common` (ids, timestamps, usage, sampling options, field
 validation), :mod:`.chat`, :mod:`.completions`, :mod:`.embeddings`,
-:mod:`.models`.
+:mod:`.models`; :mod:`.responses` and :mod:`.messages` (OpenAI's Responses
+API and Anthropic's Messages API by way of chat), whose stream translators
+share :mod:`.chunks`.
 """

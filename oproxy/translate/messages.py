@@ -23,12 +23,12 @@ Everything here is pure: no I/O, ids drawn at random.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import orjson
 
+from oproxy.translate.chunks import ChunkTranslator
 from oproxy.translate.common import (
     as_array,
     as_object,
@@ -560,7 +560,7 @@ def message_from_chat(
     }
 
 
-class MessageStream:
+class MessageStream(ChunkTranslator):
     """
     ``chat.completion.chunk`` objects in, Anthropic's stream events out:
     ``message_start`` and a ``ping``, then each content block (thinking,
@@ -571,6 +571,7 @@ class MessageStream:
     """
 
     def __init__(self, message_id: str, model: str, stop_sequences: Sequence[str]) -> None:
+        super().__init__()
         self._message_id = message_id
         self._model = model
         self._stop_sequences = stop_sequences
@@ -581,7 +582,6 @@ class MessageStream:
         self._calls: dict[int, int] = {}
         self._choice: dict[str, Any] = {}
         self._usage: object = None
-        self.started = False
 
     def start(self) -> list[dict[str, Any]]:
         self.started = True
@@ -597,22 +597,14 @@ class MessageStream:
         }
         return [{"type": "message_start", "message": message}, {"type": "ping"}]
 
-    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
-        events = [] if self.started else self.start()
-        if chunk.get("usage") is not None:
-            self._usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, Mapping):
-                self._delta(delta, events)
-            if choice.get("finish_reason") is not None:
-                self._choice = {
-                    "finish_reason": choice["finish_reason"],
-                    "stop_reason": choice.get("stop_reason"),
-                }
-        return events
+    def _note_usage(self, usage: object) -> None:
+        self._usage = usage
+
+    def _note_finish(self, choice: Mapping[str, Any]) -> None:
+        self._choice = {
+            "finish_reason": choice["finish_reason"],
+            "stop_reason": choice.get("stop_reason"),
+        }
 
     def _delta(self, delta: Mapping[str, Any], events: list[dict[str, Any]]) -> None:
         thought = reasoning_text(delta)
@@ -696,23 +688,3 @@ class MessageStream:
 
 def _delta(index: int, delta: dict[str, Any]) -> dict[str, Any]:
     return {"type": "content_block_delta", "index": index, "delta": delta}
-
-
-async def message_events(
-    chunks: AsyncGenerator[dict[str, Any], None], stream: MessageStream
-) -> AsyncGenerator[dict[str, Any], None]:
-    """
-    Anthropic's events for a chat stream (see :class:`MessageStream`).
-
-    A chat stream without a single chunk gives no events either, so the
-    relay reports it as the backend's failure rather than a message.
-    """
-    seen = False
-    async with aclosing(chunks):
-        async for chunk in chunks:
-            seen = True
-            for event in stream.feed(chunk):
-                yield event
-    if seen:
-        for event in stream.finish():
-            yield event

@@ -21,11 +21,11 @@ Everything here is pure: no I/O, ids drawn at random.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from oproxy.errors import OProxyError, RateLimited
+from oproxy.translate.chunks import ChunkTranslator
 from oproxy.translate.common import (
     as_array,
     as_object,
@@ -787,7 +787,7 @@ def response_error(error: OProxyError) -> dict[str, str]:
     return {"code": code, "message": error.message}
 
 
-class ResponseStream:
+class ResponseStream(ChunkTranslator):
     """
     ``chat.completion.chunk`` objects in, the Responses API's events out.
 
@@ -802,6 +802,7 @@ class ResponseStream:
     """
 
     def __init__(self, template: Mapping[str, Any], now: Callable[[], int]) -> None:
+        super().__init__()
         self.response: dict[str, Any] = dict(template)
         self._now = now
         self._sequence = 0
@@ -812,7 +813,6 @@ class ResponseStream:
         self._calls: dict[int, int] = {}
         self._finish_reason: object = None
         self._usage: dict[str, Any] | None = None
-        self.started = False
         self.finished = False
 
     # -- events ---------------------------------------------------------------
@@ -833,21 +833,13 @@ class ResponseStream:
             self._event("response.in_progress", response=self._snapshot()),
         ]
 
-    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The events for one chat chunk (often one, sometimes none or several)."""
-        events = [] if self.started else self.start()
-        usage = usage_of(chunk.get("usage"))
-        if usage is not None:
-            self._usage = usage
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, Mapping):
-                self._delta(delta, events)
-            if choice.get("finish_reason") is not None:
-                self._finish_reason = choice["finish_reason"]
-        return events
+    def _note_usage(self, usage: object) -> None:
+        responses_usage = usage_of(usage)
+        if responses_usage is not None:
+            self._usage = responses_usage
+
+    def _note_finish(self, choice: Mapping[str, Any]) -> None:
+        self._finish_reason = choice["finish_reason"]
 
     def _delta(self, delta: Mapping[str, Any], events: list[dict[str, Any]]) -> None:
         thought = reasoning_text(delta)
@@ -1018,23 +1010,3 @@ class ResponseStream:
             )
             events.append(self._event("response.failed", response=self.response))
         return events
-
-
-async def response_events(
-    chunks: AsyncGenerator[dict[str, Any], None], stream: ResponseStream
-) -> AsyncGenerator[dict[str, Any], None]:
-    """
-    The Responses API's events for a chat stream (see :class:`ResponseStream`).
-
-    A chat stream without a single chunk gives no events either, so the
-    relay reports it as the backend's failure rather than a response.
-    """
-    seen = False
-    async with aclosing(chunks):
-        async for chunk in chunks:
-            seen = True
-            for event in stream.feed(chunk):
-                yield event
-    if seen:
-        for event in stream.finish():
-            yield event
