@@ -16,7 +16,7 @@ import math
 import re
 import secrets
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -238,6 +238,13 @@ def as_array(value: object, param: str) -> list[Any]:
     if not isinstance(value, list):
         raise wrong_type(param, "an array", value)
     return value
+
+
+def objects_of(value: object, param: str) -> Iterator[tuple[Mapping[str, Any], str]]:
+    """Each entry of the array ``value``, checked to be an object, and its ``param``."""
+    for index, entry in enumerate(as_array(value, param)):
+        entry_param = join_path(param, index)
+        yield as_object(entry, entry_param), entry_param
 
 
 def _check_range(
