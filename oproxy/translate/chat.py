@@ -28,17 +28,17 @@ import orjson
 from oproxy.errors import InvalidRequest
 from oproxy.images import formats
 from oproxy.translate.common import (
-    SYSTEM_FINGERPRINT,
     StreamTranslation,
     as_array,
     as_object,
     as_string,
     compact_json,
     ensure_json_safe,
+    envelope,
+    generation_options,
     invalid_value,
     join_path,
     missing_parameter,
-    native_extras,
     native_format,
     native_think,
     new_completion_id,
@@ -49,7 +49,6 @@ from oproxy.translate.common import (
     present,
     raise_for_upstream_error,
     require_object_body,
-    sampling_options,
     unsupported_value,
     usage_from_ollama,
     wants_stream,
@@ -667,8 +666,7 @@ def chat_request_to_ollama(
     format_ = response_format if response_format is not None else native_format(body)
     if format_ is not None:
         native["format"] = format_
-    options, top_level = native_extras(body)
-    options.update(sampling_options(body))
+    options, top_level = generation_options(body)
     if options:
         native["options"] = options
     think = _think(body)
@@ -908,11 +906,7 @@ def ollama_chat_to_openai(
         ),
     }
     return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
+        **envelope("chat.completion", completion_id=completion_id, model=model, created=created),
         "choices": [choice],
         "usage": usage_from_ollama(native),
     }
@@ -936,24 +930,14 @@ class ChatStreamTranslator(StreamTranslation):
     def __init__(
         self, completion_id: str, model: str, created: int, *, include_usage: bool
     ) -> None:
-        super().__init__()
-        self._envelope: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
+        super().__init__(
+            "chat.completion.chunk", completion_id=completion_id, model=model, created=created
+        )
         self._include_usage = include_usage
         self._started = False
         self._tool_calls_sent = 0
 
     def feed(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """
-        The chunks to send for one native line (possibly none).
-
-        :raises UpstreamError: for an ``{"error": ...}`` line.
-        """
         raise_for_upstream_error(native_line)
         if self.done:
             return []
