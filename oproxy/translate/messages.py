@@ -35,6 +35,7 @@ from oproxy.translate.common import (
     as_string,
     compact_json,
     ensure_json_safe,
+    function_definition,
     invalid_value,
     join_path,
     missing_parameter,
@@ -282,13 +283,7 @@ def _chat_tool(tool: object, param: str) -> dict[str, Any]:
             f"Tools of type {kind!r} are not supported by this server: only custom "
             "tools (name, description, input_schema) are.",
         )
-    function: dict[str, Any] = {"name": required_string(tool, "name", join_path(param, "name"))}
-    description = optional_string(tool, "description", join_path(param, "description"))
-    if description is not None:
-        function["description"] = description
-    schema_param = join_path(param, "input_schema")
-    schema = required_object(tool, "input_schema", schema_param)
-    function["parameters"] = dict(ensure_json_safe(schema, schema_param))
+    function = function_definition(tool, param, schema="input_schema", required=True)
     return {"type": "function", "function": function}
 
 

@@ -30,7 +30,10 @@ from oproxy.translate.common import (
     as_array,
     as_object,
     as_string,
+    chosen_format,
     ensure_json_safe,
+    function_definition,
+    function_tool,
     invalid_value,
     join_path,
     missing_parameter,
@@ -42,7 +45,9 @@ from oproxy.translate.common import (
     optional_string,
     present,
     require_object_body,
+    required_object,
     required_string,
+    set_given,
     token_count,
     unexpected_value,
     unsupported_value,
@@ -396,25 +401,13 @@ def chat_messages(instructions: str | None, items: Sequence[Mapping[str, Any]]) 
 
 
 def _chat_tool(tool: object, param: str) -> dict[str, Any]:
-    tool = as_object(tool, param)
-    kind = tool.get("type")
-    if kind is None:
-        raise missing_parameter(join_path(param, "type"))
-    if kind != "function":
-        raise unsupported_value(
-            join_path(param, "type"),
-            f"Tools of type {kind!r} are not supported by this server: only function tools are.",
-        )
-    function: dict[str, Any] = {"name": required_string(tool, "name", join_path(param, "name"))}
-    description = optional_string(tool, "description", join_path(param, "description"))
-    if description is not None:
-        function["description"] = description
-    parameters = optional_object(tool, "parameters", join_path(param, "parameters"))
-    if parameters is not None:
-        function["parameters"] = dict(ensure_json_safe(parameters, join_path(param, "parameters")))
-    strict = optional_boolean(tool, "strict", join_path(param, "strict"))
-    if strict is not None:
-        function["strict"] = strict
+    tool = function_tool(
+        tool,
+        param,
+        "Tools of type {kind!r} are not supported by this server: only function tools are.",
+    )
+    function = function_definition(tool, param)
+    set_given(function, "strict", optional_boolean(tool, "strict", join_path(param, "strict")))
     return {"type": "function", "function": function}
 
 
@@ -475,26 +468,13 @@ def chat_tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
 def chat_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     """``text.format`` as the chat API's ``response_format``."""
     text = optional_object(body, "text", "text")
-    if text is None:
+    chosen = None if text is None else chosen_format(text, "format", "text.format")
+    if chosen is None:
         return None
-    format_ = optional_object(text, "format", "text.format")
-    if format_ is None:
-        return None
-    kind = format_.get("type")
-    if kind is None:
-        raise missing_parameter("text.format.type")
-    if kind == "text":
-        return None
+    kind, format_ = chosen
     if kind == "json_object":
         return {"type": "json_object"}
-    if kind != "json_schema":
-        raise unexpected_value(
-            "text.format.type",
-            f"expected 'text', 'json_object' or 'json_schema', but got {kind!r}.",
-        )
-    if format_.get("schema") is None:
-        raise missing_parameter("text.format.schema")
-    schema = as_object(format_["schema"], "text.format.schema")
+    schema = required_object(format_, "schema", "text.format.schema")
     json_schema: dict[str, Any] = {
         "name": optional_string(format_, "name", "text.format.name") or "response",
         "schema": dict(ensure_json_safe(schema, "text.format.schema")),
