@@ -37,9 +37,12 @@ from typing import Any, Final, Literal, TypeVar
 
 from twisted.internet import defer
 
-from oproxy.backends.base import Call
+from oproxy.api.answer import answer
+from oproxy.api.scope import Scope
+from oproxy.backends.base import Call, IBackend
 from oproxy.config import RequestLimits
 from oproxy.errors import InvalidRequest
+from oproxy.routing.router import Route
 from oproxy.streaming import merge
 from oproxy.translate.common import (
     INT64_MAX,
@@ -179,6 +182,51 @@ def requested_generations(
         prompts = _prompt_list(body, limits.max_prompts)
         _check_best_of(body, n)
     return Generations(kind, n, prompts, limits.generation_concurrency)
+
+
+async def answer_generations(
+    scope: Scope,
+    kind: Kind,
+    generate: Callable[[IBackend], Generate],
+    open_stream: Callable[[IBackend], OpenStream],
+    image_urls: Callable[[Mapping[str, Any]], list[str]] | None = None,
+) -> bytes | None:
+    """
+    Answer a chat or completions request, one generation per prompt and
+    choice: checked (a 400) before the caller's limits are charged, then
+    from the cache or from the first route that answers.
+
+    :param generate: the backend's one-generation call
+        (``backend.chat_completion``, ``backend.completion``).
+    :param open_stream: the backend's one-generation stream.
+    :param image_urls: a chat's remote image URLs, read from its body for
+        each route tried; ``None`` for a request without images.
+    """
+    generations = requested_generations(kind, scope.body, scope.config.limits)
+    model, routes = await scope.admitted_routes(kind)
+
+    async def call(route: Route) -> Call:
+        if image_urls is None:
+            return await scope.call(route)
+        return await scope.call(route, image_urls(scope.body))
+
+    async def produce(route: Route) -> dict[str, Any]:
+        made = await call(route)
+        return await generations.answer(made, route.body(scope.body), generate(route.backend))
+
+    async def produce_stream(route: Route) -> Chunks:
+        made = await call(route)
+        return await generations.stream(made, route.body(scope.body), open_stream(route.backend))
+
+    return await answer(
+        scope,
+        kind,
+        model,
+        routes,
+        stream=scope.stream(),
+        produce=produce,
+        produce_stream=produce_stream,
+    )
 
 
 def _requested_n(body: Mapping[str, Any], max_n: int) -> int:
