@@ -14,10 +14,4 @@ from oproxy.translate.chat import remote_image_urls
 
 
 async def create(scope: Scope) -> bytes | None:
-    return await answer_generations(
-        scope,
-        "chat",
-        lambda backend: backend.chat_completion,
-        lambda backend: backend.chat_completion_stream,
-        image_urls=remote_image_urls,
-    )
+    return await answer_generations(scope, "chat", image_urls=remote_image_urls)

@@ -70,6 +70,20 @@ _FANNED_OUT: Final = frozenset({"n", "best_of"})
 _ID_PREFIX: Final[Mapping[str, str]] = {"chat": "chatcmpl-", "completions": "cmpl-"}
 _USAGE_KEYS: Final = ("prompt_tokens", "completion_tokens", "total_tokens")
 
+#: What a backend is asked for one generation of each kind, whole or streamed.
+_BACKEND_CALLS: Final[
+    Mapping[Kind, tuple[Callable[[IBackend], Generate], Callable[[IBackend], OpenStream]]]
+] = {
+    "chat": (
+        lambda backend: backend.chat_completion,
+        lambda backend: backend.chat_completion_stream,
+    ),
+    "completions": (
+        lambda backend: backend.completion,
+        lambda backend: backend.completion_stream,
+    ),
+}
+
 
 # --------------------------------------------------------------------------
 # What a request asks for, checked before anything starts
@@ -187,8 +201,6 @@ def requested_generations(
 async def answer_generations(
     scope: Scope,
     kind: Kind,
-    generate: Callable[[IBackend], Generate],
-    open_stream: Callable[[IBackend], OpenStream],
     image_urls: Callable[[Mapping[str, Any]], list[str]] | None = None,
 ) -> bytes | None:
     """
@@ -196,12 +208,10 @@ async def answer_generations(
     choice: checked (a 400) before the caller's limits are charged, then
     from the cache or from the first route that answers.
 
-    :param generate: the backend's one-generation call
-        (``backend.chat_completion``, ``backend.completion``).
-    :param open_stream: the backend's one-generation stream.
     :param image_urls: a chat's remote image URLs, read from its body for
         each route tried; ``None`` for a request without images.
     """
+    generate, open_stream = _BACKEND_CALLS[kind]
     generations = requested_generations(kind, scope.body, scope.config.limits)
     model, routes = await scope.admitted_routes(kind)
 

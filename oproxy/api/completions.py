@@ -13,9 +13,4 @@ from oproxy.api.scope import Scope
 
 
 async def create(scope: Scope) -> bytes | None:
-    return await answer_generations(
-        scope,
-        "completions",
-        lambda backend: backend.completion,
-        lambda backend: backend.completion_stream,
-    )
+    return await answer_generations(scope, "completions")

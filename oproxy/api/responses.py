@@ -130,26 +130,23 @@ class _Keeper:
             {"response": response, "input": self._items, "history": self._chain}
         ).decode()
         if len(document) > config.max_bytes:
-            log.warn(
+            self._not_kept(
+                response,
                 "Response {response_id} not stored: {size} bytes, over responses.max_bytes",
-                response_id=response["id"],
                 size=len(document),
-                request_id=scope.request_id,
             )
-            response["store"] = False
             return
         now = scope.services.clock.seconds()
         record = StoredResponse(response["id"], _owner(scope), now + config.ttl, document)
         try:
             await scope.services.state.put_response(record, self._chain, now)
         except StateUnavailable as e:
-            log.warn(
-                "Response {response_id} not stored: {reason}",
-                response_id=response["id"],
-                reason=str(e),
-                request_id=scope.request_id,
-            )
-            response["store"] = False
+            self._not_kept(response, "Response {response_id} not stored: {reason}", reason=str(e))
+
+    def _not_kept(self, response: dict[str, Any], line: str, **why: object) -> None:
+        """Say why ``response`` was not stored, and that it says ``store: false``."""
+        log.warn(line, response_id=response["id"], **why, request_id=self._scope.request_id)
+        response["store"] = False
 
 
 async def create(scope: Scope) -> bytes | None:
