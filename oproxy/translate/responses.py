@@ -69,11 +69,12 @@ _EFFORTS: Final = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 #: Ollama's own knobs, passed on to the chat request as a chat client sends them.
 _PASSED_THROUGH: Final = ("options", "keep_alive")
 
-#: The events that stream the text of a reasoning item and of a message
-#: (``.delta`` and ``.done`` follow).
-_TEXT_EVENTS: Final[Mapping[str, str]] = {
-    "reasoning": "response.reasoning_text",
-    "message": "response.output_text",
+#: The events that stream the text of a reasoning item and of a message:
+#: its deltas, and its whole once done.  A message's carry its (empty)
+#: ``logprobs``; a reasoning item's have none.
+_TEXT_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
+    "reasoning": ("response.reasoning_text.delta", "response.reasoning_text.done"),
+    "message": ("response.output_text.delta", "response.output_text.done"),
 }
 
 #: The codes a ``response.error`` may carry (OpenAI's ``ResponseErrorCode``).
@@ -822,12 +823,24 @@ class ResponseStream(ChunkTranslator):
         self._finish_reason = choice["finish_reason"]
 
     def _delta(self, delta: Mapping[str, Any], events: list[dict[str, Any]]) -> None:
-        thought = reasoning_text(delta)
-        if thought:
-            self._text_delta("reasoning", thought, events)
-        text = _text(delta.get("content"))
-        if text:
-            self._text_delta("message", text, events)
+        for kind, text in (
+            ("reasoning", reasoning_text(delta)),
+            ("message", _text(delta.get("content"))),
+        ):
+            if text:
+                index = self._item(kind, events)
+                item = self._output[index]
+                item["content"][0]["text"] += text
+                event = self._event(
+                    _TEXT_EVENTS[kind][0],
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    delta=text,
+                )
+                if kind == "message":
+                    event["logprobs"] = []
+                events.append(event)
         for call in delta.get("tool_calls") or ():
             if isinstance(call, Mapping):
                 self._call_delta(call, events)
@@ -901,29 +914,11 @@ class ResponseStream(ChunkTranslator):
         events.append(self._part_event("response.content_part.added", item, index, part=dict(part)))
         return index
 
-    def _text_delta(self, kind: str, text: str, events: list[dict[str, Any]]) -> None:
-        """Add ``text`` to the open item of ``kind`` (a reasoning or message item)."""
-        index = self._item(kind, events)
-        item = self._output[index]
-        item["content"][0]["text"] += text
-        events.append(self._text_event(kind, "delta", item, index, delta=text))
-
     def _part_event(
         self, name: str, item: Mapping[str, Any], index: int, **fields: Any
     ) -> dict[str, Any]:
         """An event about the one content part of the item at ``index``."""
         return self._event(name, item_id=item["id"], output_index=index, content_index=0, **fields)
-
-    def _text_event(
-        self, kind: str, stage: str, item: Mapping[str, Any], index: int, **fields: Any
-    ) -> dict[str, Any]:
-        """
-        The ``delta`` or ``done`` event of the text of an item of ``kind``:
-        a message's output text carries (empty) ``logprobs``, reasoning not.
-        """
-        if kind == "message":
-            fields["logprobs"] = []
-        return self._part_event(f"{_TEXT_EVENTS[kind]}.{stage}", item, index, **fields)
 
     def _close(self, events: list[dict[str, Any]]) -> None:
         """End the open item with its ``.done`` events."""
@@ -949,7 +944,10 @@ class ResponseStream(ChunkTranslator):
             )
         else:
             part = dict(item["content"][0])
-            events.append(self._text_event(kind, "done", item, index, text=part["text"]))
+            done = self._part_event(_TEXT_EVENTS[kind][1], item, index, text=part["text"])
+            if kind == "message":
+                done["logprobs"] = []
+            events.append(done)
             events.append(self._part_event("response.content_part.done", item, index, part=part))
         events.append(self._event("response.output_item.done", output_index=index, item=dict(item)))
 
