@@ -32,12 +32,9 @@ from oproxy.translate.common import (
     as_array,
     as_object,
     as_string,
-    chosen_format,
     compact_json,
     ensure_json_safe,
     envelope,
-    function_definition,
-    function_tool,
     generation_options,
     invalid_value,
     join_path,
@@ -60,6 +57,7 @@ from oproxy.translate.common import (
     wants_usage_chunk,
     wrong_type,
 )
+from oproxy.translate.tools import chosen_format, function_definition, function_tool
 
 _NO_IMAGES: Final[Mapping[str, str]] = MappingProxyType({})
 

@@ -35,7 +35,6 @@ from oproxy.translate.common import (
     as_string,
     compact_json,
     ensure_json_safe,
-    function_definition,
     invalid_value,
     join_path,
     missing_parameter,
@@ -56,6 +55,7 @@ from oproxy.translate.common import (
     wrong_type,
 )
 from oproxy.translate.responses import reasoning_text
+from oproxy.translate.tools import function_definition
 
 
 def _mapping(value: object) -> Mapping[str, Any]:

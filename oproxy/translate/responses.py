@@ -30,10 +30,7 @@ from oproxy.translate.common import (
     as_array,
     as_object,
     as_string,
-    chosen_format,
     ensure_json_safe,
-    function_definition,
-    function_tool,
     invalid_value,
     join_path,
     missing_parameter,
@@ -53,6 +50,7 @@ from oproxy.translate.common import (
     unsupported_value,
     wrong_type,
 )
+from oproxy.translate.tools import chosen_format, function_definition, function_tool
 
 #: Request fields that have no meaning for a chat backend and are refused
 #: rather than silently dropped: the client would wait for what never comes.
