@@ -35,8 +35,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, TypeVar
 
-from twisted.internet import defer
-
 from oproxy.api.answer import answer
 from oproxy.api.scope import Scope
 from oproxy.backends.base import Call, IBackend
@@ -44,6 +42,7 @@ from oproxy.config import RequestLimits
 from oproxy.errors import InvalidRequest
 from oproxy.routing.router import Route
 from oproxy.streaming import merge
+from oproxy.together import run_bounded
 from oproxy.translate.common import (
     INT64_MAX,
     INT64_MIN,
@@ -356,35 +355,6 @@ def _bound(
 ) -> Callable[[], Awaitable[T]]:
     """``start(call, body)``, to be called when its turn comes (not before)."""
     return lambda: start(call, body)
-
-
-async def run_bounded(work: Sequence[Callable[[], Awaitable[T]]], concurrency: int) -> list[T]:
-    """
-    The results of ``work``, in order, with at most ``concurrency`` of them
-    running at once; each starts only when a running one has finished.
-
-    The first failure cancels those running and starts no more;
-    cancelling the whole cancels them all.
-    """
-    results: list[Any] = [None] * len(work)
-    waiting = iter(enumerate(work))
-
-    async def lane() -> None:
-        for index, start in waiting:
-            results[index] = await start()
-
-    lanes = [
-        defer.Deferred.fromCoroutine(lane()) for _ in range(max(1, min(concurrency, len(work))))
-    ]
-    try:
-        await defer.gatherResults(lanes, consumeErrors=True)
-    except BaseException as e:
-        for running in lanes:
-            running.cancel()
-        if isinstance(e, defer.FirstError):
-            e.subFailure.raiseException()
-        raise
-    return results
 
 
 def joined_answer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

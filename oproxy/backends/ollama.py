@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from twisted.internet import defer
 from zope.interface import implementer
 
 from oproxy.backends.base import (
@@ -33,6 +32,7 @@ from oproxy.errors import (
     UpstreamBusy,
     UpstreamError,
 )
+from oproxy.together import all_of
 from oproxy.translate import chat, completions, embeddings, models
 from oproxy.translate.common import (
     combined_usage,
@@ -215,7 +215,7 @@ class OllamaBackend:
         return models.ollama_show_to_model(show, model_id=model_id, owned_by=self.name)
 
     async def probe(self) -> dict[str, Any]:
-        version, tags, loaded = await _gather(
+        version, tags, loaded = await all_of(
             [
                 self._get_json("/api/version"),
                 self._get_json("/api/tags"),
@@ -238,7 +238,7 @@ class OllamaBackend:
         ``/api/tags`` (size on disk, family, parameters, quantization) and
         ``/api/ps`` (what is loaded, with the context it was loaded with).
         """
-        tags, loaded = await _gather([self._get_json("/api/tags"), self._get_json("/api/ps")])
+        tags, loaded = await all_of([self._get_json("/api/tags"), self._get_json("/api/ps")])
         running = {
             m.get("name") or m.get("model"): m
             for m in loaded.get("models") or []
@@ -336,16 +336,3 @@ async def _with_usage_chunk(
         created=call.created,
         usage=translator.usage or combined_usage(()),
     )
-
-
-async def _gather(coroutines: list[Any]) -> list[Any]:
-    """Run coroutines concurrently; on the first failure cancel the others."""
-    deferreds = [defer.Deferred.fromCoroutine(c) for c in coroutines]
-    try:
-        return await defer.gatherResults(deferreds, consumeErrors=True)
-    except BaseException as e:
-        for running in deferreds:
-            running.cancel()
-        if isinstance(e, defer.FirstError):
-            e.subFailure.raiseException()
-        raise
