@@ -390,6 +390,7 @@ def for_name(held: Iterable[Held], name: str) -> Held | None:
 
 
 def is_address(name: str) -> bool:
+    """Whether ``name`` is an IP address rather than a host name."""
     try:
         ipaddress.ip_address(name)
     except ValueError:
