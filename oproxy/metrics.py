@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -62,153 +63,208 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+@dataclass(frozen=True)
+class Metric:
+    """
+    How one metric is made: the same arguments ``prometheus_client`` takes.
+
+    :ivar mode: a gauge's ``multiprocess_mode``: how the samples of several
+        processes add up (``livesum``, ``livemax``, ``livemin``).
+    """
+
+    kind: type[Counter | Gauge | Histogram]
+    name: str
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] | None = None
+    mode: str | None = None
+
+    def build(self, registry: CollectorRegistry | None) -> Counter | Gauge | Histogram:
+        options: dict[str, Any] = {}
+        if self.buckets is not None:
+            options["buckets"] = self.buckets
+        if self.mode is not None:
+            options["multiprocess_mode"] = self.mode
+        return self.kind(self.name, self.help, self.labels, registry=registry, **options)
+
+
+#: Every metric oproxy records, by the attribute of :class:`Metrics` that holds it.
+METRICS: Final[Mapping[str, Metric]] = {
+    "requests": Metric(
+        Counter,
+        "oproxy_requests",
+        ("route", "model", "backend", "status"),
+        "Requests answered, by route, model, backend and HTTP status "
+        "(499: the client hung up before its answer was complete).",
+    ),
+    "duration": Metric(
+        Histogram,
+        "oproxy_request_duration_seconds",
+        ("route",),
+        "Time from the request to the end of its answer (the whole stream).",
+        buckets=DURATION_BUCKETS,
+    ),
+    "overhead": Metric(
+        Histogram,
+        "oproxy_overhead_seconds",
+        ("route",),
+        "Time a request spent in the proxy itself, not waiting for an upstream.",
+        buckets=OVERHEAD_BUCKETS,
+    ),
+    "first_token": Metric(
+        Histogram,
+        "oproxy_time_to_first_token_seconds",
+        ("route", "model"),
+        "Time from the request to the first streamed chunk.",
+        buckets=FIRST_TOKEN_BUCKETS,
+    ),
+    "tokens": Metric(
+        Counter,
+        "oproxy_tokens",
+        ("direction", "model", "key"),
+        "Tokens counted by the backend, by direction (prompt, completion), model and key.",
+    ),
+    "in_flight": Metric(
+        Gauge,
+        "oproxy_requests_in_flight",
+        (),
+        "Requests being served now.",
+        mode="livesum",
+    ),
+    "upstream_errors": Metric(
+        Counter,
+        "oproxy_upstream_errors",
+        ("backend", "kind"),
+        "Failures talking to a backend, by backend and kind.",
+    ),
+    "rejections": Metric(
+        Counter,
+        "oproxy_rejections",
+        ("reason",),
+        "Requests refused before reaching a backend, by reason (error code).",
+    ),
+    "cache": Metric(
+        Counter,
+        "oproxy_cache_requests",
+        ("result",),
+        "Response cache outcomes: hit, miss or bypass.",
+    ),
+    "backend_up": Metric(
+        Gauge,
+        "oproxy_backend_up",
+        ("backend",),
+        "Whether a backend answered its last health probe (1) or not (0).",
+        mode="livemax",
+    ),
+    "backend_circuit_open": Metric(
+        Gauge,
+        "oproxy_backend_circuit_open",
+        ("backend",),
+        "Whether a backend is held back as down (1: its circuit is open) or not (0).",
+        mode="livemax",
+    ),
+    "model_circuit_open": Metric(
+        Gauge,
+        "oproxy_model_circuit_open",
+        ("backend", "model"),
+        "Whether a model is held back on a backend because it keeps failing there (1) "
+        "or not (0); only for models the backend lists.",
+        mode="livemax",
+    ),
+    "probe_latency": Metric(
+        Gauge,
+        "oproxy_backend_probe_latency_seconds",
+        ("backend",),
+        "How long the last health probe of a backend took.",
+        mode="livemax",
+    ),
+    "state_up": Metric(
+        Gauge,
+        "oproxy_state_store_up",
+        (),
+        "Whether the state store (keys, limits, quotas) answered its last use (1) or not (0).",
+        mode="livemin",
+    ),
+    "state_errors": Metric(
+        Counter,
+        "oproxy_state_store_errors",
+        ("operation",),
+        "State store operations that failed, by operation.",
+    ),
+    "connections_open": Metric(
+        Gauge,
+        "oproxy_connections_open",
+        (),
+        "Client connections open now.",
+        mode="livesum",
+    ),
+    "connections_refused": Metric(
+        Counter,
+        "oproxy_connections_refused",
+        ("reason",),
+        "Client connections closed at once because a cap was reached, by cap "
+        "(max_connections, max_connections_per_client, descriptors).",
+    ),
+    "request_read_timeouts": Metric(
+        Counter,
+        "oproxy_request_read_timeouts",
+        ("phase",),
+        "Connections answered 408 and closed because the client did not send a "
+        "request's head or body in time, by phase (head, body).",
+    ),
+    "plugin_failures": Metric(
+        Counter,
+        "oproxy_plugin_failures",
+        ("plugin", "hook", "reason"),
+        "Plugin hooks that failed or timed out, by plugin, hook and reason "
+        "(error, timeout); each either refused its request or was passed over.",
+    ),
+    "webhook_dropped": Metric(
+        Counter,
+        "oproxy_webhook_dropped_records",
+        ("url",),
+        "Records a webhook plugin dropped, by its URL (without credentials or query): "
+        "its queue was full (the oldest go), the URL refused them for good, or the "
+        "process stopped before they were delivered.",
+    ),
+}
+
+
 class Metrics:
     """
-    Every metric oproxy records, on an injected registry.
+    Every metric oproxy records (:data:`METRICS`), on an injected registry.
 
     :param registry: where single-process metrics live; ``None`` in
         multiprocess mode, where the files in the shared directory are the
         source and a scrape builds its own registry over them.
     """
 
+    requests: Counter
+    duration: Histogram
+    overhead: Histogram
+    first_token: Histogram
+    tokens: Counter
+    in_flight: Gauge
+    upstream_errors: Counter
+    rejections: Counter
+    cache: Counter
+    backend_up: Gauge
+    backend_circuit_open: Gauge
+    model_circuit_open: Gauge
+    probe_latency: Gauge
+    state_up: Gauge
+    state_errors: Counter
+    connections_open: Gauge
+    connections_refused: Counter
+    request_read_timeouts: Counter
+    plugin_failures: Counter
+    webhook_dropped: Counter
+
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.registry = registry
         self._collectors: list[Any] = []
-        self.requests = Counter(
-            "oproxy_requests",
-            "Requests answered, by route, model, backend and HTTP status "
-            "(499: the client hung up before its answer was complete).",
-            ["route", "model", "backend", "status"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "oproxy_request_duration_seconds",
-            "Time from the request to the end of its answer (the whole stream).",
-            ["route"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.overhead = Histogram(
-            "oproxy_overhead_seconds",
-            "Time a request spent in the proxy itself, not waiting for an upstream.",
-            ["route"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=registry,
-        )
-        self.first_token = Histogram(
-            "oproxy_time_to_first_token_seconds",
-            "Time from the request to the first streamed chunk.",
-            ["route", "model"],
-            buckets=FIRST_TOKEN_BUCKETS,
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "oproxy_tokens",
-            "Tokens counted by the backend, by direction (prompt, completion), model and key.",
-            ["direction", "model", "key"],
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "oproxy_requests_in_flight",
-            "Requests being served now.",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.upstream_errors = Counter(
-            "oproxy_upstream_errors",
-            "Failures talking to a backend, by backend and kind.",
-            ["backend", "kind"],
-            registry=registry,
-        )
-        self.rejections = Counter(
-            "oproxy_rejections",
-            "Requests refused before reaching a backend, by reason (error code).",
-            ["reason"],
-            registry=registry,
-        )
-        self.cache = Counter(
-            "oproxy_cache_requests",
-            "Response cache outcomes: hit, miss or bypass.",
-            ["result"],
-            registry=registry,
-        )
-        self.backend_up = Gauge(
-            "oproxy_backend_up",
-            "Whether a backend answered its last health probe (1) or not (0).",
-            ["backend"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.backend_circuit_open = Gauge(
-            "oproxy_backend_circuit_open",
-            "Whether a backend is held back as down (1: its circuit is open) or not (0).",
-            ["backend"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.model_circuit_open = Gauge(
-            "oproxy_model_circuit_open",
-            "Whether a model is held back on a backend because it keeps failing there (1) "
-            "or not (0); only for models the backend lists.",
-            ["backend", "model"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self.probe_latency = Gauge(
-            "oproxy_backend_probe_latency_seconds",
-            "How long the last health probe of a backend took.",
-            ["backend"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-
-        self.state_up = Gauge(
-            "oproxy_state_store_up",
-            "Whether the state store (keys, limits, quotas) answered its last use (1) or not (0).",
-            registry=registry,
-            multiprocess_mode="livemin",
-        )
-        self.state_errors = Counter(
-            "oproxy_state_store_errors",
-            "State store operations that failed, by operation.",
-            ["operation"],
-            registry=registry,
-        )
-        self.connections_open = Gauge(
-            "oproxy_connections_open",
-            "Client connections open now.",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.connections_refused = Counter(
-            "oproxy_connections_refused",
-            "Client connections closed at once because a cap was reached, by cap "
-            "(max_connections, max_connections_per_client, descriptors).",
-            ["reason"],
-            registry=registry,
-        )
-        self.request_read_timeouts = Counter(
-            "oproxy_request_read_timeouts",
-            "Connections answered 408 and closed because the client did not send a "
-            "request's head or body in time, by phase (head, body).",
-            ["phase"],
-            registry=registry,
-        )
-        self.plugin_failures = Counter(
-            "oproxy_plugin_failures",
-            "Plugin hooks that failed or timed out, by plugin, hook and reason "
-            "(error, timeout); each either refused its request or was passed over.",
-            ["plugin", "hook", "reason"],
-            registry=registry,
-        )
-        self.webhook_dropped = Counter(
-            "oproxy_webhook_dropped_records",
-            "Records a webhook plugin dropped, by its URL (without credentials or query): "
-            "its queue was full (the oldest go), the URL refused them for good, or the "
-            "process stopped before they were delivered.",
-            ["url"],
-            registry=registry,
-        )
+        for attribute, metric in METRICS.items():
+            setattr(self, attribute, metric.build(registry))
 
     def add_collector(self, collector: Any) -> None:
         """

@@ -71,6 +71,24 @@ def _get(
     return {"get": operation}
 
 
+# Schema fragments that recur: one object each, shared by every place that means it.
+_STRING = {"type": "string"}
+_INTEGER = {"type": "integer"}
+_NUMBER = {"type": "number"}
+_BOOLEAN = {"type": "boolean"}
+_OBJECT = {"type": "object"}
+_STRINGS = {"type": "array", "items": _STRING}
+_OBJECTS = {"type": "array", "items": _OBJECT}
+_NAME = {"type": "string", "minLength": 1}
+_MAYBE_STRING = {"type": ["string", "null"]}
+_TEXTS = {"oneOf": [_STRING, _STRINGS]}
+_TEXT_OR_BLOCKS = {"oneOf": [_STRING, _OBJECTS]}
+_STRING_OR_OBJECT = {"oneOf": [_STRING, _OBJECT]}
+_POSITIVE = {"type": "integer", "minimum": 1}
+_TEMPERATURE = {"type": "number", "minimum": 0, "maximum": 2}
+_TOP_P = {"type": "number", "minimum": 0, "maximum": 1}
+
+
 _MESSAGE = {
     "type": "object",
     "required": ["role"],
@@ -79,14 +97,14 @@ _MESSAGE = {
         "content": {
             "description": "Text, or a list of text and image_url parts; null for tool-call turns.",
             "oneOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "object"}},
+                _STRING,
+                _OBJECTS,
                 {"type": "null"},
             ],
         },
-        "tool_calls": {"type": "array", "items": {"type": "object"}},
-        "tool_call_id": {"type": "string"},
-        "name": {"type": "string"},
+        "tool_calls": _OBJECTS,
+        "tool_call_id": _STRING,
+        "name": _STRING,
     },
 }
 
@@ -109,11 +127,39 @@ _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "total_tokens"],
     "properties": {
-        "prompt_tokens": {"type": "integer"},
-        "completion_tokens": {"type": "integer"},
-        "total_tokens": {"type": "integer"},
+        "prompt_tokens": _INTEGER,
+        "completion_tokens": _INTEGER,
+        "total_tokens": _INTEGER,
     },
 }
+
+
+def _request(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    """A request body: an object that names its model first, then its own fields."""
+    return {
+        "type": "object",
+        "required": ["model", *required],
+        "properties": {"model": _NAME, **properties},
+    }
+
+
+def _completion(kind: str, *, fingerprint: bool) -> dict[str, Any]:
+    """A completion, chat or text: one envelope, told apart by its ``object``."""
+    properties: dict[str, Any] = {
+        "id": _STRING,
+        "object": {"const": kind},
+        "created": _INTEGER,
+        "model": _STRING,
+    }
+    if fingerprint:
+        properties["system_fingerprint"] = _STRING
+    properties.update(choices=_OBJECTS, usage=_USAGE)
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": properties,
+    }
+
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -124,104 +170,71 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "required": ["message", "type", "param", "code"],
                 "properties": {
-                    "message": {"type": "string"},
-                    "type": {"type": "string"},
-                    "param": {"type": ["string", "null"]},
-                    "code": {"type": ["string", "null"]},
+                    "message": _STRING,
+                    "type": _STRING,
+                    "param": _MAYBE_STRING,
+                    "code": _MAYBE_STRING,
                 },
             }
         },
     },
-    "ChatCompletionRequest": {
-        "type": "object",
-        "required": ["model", "messages"],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
+    "ChatCompletionRequest": _request(
+        ["messages"],
+        {
             "messages": {"type": "array", "items": _MESSAGE},
-            "stream": {"type": "boolean"},
-            "stream_options": {"type": "object"},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-            "seed": {"type": "integer"},
+            "stream": _BOOLEAN,
+            "stream_options": _OBJECT,
+            "temperature": _TEMPERATURE,
+            "top_p": _TOP_P,
+            "seed": _INTEGER,
             "n": _CHOICES,
-            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "max_completion_tokens": {"type": "integer", "minimum": 1},
-            "frequency_penalty": {"type": "number"},
-            "presence_penalty": {"type": "number"},
-            "tools": {"type": "array", "items": {"type": "object"}},
-            "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
-            "response_format": {"type": "object"},
-            "reasoning_effort": {"type": "string"},
-            "logprobs": {"type": "boolean"},
+            "stop": _TEXTS,
+            "max_tokens": _POSITIVE,
+            "max_completion_tokens": _POSITIVE,
+            "frequency_penalty": _NUMBER,
+            "presence_penalty": _NUMBER,
+            "tools": _OBJECTS,
+            "tool_choice": _STRING_OR_OBJECT,
+            "response_format": _OBJECT,
+            "reasoning_effort": _STRING,
+            "logprobs": _BOOLEAN,
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
             "options": _OPTIONS,
-            "keep_alive": {"oneOf": [{"type": "string"}, {"type": "number"}]},
+            "keep_alive": {"oneOf": [_STRING, _NUMBER]},
         },
-    },
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "system_fingerprint": {"type": "string"},
-            "choices": {"type": "array", "items": {"type": "object"}},
-            "usage": _USAGE,
-        },
-    },
-    "CompletionRequest": {
-        "type": "object",
-        "required": ["model", "prompt"],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
-            "prompt": {
-                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
-            },
-            "suffix": {"type": "string"},
-            "echo": {"type": "boolean"},
-            "stream": {"type": "boolean"},
+    ),
+    "ChatCompletion": _completion("chat.completion", fingerprint=True),
+    "CompletionRequest": _request(
+        ["prompt"],
+        {
+            "prompt": _TEXTS,
+            "suffix": _STRING,
+            "echo": _BOOLEAN,
+            "stream": _BOOLEAN,
             "n": _CHOICES,
             "best_of": {"type": "integer", "minimum": 1, "description": "Must equal n."},
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "max_tokens": _POSITIVE,
+            "temperature": _TEMPERATURE,
             "logprobs": {"type": "integer", "minimum": 0},
             "options": _OPTIONS,
         },
-    },
-    "Completion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "text_completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {"type": "array", "items": {"type": "object"}},
-            "usage": _USAGE,
-        },
-    },
-    "EmbeddingRequest": {
-        "type": "object",
-        "required": ["model", "input"],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
-            "input": {
-                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
-            },
+    ),
+    "Completion": _completion("text_completion", fingerprint=False),
+    "EmbeddingRequest": _request(
+        ["input"],
+        {
+            "input": _TEXTS,
             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-            "dimensions": {"type": "integer", "minimum": 1},
+            "dimensions": _POSITIVE,
         },
-    },
+    ),
     "EmbeddingList": {
         "type": "object",
         "required": ["object", "data", "model", "usage"],
         "properties": {
             "object": {"const": "list"},
-            "data": {"type": "array", "items": {"type": "object"}},
-            "model": {"type": "string"},
+            "data": _OBJECTS,
+            "model": _STRING,
             "usage": _USAGE,
         },
     },
@@ -229,10 +242,10 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["id", "object", "created", "owned_by"],
         "properties": {
-            "id": {"type": "string"},
+            "id": _STRING,
             "object": {"const": "model"},
-            "created": {"type": "integer"},
-            "owned_by": {"type": "string"},
+            "created": _INTEGER,
+            "owned_by": _STRING,
         },
     },
     "ModelList": {
@@ -248,27 +261,27 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status", "version", "uptime_seconds", "workers", "backends"],
         "properties": {
             "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
-            "version": {"type": "string"},
-            "uptime_seconds": {"type": "number"},
-            "workers": {"type": "integer"},
-            "backends": {"type": "array", "items": {"type": "object"}},
+            "version": _STRING,
+            "uptime_seconds": _NUMBER,
+            "workers": _INTEGER,
+            "backends": _OBJECTS,
         },
     },
     "Status": {
         "type": "object",
         "required": ["status"],
-        "properties": {"status": {"type": "string"}},
+        "properties": {"status": _STRING},
     },
     "Key": {
         "type": "object",
         "required": ["id", "name", "status", "created", "policy"],
         "properties": {
-            "id": {"type": "string"},
-            "name": {"type": "string"},
+            "id": _STRING,
+            "name": _STRING,
             "status": {"type": "string", "enum": ["active", "expired", "revoked"]},
             "created": {"type": "string", "format": "date-time"},
             "revoked": {"type": ["string", "null"], "format": "date-time"},
-            "policy": {"type": "object"},
+            "policy": _OBJECT,
             "key": {"type": "string", "description": "Only when created or rotated."},
         },
     },
@@ -284,20 +297,20 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["name"],
         "properties": {
-            "name": {"type": "string", "minLength": 1},
-            "models": {"type": "array", "items": {"type": "string"}},
-            "networks": {"type": "array", "items": {"type": "string"}},
+            "name": _NAME,
+            "models": _STRINGS,
+            "networks": _STRINGS,
             "expires": {"type": ["number", "string"]},
             "limits": {
                 "type": "object",
                 "properties": {
-                    name: {"type": "integer", "minimum": 1}
+                    name: _POSITIVE
                     for name in ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
                 },
                 "additionalProperties": False,
             },
-            "model_limits": {"type": "object"},
-            "admin": {"type": "boolean"},
+            "model_limits": _OBJECT,
+            "admin": _BOOLEAN,
         },
         "additionalProperties": False,
     },
@@ -311,7 +324,7 @@ def _admin_paths() -> dict[str, Any]:
         "in": "path",
         "required": True,
         "description": "The key's public id (the part after `sk-oproxy-`).",
-        "schema": {"type": "string"},
+        "schema": _STRING,
     }
 
     def operation(summary: str, status: str, **extra: Any) -> dict[str, Any]:
@@ -364,36 +377,35 @@ def _console_paths() -> dict[str, Any]:
         "in": "header",
         "required": True,
         "description": "The session's CSRF token (the `csrf-token` meta tag of every page).",
-        "schema": {"type": "string"},
+        "schema": _STRING,
     }
     errors = {"401": _ERROR, "403": _ERROR, "404": _ERROR, "500": _ERROR}
 
-    def page(summary: str) -> dict[str, Any]:
+    def get(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """A console GET: signed in by the session; a page and its JSON differ in answers."""
         return {
             "get": {
                 "summary": summary,
                 "tags": ["Console"],
                 "security": session,
-                "responses": {
-                    "200": {"description": "The page.", "content": {"text/html": {}}},
-                    "303": {"description": "Not signed in: to the sign-in page."},
-                },
-            }
-        }
-
-    def read(summary: str, **extra: Any) -> dict[str, Any]:
-        return {
-            "get": {
-                "summary": summary,
-                "tags": ["Console"],
-                "security": session,
-                "responses": {
-                    "200": {"description": "OK", "content": _json({"type": "object"})},
-                    **errors,
-                },
+                "responses": responses,
                 **extra,
             }
         }
+
+    def page(summary: str) -> dict[str, Any]:
+        return get(
+            summary,
+            {
+                "200": {"description": "The page.", "content": {"text/html": {}}},
+                "303": {"description": "Not signed in: to the sign-in page."},
+            },
+        )
+
+    def read(summary: str, **extra: Any) -> dict[str, Any]:
+        return get(
+            summary, {"200": {"description": "OK", "content": _json(_OBJECT)}, **errors}, **extra
+        )
 
     def change(summary: str, body: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         operation: dict[str, Any] = {
@@ -402,7 +414,7 @@ def _console_paths() -> dict[str, Any]:
             "security": session,
             "parameters": [csrf],
             "responses": {
-                "200": {"description": "OK", "content": _json({"type": "object"})},
+                "200": {"description": "OK", "content": _json(_OBJECT)},
                 "400": _ERROR,
                 "409": _ERROR,
                 "413": _ERROR,
@@ -417,7 +429,7 @@ def _console_paths() -> dict[str, Any]:
     model = {
         "type": "object",
         "required": ["model"],
-        "properties": {"model": {"type": "string"}, "backend": {"type": "string"}},
+        "properties": {"model": _STRING, "backend": _STRING},
     }
     text = {
         "type": "object",
@@ -427,12 +439,12 @@ def _console_paths() -> dict[str, Any]:
             "base": {"type": "string", "description": "The digest of the version loaded."},
         },
     }
-    key_id = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    key_id = {"name": "key_id", "in": "path", "required": True, "schema": _STRING}
     request_id = {
         "name": "request_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string"},
+        "schema": _STRING,
     }
     return {
         "/ui/login": {
@@ -453,8 +465,8 @@ def _console_paths() -> dict[str, Any]:
                             "schema": {
                                 "type": "object",
                                 "properties": {
-                                    "key": {"type": "string"},
-                                    "next": {"type": "string"},
+                                    "key": _STRING,
+                                    "next": _STRING,
                                 },
                             }
                         }
@@ -483,9 +495,7 @@ def _console_paths() -> dict[str, Any]:
         "/ui/requests": page("Requests"),
         "/ui/requests/{request_id}": {"parameters": [request_id], **page("A request's record")},
         "/ui/static/{name}": {
-            "parameters": [
-                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": _STRING}],
             "get": {
                 "summary": "The console's packaged scripts and style sheet",
                 "tags": ["Console"],
@@ -500,7 +510,7 @@ def _console_paths() -> dict[str, Any]:
         "/ui/api/requests": read(
             "Recent requests, newest first",
             parameters=[
-                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                {"name": name, "in": "query", "required": False, "schema": _STRING}
                 for name in ("key", "model", "status", "limit")
             ],
         ),
@@ -551,8 +561,8 @@ def _model_loading_paths() -> dict[str, Any]:
         "properties": {
             "object": {"type": "string", "const": "model.action"},
             "action": {"type": "string", "enum": ["load", "unload"]},
-            "model": {"type": "string"},
-            "backends": {"type": "array", "items": {"type": "string"}},
+            "model": _STRING,
+            "backends": _STRINGS,
         },
     }
 
@@ -593,7 +603,7 @@ _OLLAMA_BODY = {
 _OLLAMA_MODELS = {
     "type": "object",
     "required": ["models"],
-    "properties": {"models": {"type": "array", "items": {"type": "object"}}},
+    "properties": {"models": _OBJECTS},
 }
 
 
@@ -606,7 +616,7 @@ def _ollama_operation(
     answer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One native route, described in Ollama's terms (its errors: ``{"error": "..."}``)."""
-    content: dict[str, Any] = _json(answer or {"type": "object"})
+    content: dict[str, Any] = _json(answer or _OBJECT)
     if streams:
         content["application/x-ndjson"] = {
             "schema": {
@@ -632,7 +642,7 @@ def _ollama_operation(
                 "name": "x-oproxy-backend",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string"},
+                "schema": _STRING,
                 "description": "The name of the Ollama backend to manage.",
             }
         ]
@@ -659,7 +669,7 @@ def _ollama_paths() -> dict[str, Any]:
         "/api/version": {
             "get": _ollama_operation(
                 "The first reachable Ollama backend's version",
-                answer={"type": "object", "properties": {"version": {"type": "string"}}},
+                answer={"type": "object", "properties": {"version": _STRING}},
             )
         },
         "/api/pull": post("Pull a model", streams=True, admin=True),
@@ -679,61 +689,59 @@ _RESPONSE_ID = {
     "in": "path",
     "required": True,
     "description": "A response's id (`resp_...`); only the key that made it finds it.",
-    "schema": {"type": "string"},
+    "schema": _STRING,
 }
 
 AGENT_SCHEMAS: dict[str, Any] = {
-    "ResponseRequest": {
-        "type": "object",
-        "required": ["model", "input"],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
+    "ResponseRequest": _request(
+        ["input"],
+        {
             "input": {
                 "description": (
                     "Text, or items: messages (text and image parts), `function_call`, "
                     "`function_call_output` and `reasoning` items."
                 ),
-                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
+                "oneOf": [_STRING, _OBJECTS],
             },
-            "instructions": {"type": "string"},
-            "previous_response_id": {"type": "string"},
+            "instructions": _STRING,
+            "previous_response_id": _STRING,
             "store": {
                 "type": "boolean",
                 "default": True,
                 "description": "Keep the response (for `responses.ttl`) for the same key.",
             },
-            "stream": {"type": "boolean"},
-            "tools": {"type": "array", "items": {"type": "object"}},
-            "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]},
-            "parallel_tool_calls": {"type": "boolean"},
+            "stream": _BOOLEAN,
+            "tools": _OBJECTS,
+            "tool_choice": _STRING_OR_OBJECT,
+            "parallel_tool_calls": _BOOLEAN,
             "reasoning": {
                 "type": "object",
-                "properties": {"effort": {"type": ["string", "null"]}},
+                "properties": {"effort": _MAYBE_STRING},
             },
             "text": {
                 "type": "object",
-                "properties": {"format": {"type": "object"}},
+                "properties": {"format": _OBJECT},
             },
-            "max_output_tokens": {"type": "integer", "minimum": 1},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "max_output_tokens": _POSITIVE,
+            "temperature": _TEMPERATURE,
+            "top_p": _TOP_P,
+            "metadata": {"type": "object", "additionalProperties": _STRING},
             "options": _OPTIONS,
         },
-    },
+    ),
     "Response": {
         "type": "object",
         "required": ["id", "object", "created_at", "status", "model", "output"],
         "properties": {
-            "id": {"type": "string"},
+            "id": _STRING,
             "object": {"const": "response"},
-            "created_at": {"type": "integer"},
+            "created_at": _INTEGER,
             "status": {"type": "string", "enum": ["completed", "incomplete", "failed"]},
-            "model": {"type": "string"},
-            "output": {"type": "array", "items": {"type": "object"}},
+            "model": _STRING,
+            "output": _OBJECTS,
             "usage": {"type": ["object", "null"]},
-            "store": {"type": "boolean"},
-            "previous_response_id": {"type": ["string", "null"]},
+            "store": _BOOLEAN,
+            "previous_response_id": _MAYBE_STRING,
         },
     },
     "ResponseItemList": {
@@ -741,30 +749,26 @@ AGENT_SCHEMAS: dict[str, Any] = {
         "required": ["object", "data", "has_more", "first_id", "last_id"],
         "properties": {
             "object": {"const": "list"},
-            "data": {"type": "array", "items": {"type": "object"}},
-            "has_more": {"type": "boolean"},
-            "first_id": {"type": ["string", "null"]},
-            "last_id": {"type": ["string", "null"]},
+            "data": _OBJECTS,
+            "has_more": _BOOLEAN,
+            "first_id": _MAYBE_STRING,
+            "last_id": _MAYBE_STRING,
         },
     },
     "DeletedResponse": {
         "type": "object",
         "required": ["id", "object", "deleted"],
         "properties": {
-            "id": {"type": "string"},
+            "id": _STRING,
             "object": {"const": "response"},
             "deleted": {"const": True},
         },
     },
-    "MessageRequest": {
-        "type": "object",
-        "required": ["model", "messages", "max_tokens"],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "system": {
-                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
-            },
+    "MessageRequest": _request(
+        ["messages", "max_tokens"],
+        {
+            "max_tokens": _POSITIVE,
+            "system": _TEXT_OR_BLOCKS,
             "messages": {
                 "type": "array",
                 "minItems": 1,
@@ -772,51 +776,47 @@ AGENT_SCHEMAS: dict[str, Any] = {
                     "Turns of `user` and `assistant`, each text or content blocks: text, "
                     "image (base64 or url), tool_use, tool_result, thinking."
                 ),
-                "items": {"type": "object"},
+                "items": _OBJECT,
             },
-            "tools": {"type": "array", "items": {"type": "object"}},
-            "tool_choice": {"type": "object"},
-            "stop_sequences": {"type": "array", "items": {"type": "string"}},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "tools": _OBJECTS,
+            "tool_choice": _OBJECT,
+            "stop_sequences": _STRINGS,
+            "temperature": _TOP_P,
+            "top_p": _TOP_P,
             "top_k": {"type": "integer", "minimum": 0},
-            "thinking": {"type": "object"},
-            "stream": {"type": "boolean"},
-            "metadata": {"type": "object"},
+            "thinking": _OBJECT,
+            "stream": _BOOLEAN,
+            "metadata": _OBJECT,
         },
-    },
-    "CountTokensRequest": {
-        "type": "object",
-        "required": ["model", "messages"],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
-            "system": {
-                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
-            },
-            "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
-            "tools": {"type": "array", "items": {"type": "object"}},
+    ),
+    "CountTokensRequest": _request(
+        ["messages"],
+        {
+            "system": _TEXT_OR_BLOCKS,
+            "messages": {"type": "array", "minItems": 1, "items": _OBJECT},
+            "tools": _OBJECTS,
         },
-    },
+    ),
     "Message": {
         "type": "object",
         "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
         "properties": {
-            "id": {"type": "string"},
+            "id": _STRING,
             "type": {"const": "message"},
             "role": {"const": "assistant"},
-            "model": {"type": "string"},
-            "content": {"type": "array", "items": {"type": "object"}},
+            "model": _STRING,
+            "content": _OBJECTS,
             "stop_reason": {
                 "type": ["string", "null"],
                 "enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal", None],
             },
-            "stop_sequence": {"type": ["string", "null"]},
+            "stop_sequence": _MAYBE_STRING,
             "usage": {
                 "type": "object",
                 "required": ["input_tokens", "output_tokens"],
                 "properties": {
-                    "input_tokens": {"type": "integer"},
-                    "output_tokens": {"type": "integer"},
+                    "input_tokens": _INTEGER,
+                    "output_tokens": _INTEGER,
                 },
             },
         },
@@ -853,7 +853,7 @@ AGENT_SCHEMAS: dict[str, Any] = {
                             "overloaded_error",
                         ],
                     },
-                    "message": {"type": "string"},
+                    "message": _STRING,
                 },
             },
         },
@@ -881,7 +881,7 @@ def _responses_paths() -> dict[str, Any]:
             "schema": {"type": "integer", "minimum": 1, "maximum": 100},
         },
         {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
-        {"name": "after", "in": "query", "schema": {"type": "string"}},
+        {"name": "after", "in": "query", "schema": _STRING},
     ]
 
     def operation(summary: str, answer: str, **extra: Any) -> dict[str, Any]:
@@ -925,7 +925,7 @@ def _messages_paths() -> dict[str, Any]:
             "name": "anthropic-version",
             "in": "header",
             "required": False,
-            "schema": {"type": "string"},
+            "schema": _STRING,
             "description": "Accepted and not needed: the API served is the one oproxy knows.",
         }
     ]
@@ -1019,7 +1019,7 @@ def openapi_document() -> dict[str, Any]:
                         "in": "path",
                         "required": True,
                         "description": "A model id; `/` may be sent raw or as `%2F`.",
-                        "schema": {"type": "string"},
+                        "schema": _STRING,
                     }
                 ],
             },
@@ -1036,15 +1036,13 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "Prometheus text exposition format.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                            "content": {"text/plain": {"schema": _STRING}},
                         },
                         "401": _ERROR,
                     },
                 }
             },
-            "/openapi.json": _get(
-                "This document", {"type": "object"}, tag="Operations", secured=False
-            ),
+            "/openapi.json": _get("This document", _OBJECT, tag="Operations", secured=False),
             **_responses_paths(),
             **_messages_paths(),
             **_admin_paths(),
@@ -1069,7 +1067,7 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "type": "object",
                             "required": ["error"],
-                            "properties": {"error": {"type": "string"}},
+                            "properties": {"error": _STRING},
                         }
                     ),
                 },

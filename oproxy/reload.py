@@ -17,10 +17,16 @@ from twisted.logger import Logger
 from oproxy.app import ProxyApp
 from oproxy.cache import ResponseCache
 from oproxy.config import Config, ConfigError
+from oproxy.config.restart import RESTART_ONLY, waiting_for_restart
 from oproxy.plugins.chain import Chain
 from oproxy.routing.router import Router
 
 log = Logger()
+
+#: One constant message for each setting that waits for a restart.
+_RESTART_WARNINGS = {
+    label: f"{label} changes take effect at the next restart" for _, label in RESTART_ONLY
+}
 
 
 class Reloader:
@@ -69,12 +75,8 @@ class Reloader:
             )
             return False
         old = self._app.config
-        if config.listen != old.listen or config.workers != old.workers:
-            log.warn("listen and workers changes take effect at the next restart")
-        if config.reload != old.reload:
-            log.warn("reload (file watch) changes take effect at the next restart")
-        if config.certificates != old.certificates:
-            log.warn("certificates changes take effect at the next restart")
+        for label in waiting_for_restart(config, old):
+            log.warn(_RESTART_WARNINGS[label])
         previous = self._app.cache
         cache = previous if config.cache == old.cache else self._build_cache(config)
         self._app.swap(config, self._build_router(config), cache, plugins)

@@ -179,6 +179,20 @@ def _integer(line: bytes) -> int:
 # -- the connection --------------------------------------------------------
 
 
+def _fire(waiting: defer.Deferred[Any], outcome: object) -> None:
+    """
+    Answer a waiting caller with ``outcome``: a :class:`RedisError` fails
+    it, anything else is its result.  A caller that was cancelled has had
+    its answer already (``CancelledError``) and is left alone.
+    """
+    if waiting.called:
+        return
+    if isinstance(outcome, RedisError):
+        waiting.errback(outcome)
+    else:
+        waiting.callback(outcome)
+
+
 @implementer(IHandshakeListener)
 class RedisProtocol(Protocol):
     """
@@ -284,12 +298,7 @@ class RedisProtocol(Protocol):
             else:
                 self._watchdog.cancel()
                 self._watchdog = None
-        if waiting.called:  # cancelled by the caller
-            return
-        if isinstance(value, RedisReplyError):
-            waiting.errback(value)
-        else:
-            waiting.callback(value)
+        _fire(waiting, value)
 
     def _timed_out(self) -> None:
         self._watchdog = None
@@ -684,12 +693,7 @@ class RedisClient:
             self._retry_at = self._clock.seconds() + self._retry_delay
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            if waiter.called:  # its caller was cancelled
-                continue
-            if isinstance(outcome, RedisError):
-                waiter.errback(outcome)
-            else:
-                waiter.callback(outcome)
+            _fire(waiter, outcome)
 
     def _lost(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol:

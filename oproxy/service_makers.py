@@ -17,58 +17,57 @@ oproxy = ServiceMaker(  # type: ignore[no-untyped-call]
     "oproxy",
 )
 
-oproxyFakeOllama = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake Ollama",
-    "oproxy.testing.ollama.tap",
-    "A faithful fake Ollama server, for testing clients and oproxy itself.",
-    "oproxy-fake-ollama",
+
+def _fake(package: str, title: str, description: str) -> ServiceMaker:
+    """
+    The maker of the fake in ``oproxy.testing.<package>``: ``twistd
+    oproxy-fake-<package>`` runs its ``tap`` module, so a fake's command and
+    module are named once and cannot drift apart.
+    """
+    return ServiceMaker(  # type: ignore[no-untyped-call]
+        f"oproxy fake {title}",
+        f"oproxy.testing.{package}.tap",
+        description,
+        f"oproxy-fake-{package}",
+    )
+
+
+oproxyFakeOllama = _fake(
+    "ollama", "Ollama", "A faithful fake Ollama server, for testing clients and oproxy itself."
 )
 
-oproxyFakeOpenAI = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake OpenAI-compatible server",
-    "oproxy.testing.openai.tap",
+oproxyFakeOpenAI = _fake(
+    "openai",
+    "OpenAI-compatible server",
     "A fake OpenAI-compatible server (vLLM, llama.cpp, LM Studio), for testing.",
-    "oproxy-fake-openai",
 )
 
-oproxyFakeLMStudio = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake LM Studio",
-    "oproxy.testing.lmstudio.tap",
+oproxyFakeLMStudio = _fake(
+    "lmstudio",
+    "LM Studio",
     "A fake LM Studio server (its OpenAI routes and REST API), for testing.",
-    "oproxy-fake-lmstudio",
 )
 
-oproxyFakeLlamaCpp = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake llama.cpp server",
-    "oproxy.testing.llamacpp.tap",
-    "A fake llama.cpp server (llama-server), for testing.",
-    "oproxy-fake-llamacpp",
+oproxyFakeLlamaCpp = _fake(
+    "llamacpp", "llama.cpp server", "A fake llama.cpp server (llama-server), for testing."
 )
 
-oproxyFakeVLLM = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake vLLM",
-    "oproxy.testing.vllm.tap",
-    "A fake vLLM OpenAI-compatible server, for testing.",
-    "oproxy-fake-vllm",
-)
+oproxyFakeVLLM = _fake("vllm", "vLLM", "A fake vLLM OpenAI-compatible server, for testing.")
 
-oproxyFakeTGI = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake text-generation-inference",
-    "oproxy.testing.tgi.tap",
+oproxyFakeTGI = _fake(
+    "tgi",
+    "text-generation-inference",
     "A fake Hugging Face text-generation-inference router, for testing.",
-    "oproxy-fake-tgi",
 )
 
-oproxyFakeTEI = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake text-embeddings-inference",
-    "oproxy.testing.tei.tap",
+oproxyFakeTEI = _fake(
+    "tei",
+    "text-embeddings-inference",
     "A fake Hugging Face text-embeddings-inference router, for testing.",
-    "oproxy-fake-tei",
 )
 
-oproxyFakeHuggingFace = ServiceMaker(  # type: ignore[no-untyped-call]
-    "oproxy fake Hugging Face router",
-    "oproxy.testing.huggingface.tap",
+oproxyFakeHuggingFace = _fake(
+    "huggingface",
+    "Hugging Face router",
     "A fake Hugging Face Inference Providers router, for testing.",
-    "oproxy-fake-huggingface",
 )

@@ -253,17 +253,25 @@ class BodyReader(Protocol):
             self._waiter = None
         self.abort()
 
-    async def next_lines(self) -> list[bytes]:
+    async def next_lines(self, timer: UpstreamTime | None = None) -> list[bytes]:
         """
         The lines received since the last call; an empty list means the end.
+
+        :param timer: where the time spent waiting for them is added.
         """
-        while not self._lines:
-            if self._failure is not None:
-                raise self._failure
-            if self._finished:
-                return []
-            self._waiter = defer.Deferred(self._stop_waiting)
-            await self._waiter
+        if not self._lines:
+            started = self._clock.seconds()
+            try:
+                while not self._lines:
+                    if self._failure is not None:
+                        raise self._failure
+                    if self._finished:
+                        return []
+                    self._waiter = defer.Deferred(self._stop_waiting)
+                    await self._waiter
+            finally:
+                if timer is not None:
+                    timer.seconds += self._clock.seconds() - started
         lines = list(self._lines)
         self._lines.clear()
         if self._paused:
@@ -271,12 +279,14 @@ class BodyReader(Protocol):
             self._producer().resumeProducing()
         return lines
 
-    async def read_all(self) -> bytes:
+    async def read_all(self, timer: UpstreamTime | None = None) -> bytes:
         """
         The whole body, for answers that are not streamed.
+
+        :param timer: where the time spent waiting for it is added.
         """
         parts: list[bytes] = []
-        while batch := await self.next_lines():
+        while batch := await self.next_lines(timer):
             parts.extend(batch)
         return (b"\n" if self._split_lines else b"").join(parts)
 
@@ -350,7 +360,15 @@ class Upstream:
     def name(self) -> str:
         return self.backend.name
 
-    async def _send(self, method: str, path: str, body: bytes | None) -> IResponse:
+    async def _send(
+        self, method: str, path: str, body: bytes | None, timer: UpstreamTime | None = None
+    ) -> IResponse:
+        """
+        Send a request and wait for its answer's head.
+
+        :param timer: where the time spent waiting for it is added.
+        """
+        started = self._clock.seconds()
         request = self._agent.request(
             method.encode("ascii"),
             self._base + path.encode("ascii"),
@@ -384,6 +402,9 @@ class Upstream:
             raise UpstreamUnavailable(
                 f"backend {self.name!r} at {self.backend.url} is unreachable: {_describe(e)}"
             ) from None
+        finally:
+            if timer is not None:
+                timer.seconds += self._clock.seconds() - started
         return response
 
     def _reader(self, response: IResponse, max_bytes: int) -> BodyReader:
@@ -414,25 +435,15 @@ class Upstream:
 
         A non-200 status is returned with an iterator over its (single) body.
         """
-        timer = timer if timer is not None else UpstreamTime()
-        started = self._clock.seconds()
-        try:
-            response = await self._send("POST", path, orjson.dumps(payload))
-        finally:
-            timer.seconds += self._clock.seconds() - started
+        response = await self._send("POST", path, orjson.dumps(payload), timer)
         limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
         return response.code, self._decoded_lines(self._reader(response, limit), timer)
 
     async def _decoded_lines(
-        self, reader: BodyReader, timer: UpstreamTime
+        self, reader: BodyReader, timer: UpstreamTime | None
     ) -> AsyncGenerator[Any, None]:
         try:
-            while True:
-                waiting = self._clock.seconds()
-                batch = await reader.next_lines()
-                timer.seconds += self._clock.seconds() - waiting
-                if not batch:
-                    return
+            while batch := await reader.next_lines(timer):
                 for line in batch:
                     yield _decode(line, self.name)
         finally:
@@ -450,14 +461,9 @@ class Upstream:
         ``Retry-After`` is worth passing on to the client.
         """
         body = orjson.dumps(payload) if payload is not None else None
-        started = self._clock.seconds()
-        try:
-            response = await self._send(method, path, body)
-            limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
-            raw = await self._reader(response, limit).read_all()
-        finally:
-            if timer is not None:
-                timer.seconds += self._clock.seconds() - started
+        response = await self._send(method, path, body, timer)
+        limit = MAX_RESPONSE_BYTES if response.code == 200 else MAX_ERROR_BYTES
+        raw = await self._reader(response, limit).read_all(timer)
         return response.code, response.headers, _decode(raw, self.name)
 
     async def get_bytes(self, path: str) -> tuple[int, Headers, bytes]:
@@ -482,12 +488,7 @@ class Upstream:
         ``[DONE]`` was cut short and raises :class:`UpstreamError`.  A non-200
         status is returned with an iterator over its one (JSON) body.
         """
-        timer = timer if timer is not None else UpstreamTime()
-        started = self._clock.seconds()
-        try:
-            response = await self._send("POST", path, orjson.dumps(payload))
-        finally:
-            timer.seconds += self._clock.seconds() - started
+        response = await self._send("POST", path, orjson.dumps(payload), timer)
         if response.code != 200:
             reader = self._reader(response, MAX_ERROR_BYTES)
             return response.code, response.headers, self._whole_body(reader, timer)
@@ -495,23 +496,21 @@ class Upstream:
         return response.code, response.headers, self._events(reader, timer)
 
     async def _whole_body(
-        self, reader: BodyReader, timer: UpstreamTime
+        self, reader: BodyReader, timer: UpstreamTime | None
     ) -> AsyncGenerator[Any, None]:
         """An error answer, whole: OpenAI's bodies are pretty-printed JSON."""
-        started = self._clock.seconds()
         try:
-            raw = await reader.read_all()
+            raw = await reader.read_all(timer)
         finally:
-            timer.seconds += self._clock.seconds() - started
             reader.abort()
         yield _decode(raw, self.name)
 
-    async def _events(self, reader: BodyReader, timer: UpstreamTime) -> AsyncGenerator[Any, None]:
+    async def _events(
+        self, reader: BodyReader, timer: UpstreamTime | None
+    ) -> AsyncGenerator[Any, None]:
         try:
             while True:
-                waiting = self._clock.seconds()
-                batch = await reader.next_lines()
-                timer.seconds += self._clock.seconds() - waiting
+                batch = await reader.next_lines(timer)
                 if not batch:
                     raise UpstreamError(
                         f"backend {self.name!r} ended the stream before it was complete"

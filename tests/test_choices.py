@@ -17,10 +17,11 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.web.server import Site
 
-from oproxy.api.choices import derived_seed, requested_generations, run_bounded
+from oproxy.api.choices import derived_seed, requested_generations
 from oproxy.config import BackendConfig, RequestLimits
 from oproxy.streaming import merge
 from oproxy.testing import FakeOpenAI, GenerationStats
+from oproxy.together import run_bounded
 from tests.conftest import Proxy, listen
 from tests.httputil import header, post_json, raw_post, sse_events
 from tests.openai_schema import assert_valid, assert_valid_sse

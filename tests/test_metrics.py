@@ -13,6 +13,7 @@ import orjson
 import pytest
 import pytest_twisted
 import treq
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
@@ -20,6 +21,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from oproxy.config import APIKey, AuthConfig, MetricsConfig, RequestLimits, StateConfig, load_config
 from oproxy.errors import Unauthorized
 from oproxy.health import ProbeService
+from oproxy.metrics import METRICS, Metrics
 from oproxy.security.keys import hash_key
 from oproxy.security.policy import KeyPolicy
 from oproxy.security.records import new_key
@@ -303,6 +305,15 @@ async def test_the_default_networks_are_loopback_only(proxy: Proxy) -> None:
     for address in ("192.0.2.10", "10.1.2.3", "2001:db8::1", "::ffff:192.0.2.10"):
         with pytest.raises(Unauthorized):
             await check_scraper(guard, auth, default, None, address)
+
+
+def test_each_metric_is_held_as_the_kind_it_is_declared() -> None:
+    metrics = Metrics(CollectorRegistry())
+    declared = Metrics.__annotations__
+    assert list(declared) == list(METRICS)
+    for attribute, metric in METRICS.items():
+        assert declared[attribute] == metric.kind.__name__
+        assert type(getattr(metrics, attribute)) is metric.kind
 
 
 def test_which_peers_are_local() -> None:

@@ -8,36 +8,10 @@ a 400) before the caller's limits are charged.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import Any
-
-from oproxy.api.answer import answer
-from oproxy.api.choices import requested_generations
+from oproxy.api.choices import answer_generations
 from oproxy.api.scope import Scope
-from oproxy.routing.router import Route
 from oproxy.translate.chat import remote_image_urls
 
 
 async def create(scope: Scope) -> bytes | None:
-    generations = requested_generations("chat", scope.body, scope.config.limits)
-    model, routes = await scope.admitted_routes("chat")
-
-    async def produce(route: Route) -> dict[str, Any]:
-        call = await scope.call(route, remote_image_urls(scope.body))
-        return await generations.answer(call, route.body(scope.body), route.backend.chat_completion)
-
-    async def produce_stream(route: Route) -> AsyncGenerator[dict[str, Any], None]:
-        call = await scope.call(route, remote_image_urls(scope.body))
-        return await generations.stream(
-            call, route.body(scope.body), route.backend.chat_completion_stream
-        )
-
-    return await answer(
-        scope,
-        "chat",
-        model,
-        routes,
-        stream=scope.stream(),
-        produce=produce,
-        produce_stream=produce_stream,
-    )
+    return await answer_generations(scope, "chat", image_urls=remote_image_urls)

@@ -35,12 +35,14 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, TypeVar
 
-from twisted.internet import defer
-
-from oproxy.backends.base import Call
+from oproxy.api.answer import answer
+from oproxy.api.scope import Scope
+from oproxy.backends.base import Call, IBackend
 from oproxy.config import RequestLimits
 from oproxy.errors import InvalidRequest
+from oproxy.routing.router import Route
 from oproxy.streaming import merge
+from oproxy.together import run_bounded
 from oproxy.translate.common import (
     INT64_MAX,
     INT64_MIN,
@@ -66,6 +68,20 @@ OpenStream = Callable[[Call, Mapping[str, Any]], Awaitable[Chunks]]
 _FANNED_OUT: Final = frozenset({"n", "best_of"})
 _ID_PREFIX: Final[Mapping[str, str]] = {"chat": "chatcmpl-", "completions": "cmpl-"}
 _USAGE_KEYS: Final = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+#: What a backend is asked for one generation of each kind, whole or streamed.
+_BACKEND_CALLS: Final[
+    Mapping[Kind, tuple[Callable[[IBackend], Generate], Callable[[IBackend], OpenStream]]]
+] = {
+    "chat": (
+        lambda backend: backend.chat_completion,
+        lambda backend: backend.chat_completion_stream,
+    ),
+    "completions": (
+        lambda backend: backend.completion,
+        lambda backend: backend.completion_stream,
+    ),
+}
 
 
 # --------------------------------------------------------------------------
@@ -179,6 +195,47 @@ def requested_generations(
         prompts = _prompt_list(body, limits.max_prompts)
         _check_best_of(body, n)
     return Generations(kind, n, prompts, limits.generation_concurrency)
+
+
+async def answer_generations(
+    scope: Scope,
+    kind: Kind,
+    image_urls: Callable[[Mapping[str, Any]], list[str]] | None = None,
+) -> bytes | None:
+    """
+    Answer a chat or completions request, one generation per prompt and
+    choice: checked (a 400) before the caller's limits are charged, then
+    from the cache or from the first route that answers.
+
+    :param image_urls: a chat's remote image URLs, read from its body for
+        each route tried; ``None`` for a request without images.
+    """
+    generate, open_stream = _BACKEND_CALLS[kind]
+    generations = requested_generations(kind, scope.body, scope.config.limits)
+    model, routes = await scope.admitted_routes(kind)
+
+    async def call(route: Route) -> Call:
+        if image_urls is None:
+            return await scope.call(route)
+        return await scope.call(route, image_urls(scope.body))
+
+    async def produce(route: Route) -> dict[str, Any]:
+        made = await call(route)
+        return await generations.answer(made, route.body(scope.body), generate(route.backend))
+
+    async def produce_stream(route: Route) -> Chunks:
+        made = await call(route)
+        return await generations.stream(made, route.body(scope.body), open_stream(route.backend))
+
+    return await answer(
+        scope,
+        kind,
+        model,
+        routes,
+        stream=scope.stream(),
+        produce=produce,
+        produce_stream=produce_stream,
+    )
 
 
 def _requested_n(body: Mapping[str, Any], max_n: int) -> int:
@@ -298,35 +355,6 @@ def _bound(
 ) -> Callable[[], Awaitable[T]]:
     """``start(call, body)``, to be called when its turn comes (not before)."""
     return lambda: start(call, body)
-
-
-async def run_bounded(work: Sequence[Callable[[], Awaitable[T]]], concurrency: int) -> list[T]:
-    """
-    The results of ``work``, in order, with at most ``concurrency`` of them
-    running at once; each starts only when a running one has finished.
-
-    The first failure cancels those running and starts no more;
-    cancelling the whole cancels them all.
-    """
-    results: list[Any] = [None] * len(work)
-    waiting = iter(enumerate(work))
-
-    async def lane() -> None:
-        for index, start in waiting:
-            results[index] = await start()
-
-    lanes = [
-        defer.Deferred.fromCoroutine(lane()) for _ in range(max(1, min(concurrency, len(work))))
-    ]
-    try:
-        await defer.gatherResults(lanes, consumeErrors=True)
-    except BaseException as e:
-        for running in lanes:
-            running.cancel()
-        if isinstance(e, defer.FirstError):
-            e.subFailure.raiseException()
-        raise
-    return results
 
 
 def joined_answer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from oproxy.api.answer import Shape, answer
+from oproxy.api.answer import Shape
 from oproxy.api.scope import Scope
+from oproxy.api.through_chat import answer_through_chat
 from oproxy.backends.base import IRuntimeOptions
 from oproxy.errors import PermissionDenied
 from oproxy.routing.router import Route
@@ -55,14 +56,6 @@ async def create(scope: Scope) -> bytes | None:
             route.body(chat), IRuntimeOptions.providedBy(route.backend)
         )
 
-    async def produce(route: Route) -> dict[str, Any]:
-        call = await scope.call(route, image_urls, chat)
-        return await route.backend.chat_completion(call, for_route(route))
-
-    async def produce_stream(route: Route) -> AsyncGenerator[dict[str, Any], None]:
-        call = await scope.call(route, image_urls, chat)
-        return await route.backend.chat_completion_stream(call, for_route(route))
-
     async def render(completion: dict[str, Any]) -> dict[str, Any]:
         return messages.message_from_chat(
             completion, message_id=message_id, model=model, stop_sequences=stop_sequences
@@ -71,19 +64,17 @@ async def create(scope: Scope) -> bytes | None:
     def events(
         chunks: AsyncGenerator[dict[str, Any], None],
     ) -> AsyncGenerator[dict[str, Any], None]:
-        translator = messages.MessageStream(message_id, model, stop_sequences)
-        return messages.message_events(chunks, translator)
+        return messages.MessageStream(message_id, model, stop_sequences).events(chunks)
 
-    return await answer(
+    return await answer_through_chat(
         scope,
-        "chat",
+        chat,
         model,
         routes,
+        Shape(label="messages", render=render, events=events, framing=FRAMING),
         stream=stream,
-        produce=produce,
-        produce_stream=produce_stream,
-        body=chat,
-        shape=Shape(label="messages", render=render, events=events, framing=FRAMING),
+        image_urls=image_urls,
+        body_for=for_route,
     )
 
 

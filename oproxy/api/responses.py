@@ -18,17 +18,17 @@ that chain alive as long as the new response.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
 from typing import Any, Final
 
 import orjson
 from twisted.logger import Logger
 
-from oproxy.api.answer import Shape, answer
+from oproxy.api.answer import Shape
 from oproxy.api.scope import Scope
+from oproxy.api.through_chat import answer_through_chat
 from oproxy.errors import InvalidRequest, NotFound, StoreUnavailable
-from oproxy.routing.router import Route
 from oproxy.state.base import StateUnavailable, StoredResponse
 from oproxy.streaming import Framing, typed_sse_event
 from oproxy.translate import responses
@@ -51,17 +51,27 @@ def _not_found(response_id: str, param: str | None = None) -> NotFound:
     return NotFound(f"Response with id '{response_id}' not found.", param=param)
 
 
-async def _stored(scope: Scope, ids: Sequence[str]) -> dict[str, StoredResponse]:
-    """The caller's stored responses among ``ids``."""
+@contextmanager
+def _store_answers() -> Iterator[None]:
+    """
+    Around a read or a deletion the client waits for: a store that cannot
+    answer is the client's 503, to try again shortly.
+    """
     try:
-        return await scope.services.state.get_responses(
-            ids, _owner(scope), scope.services.clock.seconds()
-        )
+        yield
     except StateUnavailable:
         raise StoreUnavailable(
             "The response store is unavailable. Please try again shortly.",
             headers={"retry-after": "1"},
         ) from None
+
+
+async def _stored(scope: Scope, ids: Sequence[str]) -> dict[str, StoredResponse]:
+    """The caller's stored responses among ``ids``."""
+    with _store_answers():
+        return await scope.services.state.get_responses(
+            ids, _owner(scope), scope.services.clock.seconds()
+        )
 
 
 def _document(record: StoredResponse) -> dict[str, Any]:
@@ -120,26 +130,23 @@ class _Keeper:
             {"response": response, "input": self._items, "history": self._chain}
         ).decode()
         if len(document) > config.max_bytes:
-            log.warn(
+            self._not_kept(
+                response,
                 "Response {response_id} not stored: {size} bytes, over responses.max_bytes",
-                response_id=response["id"],
                 size=len(document),
-                request_id=scope.request_id,
             )
-            response["store"] = False
             return
         now = scope.services.clock.seconds()
         record = StoredResponse(response["id"], _owner(scope), now + config.ttl, document)
         try:
             await scope.services.state.put_response(record, self._chain, now)
         except StateUnavailable as e:
-            log.warn(
-                "Response {response_id} not stored: {reason}",
-                response_id=response["id"],
-                reason=str(e),
-                request_id=scope.request_id,
-            )
-            response["store"] = False
+            self._not_kept(response, "Response {response_id} not stored: {reason}", reason=str(e))
+
+    def _not_kept(self, response: dict[str, Any], line: str, **why: object) -> None:
+        """Say why ``response`` was not stored, and that it says ``store: false``."""
+        log.warn(line, response_id=response["id"], **why, request_id=self._scope.request_id)
+        response["store"] = False
 
 
 async def create(scope: Scope) -> bytes | None:
@@ -166,14 +173,6 @@ async def create(scope: Scope) -> bytes | None:
     )
     image_urls = remote_image_urls(chat)
 
-    async def produce(route: Route) -> dict[str, Any]:
-        call = await scope.call(route, image_urls, chat)
-        return await route.backend.chat_completion(call, route.body(chat))
-
-    async def produce_stream(route: Route) -> AsyncGenerator[dict[str, Any], None]:
-        call = await scope.call(route, image_urls, chat)
-        return await route.backend.chat_completion_stream(call, route.body(chat))
-
     async def render(completion: dict[str, Any]) -> dict[str, Any]:
         response = responses.response_from_chat(
             template, completion, completed_at=int(clock.seconds())
@@ -186,7 +185,7 @@ async def create(scope: Scope) -> bytes | None:
     async def events(
         chunks: AsyncGenerator[dict[str, Any], None],
     ) -> AsyncGenerator[dict[str, Any], None]:
-        async with aclosing(responses.response_events(chunks, translator)) as translated:
+        async with aclosing(translator.events(chunks)) as translated:
             async for event in translated:
                 if event["type"] in ("response.completed", "response.incomplete"):
                     # Kept before the client hears of it, so that a
@@ -203,16 +202,15 @@ async def create(scope: Scope) -> bytes | None:
         events=events,
         framing=Framing(event=typed_sse_event, failure=failure, ending=b""),
     )
-    return await answer(
+    return await answer_through_chat(
         scope,
-        "chat",
+        chat,
         model,
         routes,
+        shape,
         stream=stream,
-        produce=produce,
-        produce_stream=produce_stream,
-        body=chat,
-        shape=shape,
+        image_urls=image_urls,
+        body_for=lambda route: route.body(chat),
     )
 
 
@@ -234,15 +232,10 @@ async def retrieve(scope: Scope) -> bytes | None:
 async def delete(scope: Scope) -> bytes | None:
     """``DELETE /v1/responses/{id}``: forget the caller's stored response."""
     response_id = scope.params["response_id"]
-    try:
+    with _store_answers():
         deleted = await scope.services.state.delete_response(
             response_id, _owner(scope), scope.services.clock.seconds()
         )
-    except StateUnavailable:
-        raise StoreUnavailable(
-            "The response store is unavailable. Please try again shortly.",
-            headers={"retry-after": "1"},
-        ) from None
     if not deleted:
         raise _not_found(response_id)
     return scope.json({"id": response_id, "object": "response", "deleted": True})

@@ -12,7 +12,7 @@ callers ask about instead of asking what kind of server it is.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zope.interface import Interface
@@ -135,16 +135,8 @@ class ModelInfo:
     loaded: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "family": self.family,
-            "size": self.size,
-            "parameters": self.parameters,
-            "quantization": self.quantization,
-            "context_length": self.context_length,
-            "loaded": self.loaded,
-        }
+        """Every field by its name: what the console's model page is sent."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)

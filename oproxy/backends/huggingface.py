@@ -22,14 +22,13 @@ sends each request to a partner provider.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from zope.interface import implementer
 
-from oproxy.backends.base import Call, IModelSuffixes, ModelInfo
+from oproxy.backends.base import IModelSuffixes, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
-from oproxy.backends.tgi import unsupported
+from oproxy.backends.unserved import refused
 
 DEFAULT_URL = "https://router.huggingface.co/v1"
 SERVER = "Hugging Face's Inference Providers router, which serves chat completions only"
@@ -48,16 +47,8 @@ class HuggingFaceBackend(OpenAIBackend):
         base, colon, _ = model.rpartition(":")
         return base if colon and "/" in base else model
 
-    async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
-        raise unsupported(self.name, SERVER, "completions", call.client_model)
-
-    async def completion_stream(
-        self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        raise unsupported(self.name, SERVER, "completions", call.client_model)
-
-    async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
-        raise unsupported(self.name, SERVER, "embeddings", call.client_model)
+    completion = completion_stream = refused(SERVER, "completions")
+    embeddings = refused(SERVER, "embeddings")
 
     async def describe_models(self) -> list[ModelInfo]:
         """Each model with the longest context a live provider gives it."""

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from oproxy.backends.base import Call, IBusyness, ISamplingFields, Load, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
-from oproxy.backends.prometheus import gauge_sums
+from oproxy.backends.prometheus import gauge_load
 from oproxy.backends.shaping import max_tokens_only, without
 from oproxy.errors import InvalidRequest, UpstreamError
 
@@ -132,8 +132,7 @@ class LlamaCppBackend(OpenAIBackend):
                 f"backend {self.name!r} shows neither /slots nor /metrics "
                 "(start llama-server with --slots or --metrics)"
             )
-        found = gauge_sums(raw, (PROCESSING, DEFERRED))
-        return Load(running=int(found.get(PROCESSING, 0)), waiting=int(found.get(DEFERRED, 0)))
+        return gauge_load(raw, running=PROCESSING, waiting=DEFERRED)
 
     async def describe_models(self) -> list[ModelInfo]:
         """The one model, with the context size the server was started with."""

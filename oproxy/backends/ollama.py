@@ -9,11 +9,10 @@ prompts of a list and the ``n`` choices of a request as separate calls.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from twisted.internet import defer
 from zope.interface import implementer
 
 from oproxy.backends.base import (
@@ -33,6 +32,7 @@ from oproxy.errors import (
     UpstreamBusy,
     UpstreamError,
 )
+from oproxy.together import all_of
 from oproxy.translate import chat, completions, embeddings, models
 from oproxy.translate.common import (
     combined_usage,
@@ -139,14 +139,7 @@ class OllamaBackend:
             call.created,
             include_usage=wants_usage_chunk(body),
         )
-        return _translated(
-            lines,
-            translator.feed,
-            lambda: translator.done,
-            self.name,
-            lambda: call.on_usage(translator.usage or {}),
-            call.on_cut_short,
-        )
+        return _translated(lines, translator, self.name, call)
 
     async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
         prompt = completions.single_prompt(body)
@@ -187,14 +180,7 @@ class OllamaBackend:
             logprobs_requested=completions.requested_logprobs(body) is not None,
         )
         lines = await self._stream("/api/generate", native, call)
-        chunks = _translated(
-            lines,
-            translator.feed,
-            lambda: translator.done,
-            self.name,
-            lambda: call.on_usage(translator.usage or {}),
-            call.on_cut_short,
-        )
+        chunks = _translated(lines, translator, self.name, call)
         if not wants_usage_chunk(body):
             return chunks
         return _with_usage_chunk(chunks, translator, completion_id, call)
@@ -229,7 +215,7 @@ class OllamaBackend:
         return models.ollama_show_to_model(show, model_id=model_id, owned_by=self.name)
 
     async def probe(self) -> dict[str, Any]:
-        version, tags, loaded = await _gather(
+        version, tags, loaded = await all_of(
             [
                 self._get_json("/api/version"),
                 self._get_json("/api/tags"),
@@ -252,7 +238,7 @@ class OllamaBackend:
         ``/api/tags`` (size on disk, family, parameters, quantization) and
         ``/api/ps`` (what is loaded, with the context it was loaded with).
         """
-        tags, loaded = await _gather([self._get_json("/api/tags"), self._get_json("/api/ps")])
+        tags, loaded = await all_of([self._get_json("/api/tags"), self._get_json("/api/ps")])
         running = {
             m.get("name") or m.get("model"): m
             for m in loaded.get("models") or []
@@ -302,20 +288,20 @@ class OllamaBackend:
 
 async def _translated(
     lines: AsyncGenerator[Any, None],
-    feed: Any,
-    is_done: Any,
+    translator: chat.ChatStreamTranslator | completions.CompletionStreamTranslator,
     backend: str,
-    finished: Callable[[], object] = lambda: None,
-    cut_short: Callable[[int], object] = lambda generated: None,
+    call: Call,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """
-    Feed native NDJSON lines to a stream translator and yield its chunks.
+    Feed native NDJSON lines to a stream translator and yield its chunks;
+    at the end, ``call.on_usage`` hears the usage of Ollama's ``done`` line.
 
-    A stream that ends without Ollama's ``done`` line was cut short: say so
-    rather than let the client believe the answer is complete.  Either way
-    (the client left, the backend failed), ``cut_short`` hears how many
-    tokens were generated: Ollama streams one token a line.
+    A stream that ends without that line was cut short: say so rather than
+    let the client believe the answer is complete.  Either way (the client
+    left, the backend failed), ``call.on_cut_short`` hears how many tokens
+    were generated: Ollama streams one token a line.
     """
+    feed = translator.feed
     generated = 0
     try:
         async with aclosing(lines):
@@ -326,12 +312,12 @@ async def _translated(
                     generated += 1
                 for chunk in feed(line):
                     yield chunk
-        if not is_done():
+        if not translator.done:
             raise UpstreamError(f"backend {backend!r} ended the stream before it was complete")
     finally:
-        if not is_done() and generated:
-            cut_short(generated)
-    finished()
+        if not translator.done and generated:
+            call.on_cut_short(generated)
+    call.on_usage(translator.usage or {})
 
 
 async def _with_usage_chunk(
@@ -350,16 +336,3 @@ async def _with_usage_chunk(
         created=call.created,
         usage=translator.usage or combined_usage(()),
     )
-
-
-async def _gather(coroutines: list[Any]) -> list[Any]:
-    """Run coroutines concurrently; on the first failure cancel the others."""
-    deferreds = [defer.Deferred.fromCoroutine(c) for c in coroutines]
-    try:
-        return await defer.gatherResults(deferreds, consumeErrors=True)
-    except BaseException as e:
-        for running in deferreds:
-            running.cancel()
-        if isinstance(e, defer.FirstError):
-            e.subFailure.raiseException()
-        raise

@@ -235,6 +235,17 @@ class OpenAIBackend:
             raise self.error(status, body, headers)
         return body
 
+    async def metrics_page(self) -> bytes:
+        """
+        The server's Prometheus ``/metrics`` page, where vLLM and TGI say
+        how busy they are; an error answer raises the error the client
+        would see.
+        """
+        status, headers, raw = await self._upstream.get_bytes(self._root + "/metrics")
+        if status != 200:
+            raise self.error(status, {"error": raw[:200].decode("utf-8", "replace")}, headers)
+        return raw
+
     # ------------------------------------------------------------------
     # Models and health
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from oproxy.backends.base import Load
+
 
 def gauge_sums(text: bytes, names: Iterable[str]) -> dict[str, float]:
     """
@@ -43,3 +45,9 @@ def gauge_sums(text: bytes, names: Iterable[str]) -> dict[str, float]:
         if math.isfinite(value):
             sums[name] = sums.get(name, 0.0) + value
     return sums
+
+
+def gauge_load(text: bytes, *, running: str, waiting: str) -> Load:
+    """How busy a server is, from its gauges of requests running and waiting."""
+    sums = gauge_sums(text, (running, waiting))
+    return Load(running=int(sums.get(running, 0)), waiting=int(sums.get(waiting, 0)))

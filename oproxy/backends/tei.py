@@ -20,12 +20,13 @@ model, its OpenAI ``/v1/embeddings`` route.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from oproxy.backends.base import Call, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
-from oproxy.backends.tgi import info_model, unsupported
+from oproxy.backends.tgi import info_model
+from oproxy.backends.unserved import refused
 from oproxy.translate.common import token_count
 
 SERVER = "text-embeddings-inference"
@@ -37,21 +38,8 @@ class TEIBackend(OpenAIBackend):
     #: The largest batch the server takes, once ``/info`` has said.
     batch_limit: int | None = None
 
-    async def chat_completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
-        raise unsupported(self.name, SERVER, "chat completions", call.client_model)
-
-    async def chat_completion_stream(
-        self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        raise unsupported(self.name, SERVER, "chat completions", call.client_model)
-
-    async def completion(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
-        raise unsupported(self.name, SERVER, "completions", call.client_model)
-
-    async def completion_stream(
-        self, call: Call, body: Mapping[str, Any]
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        raise unsupported(self.name, SERVER, "completions", call.client_model)
+    chat_completion = chat_completion_stream = refused(SERVER, "chat completions")
+    completion = completion_stream = refused(SERVER, "completions")
 
     async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
         inputs = body.get("input")

@@ -32,11 +32,12 @@ from typing import Any
 
 from zope.interface import implementer
 
-from oproxy.backends.base import Call, IBusyness, Load, ModelInfo
+from oproxy.backends.base import IBusyness, Load, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
-from oproxy.backends.prometheus import gauge_sums
+from oproxy.backends.prometheus import gauge_load
 from oproxy.backends.shaping import max_tokens_only, tgi_response_format, without
-from oproxy.errors import InvalidRequest, UpstreamError
+from oproxy.backends.unserved import refused
+from oproxy.errors import UpstreamError
 
 QUEUE = "tgi_queue_size"
 BATCH = "tgi_batch_current_size"
@@ -93,15 +94,6 @@ async def once_per_call(
             yield chunk
 
 
-def unsupported(backend: str, server: str, what: str, model: str) -> InvalidRequest:
-    """The error for a request a server does not serve at all (embeddings from TGI)."""
-    return InvalidRequest(
-        f"The model {model!r} does not serve {what}: backend {backend!r} is {server}.",
-        param="model",
-        code="model_not_supported",
-    )
-
-
 @implementer(IBusyness)
 class TGIBackend(OpenAIBackend):
     """A text-generation-inference router."""
@@ -127,8 +119,7 @@ class TGIBackend(OpenAIBackend):
     ) -> AsyncGenerator[dict[str, Any], None]:
         return once_per_call(chunks)
 
-    async def embeddings(self, call: Call, body: Mapping[str, Any]) -> dict[str, Any]:
-        raise unsupported(self.name, "text-generation-inference", "embeddings", call.client_model)
+    embeddings = refused("text-generation-inference", "embeddings")
 
     async def _info(self) -> dict[str, Any]:
         info = await self.get_json(self._root + "/info")
@@ -168,8 +159,4 @@ class TGIBackend(OpenAIBackend):
         ]
 
     async def load(self) -> Load:
-        status, headers, raw = await self._upstream.get_bytes(self._root + "/metrics")
-        if status != 200:
-            raise self.error(status, {"error": raw[:200].decode("utf-8", "replace")}, headers)
-        found = gauge_sums(raw, (QUEUE, BATCH))
-        return Load(running=int(found.get(BATCH, 0)), waiting=int(found.get(QUEUE, 0)))
+        return gauge_load(await self.metrics_page(), running=BATCH, waiting=QUEUE)

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from oproxy.backends.base import IBusyness, ISamplingFields, Load, ModelInfo
 from oproxy.backends.openai import OpenAIBackend, whole_number
-from oproxy.backends.prometheus import gauge_sums
+from oproxy.backends.prometheus import gauge_load
 
 #: vLLM's sampling parameters beyond OpenAI's, read at the top level.
 SAMPLING = frozenset(
@@ -52,11 +52,7 @@ class VLLMBackend(OpenAIBackend):
     sampling_fields = SAMPLING
 
     async def load(self) -> Load:
-        status, headers, raw = await self._upstream.get_bytes(self._root + "/metrics")
-        if status != 200:
-            raise self.error(status, {"error": raw[:200].decode("utf-8", "replace")}, headers)
-        found = gauge_sums(raw, (RUNNING, WAITING))
-        return Load(running=int(found.get(RUNNING, 0)), waiting=int(found.get(WAITING, 0)))
+        return gauge_load(await self.metrics_page(), running=RUNNING, waiting=WAITING)
 
     async def probe(self) -> dict[str, Any]:
         """``/health``, ``/version``, and the queue from ``/metrics``."""

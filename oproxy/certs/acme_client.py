@@ -44,12 +44,11 @@ from oproxy.certs.challenge import ChallengeAnswers
 from oproxy.certs.files import (
     PRIVATE_FILE,
     Held,
-    file_name_for,
+    held_for,
+    keep_certificate,
     make_directory,
     private_key_pem,
-    read_held,
     write_atomically,
-    write_certificate,
 )
 from oproxy.certs.renewal import Stopped
 from oproxy.config.certificates import AcmeConfig
@@ -106,13 +105,9 @@ class AcmeJob:
     def account_key_path(self) -> str:
         return os.path.join(self.account, ACCOUNT_KEY)
 
-    @property
-    def certificate_path(self) -> str:
-        return os.path.join(self.certificates, file_name_for(self.names))
-
     def current(self) -> Held | None:
-        held = read_held(self.certificate_path)
-        if held is None or set(held.names) != set(self.names):
+        held = held_for(self.certificates, self.names)
+        if held is None:
             return None
         try:
             with open(os.path.join(self.account, ISSUED), encoding="ascii") as f:
@@ -159,8 +154,7 @@ class AcmeJob:
             chain = self._fulfil(acme, order, key, stopping)
         finally:
             network.session.close()
-        path = write_certificate(self.certificates, self.names, certificate_key, chain)
-        held = read_held(path)
+        held = keep_certificate(self.certificates, self.names, certificate_key, chain)
         if held is None:
             raise AcmeFailure("the certificate the ACME server issued does not match its key")
         self._remember(held)

@@ -359,6 +359,30 @@ def read_held(path: str) -> Held | None:
     return found[0] if found else None
 
 
+def held_for(directory: str, names: Sequence[str]) -> Held | None:
+    """
+    The certificate kept in ``directory`` for exactly ``names``, in any
+    order; ``None`` if there is none, or it was made for other names.
+    """
+    held = read_held(os.path.join(directory, file_name_for(names)))
+    if held is None or set(held.names) != set(names):
+        return None
+    return held
+
+
+def keep_certificate(
+    directory: str,
+    names: Sequence[str],
+    key: PrivateKeyTypes,
+    chain: Sequence[x509.Certificate],
+) -> Held | None:
+    """
+    Write a new certificate for ``names`` and read it back as the listeners
+    will: ``None`` if the chain is not the key's.
+    """
+    return read_held(write_certificate(directory, names, key, chain))
+
+
 def for_name(held: Iterable[Held], name: str) -> Held | None:
     """The certificate serving ``name``: the one that lasts longest."""
     matching = [each for each in held if each.serves(name)]
@@ -366,6 +390,7 @@ def for_name(held: Iterable[Held], name: str) -> Held | None:
 
 
 def is_address(name: str) -> bool:
+    """Whether ``name`` is an IP address rather than a host name."""
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -36,12 +36,11 @@ from oproxy.certs.files import (
     PUBLIC_FILE,
     Held,
     certificate_pem,
-    file_name_for,
+    held_for,
+    keep_certificate,
     make_directory,
     private_key_pem,
-    read_held,
     write_atomically,
-    write_certificate,
 )
 
 CA_LIFETIME = datetime.timedelta(days=3650)
@@ -133,8 +132,7 @@ class LocalCA:
         """
         authority = self.load_or_create(now)
         key, certificate = new_leaf(authority, names, now)
-        path = write_certificate(certificates, names, key, [certificate])
-        held = read_held(path)
+        held = keep_certificate(certificates, names, key, [certificate])
         assert held is not None
         return held
 
@@ -143,8 +141,8 @@ class LocalCA:
         The certificate in the directory for exactly ``names``, signed by
         this CA; ``None`` if there is none (or the CA was made anew since).
         """
-        held = read_held(os.path.join(certificates, file_name_for(names)))
-        if held is None or set(held.names) != set(names):
+        held = held_for(certificates, names)
+        if held is None:
             return None
         authority = self.load()
         if authority is None or not authority.issued(held.certificate):
@@ -158,6 +156,43 @@ def _owner() -> str:
     except (KeyError, OSError):
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"
+
+
+def _dated(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    lifetime: datetime.timedelta,
+) -> x509.CertificateBuilder:
+    """
+    A certificate begun as the CA's and the servers' both are: a fresh
+    serial, valid from a little before ``now`` for ``lifetime``.
+    """
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + lifetime)
+    )
+
+
+def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
+    """Signatures only; certificates (and their revocation lists) for the CA alone."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def new_authority(now: datetime.datetime) -> CertificateAuthority:
@@ -175,28 +210,9 @@ def new_authority(now: datetime.datetime) -> CertificateAuthority:
     )
     public = key.public_key()
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + CA_LIFETIME)
+        _dated(name, name, public, now, CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -223,37 +239,17 @@ def new_leaf(
     public = key.public_key()
     ca_public = authority.certificate.public_key()
     assert isinstance(ca_public, ec.EllipticCurvePublicKey)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, CA_ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
+        ]
+    )
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, CA_ORGANIZATION),
-                    x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
-                ]
-            )
-        )
-        .issuer_name(authority.certificate.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + LEAF_LIFETIME)
+        _dated(subject, authority.certificate.subject, public, now, LEAF_LIFETIME)
         .add_extension(subject_alternative_names(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(

@@ -47,6 +47,7 @@ from oproxy.certs.files import (
     Held,
     PEMContents,
     held_certificates,
+    is_address,
     iso,
     parse_pem,
     pem_files,
@@ -194,7 +195,7 @@ class CertificateDirectory:
                 )
             contexts[each.fingerprint] = context
             for name in each.names:
-                if _is_address(name):
+                if is_address(name):
                     by_address[name] = context
                 else:
                     by_name[name] = context
@@ -235,14 +236,6 @@ def _stamp(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_mtime_ns, info.st_ino
-
-
-def _is_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _local_address(connection: SSL.Connection) -> str | None:

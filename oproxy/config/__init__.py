@@ -10,7 +10,8 @@ The rooms: :mod:`~oproxy.config.schema` (every setting once, as attrs
 classes), :mod:`~oproxy.config.values` (what a value may be),
 :mod:`~oproxy.config.reading` (cattrs, and errors named by their key path),
 :mod:`~oproxy.config.loading` (interpolation, the environment, the command
-line) and :mod:`~oproxy.config.checks` (cross-references, exposure).
+line), :mod:`~oproxy.config.checks` (cross-references, exposure) and
+:mod:`~oproxy.config.restart` (the settings a reload cannot apply).
 """
 
 from oproxy.config.checks import check_exposure, endpoint_is_loopback

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from oproxy.config import Config, ConfigError
+from oproxy.config.restart import waiting_for_restart
 from oproxy.errors import InvalidRequest, OProxyError, PermissionDenied, RequestTooLarge
 
 #: The largest file the console writes.
@@ -317,16 +318,7 @@ def checked(text: str, load: Callable[[str], Config]) -> tuple[list[Problem], Co
 
 def restart_notes(new: Config, running: Config) -> list[str]:
     """What a reload does not change: said before it is applied."""
-    notes = []
-    if new.listen != running.listen or new.workers != running.workers:
-        notes.append("listen and workers change at the next restart.")
-    if new.state != running.state:
-        notes.append("state (where keys and limits are kept) changes at the next restart.")
-    if new.access_log != running.access_log:
-        notes.append("access_log changes at the next restart.")
-    if new.reload != running.reload:
-        notes.append("reload (the file watch) changes at the next restart.")
-    return notes
+    return [f"{label} changes at the next restart." for label in waiting_for_restart(new, running)]
 
 
 # -- the file ------------------------------------------------------------------------

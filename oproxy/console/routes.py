@@ -40,50 +40,46 @@ SECURITY_HEADERS = (*_PROTECTIONS, (b"cache-control", b"no-store"))
 STATIC_HEADERS = _PROTECTIONS
 
 
-def _page(path: str, handler: Handler, label: str = "") -> Endpoint:
-    return Endpoint(
-        path,
-        ("GET", "HEAD"),
-        handler,
-        pages.PAGES,
-        identify=console_session,
-        counted=False,
-        headers=SECURITY_HEADERS,
-        label=label,
-    )
-
-
-def _read(path: str, handler: Handler, label: str = "") -> Endpoint:
-    return Endpoint(
-        path,
-        ("GET",),
-        handler,
-        OPENAI,
-        identify=console_session,
-        counted=False,
-        headers=SECURITY_HEADERS,
-        label=label,
-    )
-
-
-def _change(
+def _signed_in(
     path: str,
+    methods: tuple[str, ...],
     handler: Handler,
+    dialect: Dialect,
     *,
-    dialect: Dialect = OPENAI,
-    json_body: bool = True,
-    label: str = "",
+    counted: bool = True,
+    json_body: bool = False,
 ) -> Endpoint:
+    """
+    A route for a signed-in console: the caller is the session's, and every
+    answer carries the console's security headers.
+    """
     return Endpoint(
         path,
-        ("POST",),
+        methods,
         handler,
         dialect,
         identify=console_session,
+        counted=counted,
         json_body=json_body,
         headers=SECURITY_HEADERS,
-        label=label,
     )
+
+
+def _page(path: str, handler: Handler) -> Endpoint:
+    """A page: looking at it is not traffic."""
+    return _signed_in(path, ("GET", "HEAD"), handler, pages.PAGES, counted=False)
+
+
+def _read(path: str, handler: Handler) -> Endpoint:
+    """A page's figures, in JSON: the dashboard asks every few seconds, so not traffic."""
+    return _signed_in(path, ("GET",), handler, OPENAI, counted=False)
+
+
+def _change(
+    path: str, handler: Handler, *, dialect: Dialect = OPENAI, json_body: bool = True
+) -> Endpoint:
+    """A change: counted, so it shows in the metrics and the access log."""
+    return _signed_in(path, ("POST",), handler, dialect, json_body=json_body)
 
 
 CONSOLE_ROUTES: tuple[Endpoint, ...] = (

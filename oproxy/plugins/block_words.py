@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from oproxy.config.values import ConfigError
 from oproxy.errors import InvalidRequest
-from oproxy.plugins.interface import JSON, Environment, Exchange, IRequestHook, PluginFactory
+from oproxy.plugins.interface import JSON, Exchange, IRequestHook, PluginFactory, from_options
 from oproxy.plugins.texts import request_texts
 
 #: The error code of a refusal.
@@ -80,13 +80,9 @@ class BlockWords:
             raise InvalidRequest(self._message, code=CODE)
 
 
-def build(options: BlockWordsOptions, environment: Environment) -> BlockWords:
-    return BlockWords(options)
-
-
 factory = PluginFactory(
     "block-words",
-    build,
+    from_options(BlockWords),
     options=BlockWordsOptions,
     description="Refuse requests that mention blocked words or patterns (400 content_blocked).",
 )

@@ -238,6 +238,14 @@ class ICompletionHook(Interface):
 Build = Callable[[Any, Environment], object]
 
 
+def from_options(plugin: Callable[[Any], object]) -> Build:
+    """
+    The build of a plugin made from its options alone, which needs nothing
+    of the environment (the shipped ``block-words``, ``max-tokens-cap``...).
+    """
+    return lambda options, environment: plugin(options)
+
+
 @implementer(IPlugin, IPluginFactory)
 @dataclass(frozen=True)
 class PluginFactory:

@@ -18,7 +18,7 @@ import attrs
 from zope.interface import implementer
 
 from oproxy.config.values import Count
-from oproxy.plugins.interface import JSON, Environment, Exchange, IRequestHook, PluginFactory
+from oproxy.plugins.interface import JSON, Exchange, IRequestHook, PluginFactory, from_options
 
 #: The OpenAI routes that generate, and the fields that bound them.
 OPENAI_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions"))
@@ -63,13 +63,9 @@ class MaxTokensCap:
                 options["num_predict"] = cap
 
 
-def build(options: MaxTokensCapOptions, environment: Environment) -> MaxTokensCap:
-    return MaxTokensCap(options)
-
-
 factory = PluginFactory(
     "max-tokens-cap",
-    build,
+    from_options(MaxTokensCap),
     options=MaxTokensCapOptions,
     description="Cap max_tokens, max_completion_tokens and options.num_predict.",
 )

@@ -30,12 +30,12 @@ from zope.interface import alsoProvides, implementer
 from oproxy.config.values import ConfigError, Count, invalid, one_of, string
 from oproxy.plugins.interface import (
     JSON,
-    Environment,
     Exchange,
     IChunkHook,
     IRequestHook,
     IResponseHook,
     PluginFactory,
+    from_options,
 )
 from oproxy.plugins.texts import answer_texts, chunk_texts, chunk_with_text, request_texts
 
@@ -343,13 +343,9 @@ class PIIRedact:
         return None
 
 
-def build(options: PIIRedactOptions, environment: Environment) -> PIIRedact:
-    return PIIRedact(options)
-
-
 factory = PluginFactory(
     "pii-redact",
-    build,
+    from_options(PIIRedact),
     options=PIIRedactOptions,
     description="Redact e-mail addresses, phone numbers, card numbers, IBANs and patterns.",
 )

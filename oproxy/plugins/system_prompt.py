@@ -16,7 +16,7 @@ import attrs
 from zope.interface import implementer
 
 from oproxy.config.values import one_of
-from oproxy.plugins.interface import JSON, Environment, Exchange, IRequestHook, PluginFactory
+from oproxy.plugins.interface import JSON, Exchange, IRequestHook, PluginFactory, from_options
 
 POSITIONS = ("prepend", "append")
 
@@ -55,13 +55,9 @@ class SystemPrompt:
                 body["system"] = "\n\n".join(parts)
 
 
-def build(options: SystemPromptOptions, environment: Environment) -> SystemPrompt:
-    return SystemPrompt(options)
-
-
 factory = PluginFactory(
     "system-prompt",
-    build,
+    from_options(SystemPrompt),
     options=SystemPromptOptions,
     description="Add a system message to every conversation.",
 )

@@ -225,7 +225,13 @@ class IStateStore(Interface):
         """Store a new key; fails with ``ValueError`` if its id or name is taken."""
 
     def save_key(record: KeyRecord) -> defer.Deferred[None]:
-        """Replace a stored key (same id): revocation, rotation, policy change."""
+        """
+        Replace a stored key (same id): revocation, rotation, policy change.
+
+        Fails with ``KeyError`` when no key has this id (saving never
+        creates: that is :meth:`add_key`'s job) and with ``ValueError`` when
+        the new name belongs to another key.
+        """
 
     def get_key(key_id: str) -> defer.Deferred[KeyRecord | None]:
         """The key with this public id, revoked or not."""

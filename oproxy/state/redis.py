@@ -507,13 +507,6 @@ class RedisStateStore:
         return self._guard(self._put_key("add", record))
 
     def save_key(self, record: KeyRecord) -> defer.Deferred[None]:
-        """
-        Replace a stored key.
-
-        Fails with ``KeyError`` when no key has this id (saving never
-        creates: that is :meth:`add_key`'s job) and with ``ValueError`` when
-        the new name belongs to another key.
-        """
         return self._guard(self._put_key("save", record))
 
     async def _put_key(self, mode: str, record: KeyRecord) -> None:

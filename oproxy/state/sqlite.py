@@ -338,14 +338,6 @@ class SQLiteStore:
         return self._call(add)
 
     def save_key(self, record: KeyRecord) -> defer.Deferred[None]:
-        """
-        Replace a stored key.
-
-        Fails with ``KeyError`` when no key has this id (saving never
-        creates: that is :meth:`add_key`'s job) and with ``ValueError`` when
-        the new name belongs to another key.
-        """
-
         def save(db: sqlite3.Connection) -> None:
             key_id, *fields = _key_row(record)
             try:

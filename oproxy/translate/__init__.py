@@ -9,6 +9,9 @@ naming the ``param``; an ``{"error": ...}`` from upstream raises
 gateway, the field-by-field mapping, testable without a reactor.
 
 Modules: :mod:`.common` (ids, timestamps, usage, sampling options, field
-validation), :mod:`.chat`, :mod:`.completions`, :mod:`.embeddings`,
-:mod:`.models`.
+validation), :mod:`.tools` (function tools and response formats),
+:mod:`.chat`, :mod:`.completions`, :mod:`.embeddings`,
+:mod:`.models`; :mod:`.responses` and :mod:`.messages` (OpenAI's Responses
+API and Anthropic's Messages API by way of chat), whose stream translators
+share :mod:`.chunks`.
 """

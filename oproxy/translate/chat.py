@@ -28,17 +28,17 @@ import orjson
 from oproxy.errors import InvalidRequest
 from oproxy.images import formats
 from oproxy.translate.common import (
-    SYSTEM_FINGERPRINT,
     StreamTranslation,
     as_array,
     as_object,
     as_string,
     compact_json,
     ensure_json_safe,
+    envelope,
+    generation_options,
     invalid_value,
     join_path,
     missing_parameter,
-    native_extras,
     native_format,
     native_think,
     new_completion_id,
@@ -49,13 +49,15 @@ from oproxy.translate.common import (
     present,
     raise_for_upstream_error,
     require_object_body,
-    sampling_options,
+    required_object,
+    required_string,
     unsupported_value,
     usage_from_ollama,
     wants_stream,
     wants_usage_chunk,
     wrong_type,
 )
+from oproxy.translate.tools import chosen_format, function_definition, function_tool
 
 _NO_IMAGES: Final[Mapping[str, str]] = MappingProxyType({})
 
@@ -441,42 +443,17 @@ def _native_messages(
 
 def _native_tool(tool: object, param: str) -> dict[str, Any]:
     """One ``tools`` entry, checked; only function tools exist natively."""
-    tool = as_object(tool, param)
-    tool_type = tool.get("type")
-    if tool_type is None:
-        raise missing_parameter(join_path(param, "type"))
-    if tool_type != "function":
-        raise unsupported_value(
-            join_path(param, "type"), "Only tools of type 'function' are supported."
-        )
+    tool = function_tool(tool, param, "Only tools of type 'function' are supported.")
     function_param = join_path(param, "function")
-    if tool.get("function") is None:
-        raise missing_parameter(function_param)
-    function = as_object(tool["function"], function_param)
-    if function.get("name") is None:
-        raise missing_parameter(join_path(function_param, "name"))
-    native_function: dict[str, Any] = {
-        "name": as_string(function["name"], join_path(function_param, "name"))
-    }
-    description = optional_string(function, "description", join_path(function_param, "description"))
-    if description is not None:
-        native_function["description"] = description
-    parameters_param = join_path(function_param, "parameters")
-    parameters = optional_object(function, "parameters", parameters_param)
-    if parameters is not None:
-        native_function["parameters"] = dict(ensure_json_safe(parameters, parameters_param))
-    return {"type": "function", "function": native_function}
+    function = required_object(tool, "function", function_param)
+    return {"type": "function", "function": function_definition(function, function_param)}
 
 
 def _named_function(choice: Mapping[str, Any], param: str) -> str:
     """The ``function.name`` of a forced tool choice."""
     function_param = join_path(param, "function")
-    if choice.get("function") is None:
-        raise missing_parameter(function_param)
-    function = as_object(choice["function"], function_param)
-    if function.get("name") is None:
-        raise missing_parameter(join_path(function_param, "name"))
-    return as_string(function["name"], join_path(function_param, "name"))
+    function = required_object(choice, "function", function_param)
+    return required_string(function, "name", join_path(function_param, "name"))
 
 
 def _keep_named(tools: list[dict[str, Any]], names: list[str], param: str) -> list[dict[str, Any]]:
@@ -552,30 +529,16 @@ def _format_from_response_format(body: Mapping[str, Any]) -> str | dict[str, Any
     native equivalent.  A ``json_schema`` without a schema is refused rather
     than silently run unconstrained.
     """
-    response_format = optional_object(body, "response_format", "response_format")
-    if response_format is None:
+    chosen = chosen_format(body, "response_format", "response_format")
+    if chosen is None:
         return None
-    format_type = response_format.get("type")
-    if format_type is None:
-        raise missing_parameter("response_format.type")
-    if format_type == "text":
-        return None
-    if format_type == "json_object":
+    kind, response_format = chosen
+    if kind == "json_object":
         return "json"
-    if format_type == "json_schema":
-        if response_format.get("json_schema") is None:
-            raise missing_parameter("response_format.json_schema")
-        json_schema = as_object(response_format["json_schema"], "response_format.json_schema")
-        schema_param = "response_format.json_schema.schema"
-        if json_schema.get("schema") is None:
-            raise missing_parameter(schema_param)
-        schema = as_object(json_schema["schema"], schema_param)
-        return dict(ensure_json_safe(schema, schema_param))
-    raise invalid_value(
-        "response_format.type",
-        "Invalid value for 'response_format.type': expected 'text', 'json_object' "
-        f"or 'json_schema', but got {format_type!r}.",
-    )
+    param = "response_format.json_schema"
+    json_schema = required_object(response_format, "json_schema", param)
+    schema = required_object(json_schema, "schema", join_path(param, "schema"))
+    return dict(ensure_json_safe(schema, join_path(param, "schema")))
 
 
 _EFFORT_TO_THINK: Final[Mapping[str, bool | str]] = {
@@ -667,8 +630,7 @@ def chat_request_to_ollama(
     format_ = response_format if response_format is not None else native_format(body)
     if format_ is not None:
         native["format"] = format_
-    options, top_level = native_extras(body)
-    options.update(sampling_options(body))
+    options, top_level = generation_options(body)
     if options:
         native["options"] = options
     think = _think(body)
@@ -908,11 +870,7 @@ def ollama_chat_to_openai(
         ),
     }
     return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
+        **envelope("chat.completion", completion_id=completion_id, model=model, created=created),
         "choices": [choice],
         "usage": usage_from_ollama(native),
     }
@@ -936,24 +894,14 @@ class ChatStreamTranslator(StreamTranslation):
     def __init__(
         self, completion_id: str, model: str, created: int, *, include_usage: bool
     ) -> None:
-        super().__init__()
-        self._envelope: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
+        super().__init__(
+            "chat.completion.chunk", completion_id=completion_id, model=model, created=created
+        )
         self._include_usage = include_usage
         self._started = False
         self._tool_calls_sent = 0
 
     def feed(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """
-        The chunks to send for one native line (possibly none).
-
-        :raises UpstreamError: for an ``{"error": ...}`` line.
-        """
         raise_for_upstream_error(native_line)
         if self.done:
             return []

@@ -16,7 +16,8 @@ import math
 import re
 import secrets
 import string
-from collections.abc import Iterable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -147,22 +148,24 @@ def join_path(*parts: str | int) -> str:
     return ".".join(str(part) for part in parts if part != "")
 
 
+#: The JSON types as OpenAI's error messages name them, in the order they
+#: are told apart (a ``bool`` is an ``int`` to Python, not to JSON).
+_JSON_TYPE_NAMES: Final[tuple[tuple[type, str], ...]] = (
+    (type(None), "null"),
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a decimal"),
+    (str, "a string"),
+    (Mapping, "an object"),
+    (list, "an array"),
+)
+
+
 def describe(value: object) -> str:
     """The JSON type of ``value`` as OpenAI's error messages phrase it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
+    for kind, name in _JSON_TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
     return type(value).__name__
 
 
@@ -187,6 +190,23 @@ def missing_parameter(param: str) -> InvalidRequest:
 def invalid_value(param: str, message: str) -> InvalidRequest:
     """The error for a field of the right type but an unacceptable value."""
     return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def array_too_long(param: str, most: int, length: int) -> InvalidRequest:
+    """The error for an array of ``length`` entries where ``most`` are allowed."""
+    return invalid_value(
+        param,
+        f"Invalid '{param}': array too long. Expected an array with maximum length "
+        f"{most}, but got an array with length {length} instead.",
+    )
+
+
+def unexpected_value(param: str, expected: str) -> InvalidRequest:
+    """
+    The error for a value that is none of a field's choices, worded as
+    OpenAI words it: ``Invalid value for '<param>': <expected>``.
+    """
+    return invalid_value(param, f"Invalid value for '{param}': {expected}")
 
 
 def unsupported_value(param: str, message: str) -> InvalidRequest:
@@ -230,6 +250,13 @@ def as_array(value: object, param: str) -> list[Any]:
     if not isinstance(value, list):
         raise wrong_type(param, "an array", value)
     return value
+
+
+def objects_of(value: object, param: str) -> Iterator[tuple[Mapping[str, Any], str]]:
+    """Each entry of the array ``value``, checked to be an object, and its ``param``."""
+    for index, entry in enumerate(as_array(value, param)):
+        entry_param = join_path(param, index)
+        yield as_object(entry, entry_param), entry_param
 
 
 def _check_range(
@@ -329,6 +356,24 @@ def present(body: Mapping[str, Any], key: str) -> Any:
     return body.get(key)
 
 
+def required(body: Mapping[str, Any], key: str, param: str) -> Any:
+    """``body[key]``; absent or null, it is a missing parameter."""
+    value = present(body, key)
+    if value is None:
+        raise missing_parameter(param)
+    return value
+
+
+def required_string(body: Mapping[str, Any], key: str, param: str) -> str:
+    """``body[key]`` as a string; absent or null, it is a missing parameter."""
+    return as_string(required(body, key, param), param)
+
+
+def required_object(body: Mapping[str, Any], key: str, param: str) -> Mapping[str, Any]:
+    """``body[key]`` as an object; absent or null, it is a missing parameter."""
+    return as_object(required(body, key, param), param)
+
+
 def optional_string(body: Mapping[str, Any], key: str, param: str) -> str | None:
     """``body[key]`` as a string, or None when absent or null."""
     value = present(body, key)
@@ -375,6 +420,53 @@ def optional_number(
     if value is None:
         return None
     return as_number(value, param, minimum=minimum, maximum=maximum)
+
+
+def set_given(target: dict[str, Any], key: str, value: object) -> None:
+    """``target[key] = value``, when the value is given (not None)."""
+    if value is not None:
+        target[key] = value
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    )
+
+
+def text_inputs(
+    body: Mapping[str, Any], key: str, *, tokens_refused: str, most: int | None = None
+) -> list[str]:
+    """
+    ``body[key]`` as a list of texts: one string, or an array of 1 to
+    ``most`` strings (an empty string is a text).
+
+    No Ollama endpoint takes token ids, so an array of integers, or an
+    array of such arrays, is refused with ``tokens_refused``, which says
+    what to send instead, rather than with Ollama's Go decode error.
+    """
+    body = require_object_body(body)
+    value = body.get(key)
+    if value is None:
+        raise missing_parameter(key)
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise wrong_type(key, "a string or an array of strings", value)
+    if not value:
+        raise invalid_value(
+            key, f"Invalid '{key}': empty array. Expected an array with minimum length 1."
+        )
+    if most is not None and len(value) > most:
+        raise array_too_long(key, most, len(value))
+    if _is_token_list(value):
+        raise unsupported_value(key, tokens_refused)
+    for index, item in enumerate(value):
+        if _is_token_list(item):
+            raise unsupported_value(key, tokens_refused)
+        if not isinstance(item, str):
+            raise wrong_type(join_path(key, index), "a string", item)
+    return list(value)
 
 
 # --------------------------------------------------------------------------
@@ -429,11 +521,7 @@ def stop_sequences(value: object, param: str) -> list[str] | None:
     else:
         raise wrong_type(param, "a string or an array of strings", value)
     if len(items) > _MAX_STOP_SEQUENCES:
-        raise invalid_value(
-            param,
-            f"Invalid '{param}': array too long. Expected an array with maximum length "
-            f"{_MAX_STOP_SEQUENCES}, but got an array with length {len(items)} instead.",
-        )
+        raise array_too_long(param, _MAX_STOP_SEQUENCES, len(items))
     for item in items:
         if not isinstance(item, str):
             raise wrong_type(param, "a string or an array of strings", item)
@@ -569,6 +657,17 @@ def keep_alive_value(value: object, param: str) -> str | int | float:
     return as_number(value, param)
 
 
+def generation_options(body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    A generation's native ``options`` and top-level fields: Ollama's own
+    knobs (:func:`native_extras`) with the OpenAI sampling fields
+    (:func:`sampling_options`) over them, so an explicit OpenAI field wins.
+    """
+    options, top_level = native_extras(body)
+    options.update(sampling_options(body))
+    return options, top_level
+
+
 def native_extras(body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     Ollama's own knobs, from an ``options`` object and a top-level ``keep_alive``.
@@ -629,20 +728,46 @@ def native_think(body: Mapping[str, Any]) -> bool | str | None:
     )
 
 
-class StreamTranslation:
+def envelope(kind: str, *, completion_id: str, model: str, created: int) -> dict[str, Any]:
     """
-    What every stream translator knows about the stream so far.
+    The fields an OpenAI completion object, or one of its chunks, begins
+    with, in OpenAI's order; ``kind`` is its ``object``.
+    """
+    return {
+        "id": completion_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+
+
+class StreamTranslation(ABC):
+    """
+    What every stream translator knows about the stream so far, and what it
+    does: :meth:`feed` it native lines, it gives OpenAI chunks.
 
     :ivar done: whether the native ``done: true`` line has been translated.
     :ivar usage: the usage from the done line, or None before it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str, *, completion_id: str, model: str, created: int) -> None:
+        """:param kind: the ``object`` of the chunks, which start with :func:`envelope`."""
         self.done = False
         self.usage: dict[str, int] | None = None
         self._text_parts: list[str] = []
+        self._envelope = envelope(kind, completion_id=completion_id, model=model, created=created)
 
     @property
     def text(self) -> str:
         """The text streamed so far, for logging and partial accounting."""
         return "".join(self._text_parts)
+
+    @abstractmethod
+    def feed(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """
+        The chunks to send for one native line (possibly none; none at all
+        once the done line is translated).
+
+        :raises UpstreamError: for an ``{"error": ...}`` line.
+        """

@@ -13,15 +13,13 @@ Better than Ollama's /v1: prompt lists work, ``echo`` works, requested
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
-from oproxy.errors import InvalidRequest
 from oproxy.translate.common import (
-    SYSTEM_FINGERPRINT,
     StreamTranslation,
+    envelope,
+    generation_options,
     invalid_value,
-    missing_parameter,
-    native_extras,
     native_format,
     native_think,
     optional_boolean,
@@ -29,34 +27,25 @@ from oproxy.translate.common import (
     optional_string,
     raise_for_upstream_error,
     require_object_body,
-    sampling_options,
-    unsupported_value,
+    set_given,
+    text_inputs,
     usage_from_ollama,
     wants_stream,
     wants_usage_chunk,
-    wrong_type,
 )
 
 _MAX_LOGPROBS = 20
 """Ollama's ``top_logprobs`` limit (OpenAI's is 5; more does no harm)."""
 
+#: Why a prompt of token ids is refused, and what to send instead.
+_TEXT_PROMPTS_ONLY: Final = (
+    "Token prompts (arrays of integers) are not supported by this server: "
+    "send the prompt as a string or a list of strings."
+)
+
 
 # ==========================================================================
 # Request
-
-
-def _token_prompts_refused() -> InvalidRequest:
-    return unsupported_value(
-        "prompt",
-        "Token prompts (arrays of integers) are not supported by this server: "
-        "send the prompt as a string or a list of strings.",
-    )
-
-
-def _is_token_list(value: object) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
-    )
 
 
 def completion_prompts(body: Mapping[str, Any]) -> list[str]:
@@ -66,27 +55,7 @@ def completion_prompts(body: Mapping[str, Any]) -> list[str]:
     Ollama has no endpoint that takes tokens, so token arrays are refused
     with a message that says so, rather than Ollama's Go decode error.
     """
-    body = require_object_body(body)
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise missing_parameter("prompt")
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, list):
-        raise wrong_type("prompt", "a string or an array of strings", prompt)
-    if not prompt:
-        raise invalid_value(
-            "prompt",
-            "Invalid 'prompt': empty array. Expected an array with minimum length 1.",
-        )
-    if _is_token_list(prompt):
-        raise _token_prompts_refused()
-    for index, item in enumerate(prompt):
-        if _is_token_list(item):
-            raise _token_prompts_refused()
-        if not isinstance(item, str):
-            raise wrong_type(f"prompt.{index}", "a string", item)
-    return list(prompt)
+    return text_inputs(body, "prompt", tokens_refused=_TEXT_PROMPTS_ONLY)
 
 
 def single_prompt(body: Mapping[str, Any]) -> str:
@@ -145,16 +114,11 @@ def completion_request_to_ollama(
     suffix = optional_string(body, "suffix", "suffix")
     if suffix:
         native["suffix"] = suffix
-    options, top_level = native_extras(body)
-    options.update(sampling_options(body))
+    options, top_level = generation_options(body)
     if options:
         native["options"] = options
-    format_ = native_format(body)
-    if format_ is not None:
-        native["format"] = format_
-    think = native_think(body)
-    if think is not None:
-        native["think"] = think
+    set_given(native, "format", native_format(body))
+    set_given(native, "think", native_think(body))
     logprobs = requested_logprobs(body)
     if logprobs is not None:
         native["logprobs"] = True
@@ -258,11 +222,7 @@ def completion_response(
 ) -> dict[str, Any]:
     """A ``text_completion`` object around the choices of every prompt."""
     return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
+        **envelope("text_completion", completion_id=completion_id, model=model, created=created),
         "choices": choices,
         "usage": dict(usage),
     }
@@ -272,15 +232,9 @@ def completion_usage_chunk(
     *, completion_id: str, model: str, created: int, usage: Mapping[str, int]
 ) -> dict[str, Any]:
     """The last chunk of a stream with ``include_usage``: no choices, the usage."""
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [],
-        "usage": dict(usage),
-    }
+    return completion_response(
+        [], completion_id=completion_id, model=model, created=created, usage=usage
+    )
 
 
 class CompletionStreamTranslator(StreamTranslation):
@@ -305,25 +259,15 @@ class CompletionStreamTranslator(StreamTranslation):
         echo_prompt: str | None,
         logprobs_requested: bool,
     ) -> None:
-        super().__init__()
-        self._envelope: dict[str, Any] = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
+        super().__init__(
+            "text_completion", completion_id=completion_id, model=model, created=created
+        )
         self._index = index
         self._pending_echo = echo_prompt or ""
         self._logprobs_requested = logprobs_requested
         self._offset = 0
 
     def feed(self, native_line: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """
-        The chunks to send for one native line (possibly none).
-
-        :raises UpstreamError: for an ``{"error": ...}`` line.
-        """
         raise_for_upstream_error(native_line)
         if self.done:
             return []

@@ -14,18 +14,17 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
-from oproxy.errors import InvalidRequest, UpstreamError
+from oproxy.errors import UpstreamError
 from oproxy.translate.common import (
     invalid_value,
-    missing_parameter,
     native_extras,
     optional_boolean,
     optional_integer,
     raise_for_upstream_error,
     require_object_body,
+    set_given,
+    text_inputs,
     token_count,
-    unsupported_value,
-    wrong_type,
 )
 
 MAX_INPUTS: Final = 2048
@@ -33,26 +32,16 @@ MAX_INPUTS: Final = 2048
 
 _ENCODING_FORMATS: Final = frozenset({"float", "base64"})
 
+#: Why inputs of token ids are refused, and what to send instead.
+_TEXT_INPUTS_ONLY: Final = (
+    "Token arrays are not supported for 'input' by this server: send a string or a "
+    "list of strings. (LangChain's OpenAIEmbeddings sends tokens unless "
+    "check_embedding_ctx_length=False.)"
+)
+
 
 # ==========================================================================
 # Request
-
-
-def _token_inputs_refused() -> InvalidRequest:
-    return unsupported_value(
-        "input",
-        "Token arrays are not supported for 'input' by this server: send a string or a "
-        "list of strings. (LangChain's OpenAIEmbeddings sends tokens unless "
-        "check_embedding_ctx_length=False.)",
-    )
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_token_list(value: object) -> bool:
-    return isinstance(value, list) and all(_is_integer(item) for item in value)
 
 
 def embedding_inputs(body: Mapping[str, Any]) -> list[str]:
@@ -62,32 +51,7 @@ def embedding_inputs(body: Mapping[str, Any]) -> list[str]:
     An empty string is allowed (Ollama embeds it); token arrays are refused
     with an explanation, since Ollama cannot take tokens.
     """
-    body = require_object_body(body)
-    value = body.get("input")
-    if value is None:
-        raise missing_parameter("input")
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list):
-        raise wrong_type("input", "a string or an array of strings", value)
-    if not value:
-        raise invalid_value(
-            "input", "Invalid 'input': empty array. Expected an array with minimum length 1."
-        )
-    if len(value) > MAX_INPUTS:
-        raise invalid_value(
-            "input",
-            f"Invalid 'input': array too long. Expected an array with maximum length "
-            f"{MAX_INPUTS}, but got an array with length {len(value)} instead.",
-        )
-    if _is_token_list(value):
-        raise _token_inputs_refused()
-    for index, item in enumerate(value):
-        if _is_token_list(item):
-            raise _token_inputs_refused()
-        if not isinstance(item, str):
-            raise wrong_type(f"input.{index}", "a string", item)
-    return list(value)
+    return text_inputs(body, "input", tokens_refused=_TEXT_INPUTS_ONLY, most=MAX_INPUTS)
 
 
 def encoding_format(body: Mapping[str, Any]) -> str:
@@ -121,12 +85,8 @@ def embeddings_request_to_ollama(
     """
     body = require_object_body(body)
     native: dict[str, Any] = {"model": model, "input": list(inputs)}
-    dimensions = optional_integer(body, "dimensions", "dimensions", minimum=1)
-    if dimensions is not None:
-        native["dimensions"] = dimensions
-    truncate = optional_boolean(body, "truncate", "truncate")
-    if truncate is not None:
-        native["truncate"] = truncate
+    set_given(native, "dimensions", optional_integer(body, "dimensions", "dimensions", minimum=1))
+    set_given(native, "truncate", optional_boolean(body, "truncate", "truncate"))
     options, top_level = native_extras(body)
     if options:
         native["options"] = options

@@ -23,12 +23,12 @@ Everything here is pure: no I/O, ids drawn at random.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
 
+from oproxy.translate.chunks import ChunkTranslator
 from oproxy.translate.common import (
     as_array,
     as_object,
@@ -39,6 +39,7 @@ from oproxy.translate.common import (
     join_path,
     missing_parameter,
     new_completion_id,
+    objects_of,
     optional_boolean,
     optional_integer,
     optional_number,
@@ -46,11 +47,15 @@ from oproxy.translate.common import (
     optional_string,
     present,
     require_object_body,
+    required_object,
+    required_string,
     token_count,
+    unexpected_value,
     unsupported_value,
     wrong_type,
 )
 from oproxy.translate.responses import reasoning_text
+from oproxy.translate.tools import function_definition
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -78,43 +83,32 @@ def new_message_id() -> str:
 # Request: content blocks
 
 
-def _block_type(block: Mapping[str, Any], param: str) -> str:
-    if block.get("type") is None:
-        raise missing_parameter(join_path(param, "type"))
-    return as_string(block["type"], join_path(param, "type"))
+def _blocks(content: object, param: str) -> Iterator[tuple[str, Mapping[str, Any], str]]:
+    """Each content block of ``content`` (an array): its type, itself, its ``param``."""
+    for block, block_param in objects_of(content, param):
+        yield required_string(block, "type", join_path(block_param, "type")), block, block_param
 
 
 def _text_of(block: Mapping[str, Any], param: str) -> str:
-    if block.get("text") is None:
-        raise missing_parameter(join_path(param, "text"))
-    return as_string(block["text"], join_path(param, "text"))
+    return required_string(block, "text", join_path(param, "text"))
 
 
 def _image_part(block: Mapping[str, Any], param: str) -> dict[str, Any]:
     """An ``image`` block as a chat ``image_url`` part (a data URL, or the URL)."""
     source_param = join_path(param, "source")
-    if block.get("source") is None:
-        raise missing_parameter(source_param)
-    source = as_object(block["source"], source_param)
+    source = required_object(block, "source", source_param)
     kind = source.get("type")
     if kind == "base64":
-        media_type = optional_string(source, "media_type", join_path(source_param, "media_type"))
-        if media_type is None:
-            raise missing_parameter(join_path(source_param, "media_type"))
+        media_type = required_string(source, "media_type", join_path(source_param, "media_type"))
         if media_type not in _MEDIA_TYPES:
-            raise invalid_value(
+            raise unexpected_value(
                 join_path(source_param, "media_type"),
-                f"Invalid value for '{join_path(source_param, 'media_type')}': expected one of "
-                "'image/jpeg', 'image/png', 'image/gif' or 'image/webp'.",
+                "expected one of 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'.",
             )
-        if source.get("data") is None:
-            raise missing_parameter(join_path(source_param, "data"))
-        data = as_string(source["data"], join_path(source_param, "data"))
+        data = required_string(source, "data", join_path(source_param, "data"))
         return {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
     if kind == "url":
-        if source.get("url") is None:
-            raise missing_parameter(join_path(source_param, "url"))
-        url = as_string(source["url"], join_path(source_param, "url"))
+        url = required_string(source, "url", join_path(source_param, "url"))
         return {"type": "image_url", "image_url": {"url": url}}
     if kind is None:
         raise missing_parameter(join_path(source_param, "type"))
@@ -140,11 +134,7 @@ def _tool_result_content(block: Mapping[str, Any], param: str) -> tuple[str, lis
         return content, []
     texts: list[str] = []
     images: list[dict[str, Any]] = []
-    content_param = join_path(param, "content")
-    for index, inner in enumerate(as_array(content, content_param)):
-        inner_param = join_path(content_param, index)
-        inner = as_object(inner, inner_param)
-        kind = _block_type(inner, inner_param)
+    for kind, inner, inner_param in _blocks(content, join_path(param, "content")):
         if kind == "text":
             texts.append(_text_of(inner, inner_param))
         elif kind == "image":
@@ -160,19 +150,13 @@ def _user_messages(content: object, param: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": content}]
     tools: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
-    blocks = as_array(content, param)
-    for index, block in enumerate(blocks):
-        block_param = join_path(param, index)
-        block = as_object(block, block_param)
-        kind = _block_type(block, block_param)
+    for kind, block, block_param in _blocks(content, param):
         if kind == "text":
             parts.append({"type": "text", "text": _text_of(block, block_param)})
         elif kind == "image":
             parts.append(_image_part(block, block_param))
         elif kind == "tool_result":
-            if block.get("tool_use_id") is None:
-                raise missing_parameter(join_path(block_param, "tool_use_id"))
-            call_id = as_string(block["tool_use_id"], join_path(block_param, "tool_use_id"))
+            call_id = required_string(block, "tool_use_id", join_path(block_param, "tool_use_id"))
             optional_boolean(block, "is_error", join_path(block_param, "is_error"))
             text, images = _tool_result_content(block, block_param)
             tools.append({"role": "tool", "tool_call_id": call_id, "content": text})
@@ -199,10 +183,7 @@ def _assistant_message(content: object, param: str) -> dict[str, Any]:
     texts: list[str] = []
     thoughts: list[str] = []
     calls: list[dict[str, Any]] = []
-    for index, block in enumerate(as_array(content, param)):
-        block_param = join_path(param, index)
-        block = as_object(block, block_param)
-        kind = _block_type(block, block_param)
+    for kind, block, block_param in _blocks(content, param):
         if kind == "text":
             texts.append(_text_of(block, block_param))
         elif kind == "thinking":
@@ -247,10 +228,7 @@ def _system(body: Mapping[str, Any]) -> str | None:
     if system is None or isinstance(system, str):
         return system or None
     texts = []
-    for index, block in enumerate(as_array(system, "system")):
-        param = join_path("system", index)
-        block = as_object(block, param)
-        kind = _block_type(block, param)
+    for kind, block, param in _blocks(system, "system"):
         if kind != "text":
             raise invalid_value(
                 join_path(param, "type"), "Invalid system block: only 'text' blocks are allowed."
@@ -273,9 +251,7 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     for index, turn in enumerate(turns):
         param = join_path("messages", index)
         turn = as_object(turn, param)
-        if turn.get("role") is None:
-            raise missing_parameter(join_path(param, "role"))
-        role = as_string(turn["role"], join_path(param, "role"))
+        role = required_string(turn, "role", join_path(param, "role"))
         if "content" not in turn:
             raise missing_parameter(join_path(param, "content"))
         content = turn["content"]
@@ -288,10 +264,8 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         elif role == "assistant":
             messages.append(_assistant_message(content, join_path(param, "content")))
         else:
-            raise invalid_value(
-                join_path(param, "role"),
-                f"Invalid value for '{join_path(param, 'role')}': expected 'user' or "
-                f"'assistant', but got {role!r}.",
+            raise unexpected_value(
+                join_path(param, "role"), f"expected 'user' or 'assistant', but got {role!r}."
             )
     return messages
 
@@ -309,17 +283,7 @@ def _chat_tool(tool: object, param: str) -> dict[str, Any]:
             f"Tools of type {kind!r} are not supported by this server: only custom "
             "tools (name, description, input_schema) are.",
         )
-    if tool.get("name") is None:
-        raise missing_parameter(join_path(param, "name"))
-    function: dict[str, Any] = {"name": as_string(tool["name"], join_path(param, "name"))}
-    description = optional_string(tool, "description", join_path(param, "description"))
-    if description is not None:
-        function["description"] = description
-    schema_param = join_path(param, "input_schema")
-    if tool.get("input_schema") is None:
-        raise missing_parameter(schema_param)
-    schema = as_object(tool["input_schema"], schema_param)
-    function["parameters"] = dict(ensure_json_safe(schema, schema_param))
+    function = function_definition(tool, param, schema="input_schema", required=True)
     return {"type": "function", "function": function}
 
 
@@ -337,19 +301,14 @@ def _tool_choice(body: Mapping[str, Any], tools: list[dict[str, Any]]) -> dict[s
     elif kind == "none":
         chosen["tool_choice"] = "none"
     elif kind == "tool":
-        if choice.get("name") is None:
-            raise missing_parameter("tool_choice.name")
-        name = as_string(choice["name"], "tool_choice.name")
+        name = required_string(choice, "name", "tool_choice.name")
         if name not in {tool["function"]["name"] for tool in tools}:
             raise invalid_value("tool_choice.name", f"tool_choice.name: no tool named {name!r}.")
         chosen["tool_choice"] = {"type": "function", "function": {"name": name}}
     elif kind is None:
         raise missing_parameter("tool_choice.type")
     else:
-        raise invalid_value(
-            "tool_choice.type",
-            "Invalid value for 'tool_choice.type': expected 'auto', 'any', 'tool' or 'none'.",
-        )
+        raise unexpected_value("tool_choice.type", "expected 'auto', 'any', 'tool' or 'none'.")
     single = optional_boolean(
         choice, "disable_parallel_tool_use", "tool_choice.disable_parallel_tool_use"
     )
@@ -372,10 +331,7 @@ def reasoning_effort(body: Mapping[str, Any]) -> str | None:
     if kind == "adaptive":
         return None  # the model decides, as it does when nothing is asked
     if kind != "enabled":
-        raise invalid_value(
-            "thinking.type",
-            "Invalid value for 'thinking.type': expected 'enabled', 'disabled' or 'adaptive'.",
-        )
+        raise unexpected_value("thinking.type", "expected 'enabled', 'disabled' or 'adaptive'.")
     budget = optional_integer(thinking, "budget_tokens", "thinking.budget_tokens", minimum=1)
     if budget is None:
         raise missing_parameter("thinking.budget_tokens")
@@ -560,7 +516,7 @@ def message_from_chat(
     }
 
 
-class MessageStream:
+class MessageStream(ChunkTranslator):
     """
     ``chat.completion.chunk`` objects in, Anthropic's stream events out:
     ``message_start`` and a ``ping``, then each content block (thinking,
@@ -571,6 +527,7 @@ class MessageStream:
     """
 
     def __init__(self, message_id: str, model: str, stop_sequences: Sequence[str]) -> None:
+        super().__init__()
         self._message_id = message_id
         self._model = model
         self._stop_sequences = stop_sequences
@@ -581,7 +538,6 @@ class MessageStream:
         self._calls: dict[int, int] = {}
         self._choice: dict[str, Any] = {}
         self._usage: object = None
-        self.started = False
 
     def start(self) -> list[dict[str, Any]]:
         self.started = True
@@ -597,22 +553,14 @@ class MessageStream:
         }
         return [{"type": "message_start", "message": message}, {"type": "ping"}]
 
-    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
-        events = [] if self.started else self.start()
-        if chunk.get("usage") is not None:
-            self._usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, Mapping):
-                self._delta(delta, events)
-            if choice.get("finish_reason") is not None:
-                self._choice = {
-                    "finish_reason": choice["finish_reason"],
-                    "stop_reason": choice.get("stop_reason"),
-                }
-        return events
+    def _note_usage(self, usage: object) -> None:
+        self._usage = usage
+
+    def _note_finish(self, choice: Mapping[str, Any]) -> None:
+        self._choice = {
+            "finish_reason": choice["finish_reason"],
+            "stop_reason": choice.get("stop_reason"),
+        }
 
     def _delta(self, delta: Mapping[str, Any], events: list[dict[str, Any]]) -> None:
         thought = reasoning_text(delta)
@@ -696,23 +644,3 @@ class MessageStream:
 
 def _delta(index: int, delta: dict[str, Any]) -> dict[str, Any]:
     return {"type": "content_block_delta", "index": index, "delta": delta}
-
-
-async def message_events(
-    chunks: AsyncGenerator[dict[str, Any], None], stream: MessageStream
-) -> AsyncGenerator[dict[str, Any], None]:
-    """
-    Anthropic's events for a chat stream (see :class:`MessageStream`).
-
-    A chat stream without a single chunk gives no events either, so the
-    relay reports it as the backend's failure rather than a message.
-    """
-    seen = False
-    async with aclosing(chunks):
-        async for chunk in chunks:
-            seen = True
-            for event in stream.feed(chunk):
-                yield event
-    if seen:
-        for event in stream.finish():
-            yield event

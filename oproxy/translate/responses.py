@@ -21,11 +21,11 @@ Everything here is pure: no I/O, ids drawn at random.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from oproxy.errors import OProxyError, RateLimited
+from oproxy.translate.chunks import ChunkTranslator
 from oproxy.translate.common import (
     as_array,
     as_object,
@@ -42,10 +42,15 @@ from oproxy.translate.common import (
     optional_string,
     present,
     require_object_body,
+    required_object,
+    required_string,
+    set_given,
     token_count,
+    unexpected_value,
     unsupported_value,
     wrong_type,
 )
+from oproxy.translate.tools import chosen_format, function_definition, function_tool
 
 #: Request fields that have no meaning for a chat backend and are refused
 #: rather than silently dropped: the client would wait for what never comes.
@@ -61,6 +66,14 @@ _EFFORTS: Final = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 #: Ollama's own knobs, passed on to the chat request as a chat client sends them.
 _PASSED_THROUGH: Final = ("options", "keep_alive")
+
+#: The events that stream the text of a reasoning item and of a message:
+#: its deltas, and its whole once done.  A message's carry its (empty)
+#: ``logprobs``; a reasoning item's have none.
+_TEXT_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
+    "reasoning": ("response.reasoning_text.delta", "response.reasoning_text.done"),
+    "message": ("response.output_text.delta", "response.output_text.done"),
+}
 
 #: The codes a ``response.error`` may carry (OpenAI's ``ResponseErrorCode``).
 _RESPONSE_ERROR_CODES: Final = frozenset(
@@ -96,9 +109,7 @@ def new_response_id() -> str:
 
 
 def _text_part(part: Mapping[str, Any], param: str, kind: str) -> dict[str, Any]:
-    if part.get("text") is None:
-        raise missing_parameter(join_path(param, "text"))
-    text = as_string(part["text"], join_path(param, "text"))
+    text = required_string(part, "text", join_path(param, "text"))
     if kind == "output_text":
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
     return {"type": "input_text", "text": text}
@@ -111,15 +122,10 @@ def _image_part(part: Mapping[str, Any], param: str) -> dict[str, Any]:
             "Images by file_id are not supported by this server; send an image_url "
             "(an http(s) URL or a data URL).",
         )
-    if part.get("image_url") is None:
-        raise missing_parameter(join_path(param, "image_url"))
-    url = as_string(part["image_url"], join_path(param, "image_url"))
+    url = required_string(part, "image_url", join_path(param, "image_url"))
     detail = optional_string(part, "detail", join_path(param, "detail")) or "auto"
     if detail not in ("auto", "low", "high", "original"):
-        raise invalid_value(
-            join_path(param, "detail"),
-            f"Invalid value for '{join_path(param, 'detail')}': expected 'auto', 'low' or 'high'.",
-        )
+        raise unexpected_value(join_path(param, "detail"), "expected 'auto', 'low' or 'high'.")
     return {"type": "input_image", "image_url": url, "detail": detail}
 
 
@@ -144,10 +150,9 @@ def _input_parts(content: object, param: str) -> list[dict[str, Any]]:
                 f"Content parts of type {kind!r} are not supported by this server.",
             )
         else:
-            raise invalid_value(
+            raise unexpected_value(
                 join_path(part_param, "type"),
-                f"Invalid value for '{join_path(part_param, 'type')}': expected "
-                f"'input_text' or 'input_image', but got {kind!r}.",
+                f"expected 'input_text' or 'input_image', but got {kind!r}.",
             )
     return parts
 
@@ -164,17 +169,14 @@ def _output_parts(content: object, param: str) -> list[dict[str, Any]]:
         if kind in ("output_text", "input_text", "text"):
             parts.append(_text_part(part, part_param, "output_text"))
         elif kind == "refusal":
-            if part.get("refusal") is None:
-                raise missing_parameter(join_path(part_param, "refusal"))
-            refusal = as_string(part["refusal"], join_path(part_param, "refusal"))
+            refusal = required_string(part, "refusal", join_path(part_param, "refusal"))
             parts.append({"type": "refusal", "refusal": refusal})
         elif kind is None:
             raise missing_parameter(join_path(part_param, "type"))
         else:
-            raise invalid_value(
+            raise unexpected_value(
                 join_path(part_param, "type"),
-                f"Invalid value for '{join_path(part_param, 'type')}': an assistant "
-                f"message holds 'output_text' or 'refusal' parts, not {kind!r}.",
+                f"an assistant message holds 'output_text' or 'refusal' parts, not {kind!r}.",
             )
     return parts
 
@@ -187,27 +189,19 @@ def _item_id(item: Mapping[str, Any], param: str, prefix: str) -> str:
 def _message_item(item: Mapping[str, Any], param: str) -> dict[str, Any]:
     role = as_string(item["role"], join_path(param, "role"))
     if role not in ("user", "system", "developer", "assistant"):
-        raise invalid_value(
+        raise unexpected_value(
             join_path(param, "role"),
-            f"Invalid value for '{join_path(param, 'role')}': expected one of 'user', "
-            f"'system', 'developer' or 'assistant', but got {role!r}.",
+            f"expected one of 'user', 'system', 'developer' or 'assistant', but got {role!r}.",
         )
     if item.get("content") is None:
         raise missing_parameter(join_path(param, "content"))
-    content_param = join_path(param, "content")
-    if role == "assistant":
-        return {
-            "type": "message",
-            "id": _item_id(item, param, "msg_"),
-            "role": "assistant",
-            "content": _output_parts(item["content"], content_param),
-            "status": "completed",
-        }
+    # An assistant's words are output (text, refusals); the others' input.
+    parts = _output_parts if role == "assistant" else _input_parts
     return {
         "type": "message",
         "id": _item_id(item, param, "msg_"),
         "role": role,
-        "content": _input_parts(item["content"], content_param),
+        "content": parts(item["content"], join_path(param, "content")),
         "status": "completed",
     }
 
@@ -406,27 +400,13 @@ def chat_messages(instructions: str | None, items: Sequence[Mapping[str, Any]]) 
 
 
 def _chat_tool(tool: object, param: str) -> dict[str, Any]:
-    tool = as_object(tool, param)
-    kind = tool.get("type")
-    if kind is None:
-        raise missing_parameter(join_path(param, "type"))
-    if kind != "function":
-        raise unsupported_value(
-            join_path(param, "type"),
-            f"Tools of type {kind!r} are not supported by this server: only function tools are.",
-        )
-    if tool.get("name") is None:
-        raise missing_parameter(join_path(param, "name"))
-    function: dict[str, Any] = {"name": as_string(tool["name"], join_path(param, "name"))}
-    description = optional_string(tool, "description", join_path(param, "description"))
-    if description is not None:
-        function["description"] = description
-    parameters = optional_object(tool, "parameters", join_path(param, "parameters"))
-    if parameters is not None:
-        function["parameters"] = dict(ensure_json_safe(parameters, join_path(param, "parameters")))
-    strict = optional_boolean(tool, "strict", join_path(param, "strict"))
-    if strict is not None:
-        function["strict"] = strict
+    tool = function_tool(
+        tool,
+        param,
+        "Tools of type {kind!r} are not supported by this server: only function tools are.",
+    )
+    function = function_definition(tool, param)
+    set_given(function, "strict", optional_boolean(tool, "strict", join_path(param, "strict")))
     return {"type": "function", "function": function}
 
 
@@ -445,9 +425,7 @@ def _named(entry: Mapping[str, Any], param: str) -> dict[str, Any]:
         raise unsupported_value(
             join_path(param, "type"), "Only function tools can be chosen on this server."
         )
-    if entry.get("name") is None:
-        raise missing_parameter(join_path(param, "name"))
-    name = as_string(entry["name"], join_path(param, "name"))
+    name = required_string(entry, "name", join_path(param, "name"))
     return {"type": "function", "function": {"name": name}}
 
 
@@ -458,10 +436,8 @@ def chat_tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
         return None
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
-            raise invalid_value(
-                "tool_choice",
-                "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' "
-                "or an object.",
+            raise unexpected_value(
+                "tool_choice", "expected 'none', 'auto', 'required' or an object."
             )
         return choice
     choice = as_object(choice, "tool_choice")
@@ -491,27 +467,13 @@ def chat_tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
 def chat_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     """``text.format`` as the chat API's ``response_format``."""
     text = optional_object(body, "text", "text")
-    if text is None:
+    chosen = None if text is None else chosen_format(text, "format", "text.format")
+    if chosen is None:
         return None
-    format_ = optional_object(text, "format", "text.format")
-    if format_ is None:
-        return None
-    kind = format_.get("type")
-    if kind is None:
-        raise missing_parameter("text.format.type")
-    if kind == "text":
-        return None
+    kind, format_ = chosen
     if kind == "json_object":
         return {"type": "json_object"}
-    if kind != "json_schema":
-        raise invalid_value(
-            "text.format.type",
-            "Invalid value for 'text.format.type': expected 'text', 'json_object' or "
-            f"'json_schema', but got {kind!r}.",
-        )
-    if format_.get("schema") is None:
-        raise missing_parameter("text.format.schema")
-    schema = as_object(format_["schema"], "text.format.schema")
+    schema = required_object(format_, "schema", "text.format.schema")
     json_schema: dict[str, Any] = {
         "name": optional_string(format_, "name", "text.format.name") or "response",
         "schema": dict(ensure_json_safe(schema, "text.format.schema")),
@@ -594,11 +556,9 @@ def reasoning_effort(body: Mapping[str, Any]) -> str | None:
         return None
     effort = optional_string(reasoning, "effort", "reasoning.effort")
     if effort is not None and effort not in _EFFORTS:
-        raise invalid_value(
+        raise unexpected_value(
             "reasoning.effort",
-            f"Invalid value for 'reasoning.effort': {effort!r} (expected one of "
-            + ", ".join(f"'{level}'" for level in _EFFORTS)
-            + ").",
+            f"{effort!r} (expected one of " + ", ".join(f"'{level}'" for level in _EFFORTS) + ").",
         )
     return effort
 
@@ -806,7 +766,7 @@ def response_error(error: OProxyError) -> dict[str, str]:
     return {"code": code, "message": error.message}
 
 
-class ResponseStream:
+class ResponseStream(ChunkTranslator):
     """
     ``chat.completion.chunk`` objects in, the Responses API's events out.
 
@@ -821,6 +781,7 @@ class ResponseStream:
     """
 
     def __init__(self, template: Mapping[str, Any], now: Callable[[], int]) -> None:
+        super().__init__()
         self.response: dict[str, Any] = dict(template)
         self._now = now
         self._sequence = 0
@@ -831,7 +792,6 @@ class ResponseStream:
         self._calls: dict[int, int] = {}
         self._finish_reason: object = None
         self._usage: dict[str, Any] | None = None
-        self.started = False
         self.finished = False
 
     # -- events ---------------------------------------------------------------
@@ -852,52 +812,33 @@ class ResponseStream:
             self._event("response.in_progress", response=self._snapshot()),
         ]
 
-    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The events for one chat chunk (often one, sometimes none or several)."""
-        events = [] if self.started else self.start()
-        usage = usage_of(chunk.get("usage"))
-        if usage is not None:
-            self._usage = usage
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, Mapping):
-                self._delta(delta, events)
-            if choice.get("finish_reason") is not None:
-                self._finish_reason = choice["finish_reason"]
-        return events
+    def _note_usage(self, usage: object) -> None:
+        responses_usage = usage_of(usage)
+        if responses_usage is not None:
+            self._usage = responses_usage
+
+    def _note_finish(self, choice: Mapping[str, Any]) -> None:
+        self._finish_reason = choice["finish_reason"]
 
     def _delta(self, delta: Mapping[str, Any], events: list[dict[str, Any]]) -> None:
-        thought = reasoning_text(delta)
-        if thought:
-            index = self._item("reasoning", events)
-            item = self._output[index]
-            item["content"][0]["text"] += thought
-            events.append(
-                self._event(
-                    "response.reasoning_text.delta",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    delta=thought,
-                )
-            )
-        text = _text(delta.get("content"))
-        if text:
-            index = self._item("message", events)
-            item = self._output[index]
-            item["content"][0]["text"] += text
-            events.append(
-                self._event(
-                    "response.output_text.delta",
+        for kind, text in (
+            ("reasoning", reasoning_text(delta)),
+            ("message", _text(delta.get("content"))),
+        ):
+            if text:
+                index = self._item(kind, events)
+                item = self._output[index]
+                item["content"][0]["text"] += text
+                event = self._event(
+                    _TEXT_EVENTS[kind][0],
                     item_id=item["id"],
                     output_index=index,
                     content_index=0,
                     delta=text,
-                    logprobs=[],
                 )
-            )
+                if kind == "message":
+                    event["logprobs"] = []
+                events.append(event)
         for call in delta.get("tool_calls") or ():
             if isinstance(call, Mapping):
                 self._call_delta(call, events)
@@ -968,16 +909,14 @@ class ResponseStream:
             self._event("response.output_item.added", output_index=index, item=dict(item))
         )
         item["content"] = [part]
-        events.append(
-            self._event(
-                "response.content_part.added",
-                item_id=item["id"],
-                output_index=index,
-                content_index=0,
-                part=dict(part),
-            )
-        )
+        events.append(self._part_event("response.content_part.added", item, index, part=dict(part)))
         return index
+
+    def _part_event(
+        self, name: str, item: Mapping[str, Any], index: int, **fields: Any
+    ) -> dict[str, Any]:
+        """An event about the one content part of the item at ``index``."""
+        return self._event(name, item_id=item["id"], output_index=index, content_index=0, **fields)
 
     def _close(self, events: list[dict[str, Any]]) -> None:
         """End the open item with its ``.done`` events."""
@@ -1003,36 +942,11 @@ class ResponseStream:
             )
         else:
             part = dict(item["content"][0])
-            if kind == "reasoning":
-                events.append(
-                    self._event(
-                        "response.reasoning_text.done",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=0,
-                        text=part["text"],
-                    )
-                )
-            else:
-                events.append(
-                    self._event(
-                        "response.output_text.done",
-                        item_id=item["id"],
-                        output_index=index,
-                        content_index=0,
-                        text=part["text"],
-                        logprobs=[],
-                    )
-                )
-            events.append(
-                self._event(
-                    "response.content_part.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=part,
-                )
-            )
+            done = self._part_event(_TEXT_EVENTS[kind][1], item, index, text=part["text"])
+            if kind == "message":
+                done["logprobs"] = []
+            events.append(done)
+            events.append(self._part_event("response.content_part.done", item, index, part=part))
         events.append(self._event("response.output_item.done", output_index=index, item=dict(item)))
 
     def finish(self) -> list[dict[str, Any]]:
@@ -1072,23 +986,3 @@ class ResponseStream:
             )
             events.append(self._event("response.failed", response=self.response))
         return events
-
-
-async def response_events(
-    chunks: AsyncGenerator[dict[str, Any], None], stream: ResponseStream
-) -> AsyncGenerator[dict[str, Any], None]:
-    """
-    The Responses API's events for a chat stream (see :class:`ResponseStream`).
-
-    A chat stream without a single chunk gives no events either, so the
-    relay reports it as the backend's failure rather than a response.
-    """
-    seen = False
-    async with aclosing(chunks):
-        async for chunk in chunks:
-            seen = True
-            for event in stream.feed(chunk):
-                yield event
-    if seen:
-        for event in stream.finish():
-            yield event

@@ -28,6 +28,16 @@
     return answer(response);
   }
 
+  // Read `path`; when that fails, say why in `box` and answer null.
+  async function readOrSay(path, box) {
+    try {
+      return await api(path);
+    } catch (e) {
+      show(box, e.message, "error");
+      return null;
+    }
+  }
+
   async function answer(response) {
     let body = null;
     try {
@@ -118,6 +128,11 @@
   }
 
   // -- building the DOM (text only: nothing is parsed as HTML) --------------------
+
+  // A page's elements under the names its code gives them: { name: "element-id", ... }.
+  function elements(ids) {
+    return Object.fromEntries(Object.entries(ids).map(([name, id]) => [name, document.getElementById(id)]));
+  }
 
   function h(name, attributes, ...children) {
     const node = document.createElement(name);
@@ -321,23 +336,14 @@
 
   function models() {
     const table = document.querySelector("#models-table tbody");
-    const message = document.getElementById("models-message");
-    const select = document.getElementById("pull-backend");
-    const form = document.getElementById("pull-form");
-    const box = document.getElementById("pull-progress");
-    const bar = document.getElementById("pull-bar");
-    const percentText = document.getElementById("pull-percent");
-    const statusText = document.getElementById("pull-status");
-    const error = document.getElementById("pull-error");
+    const { message, select, form, box, bar, percentText, statusText, error } = elements({
+      message: "models-message", select: "pull-backend", form: "pull-form", box: "pull-progress",
+      bar: "pull-bar", percentText: "pull-percent", statusText: "pull-status", error: "pull-error",
+    });
 
     async function load() {
-      let data;
-      try {
-        data = await api("/ui/api/models");
-      } catch (e) {
-        show(message, e.message, "error");
-        return;
-      }
+      const data = await readOrSay("/ui/api/models", message);
+      if (!data) return;
       const problems = data.backends.filter((b) => b.error).map((b) => `${b.name}: ${b.error}`);
       show(message, problems.length ? `Some backends did not list their models. ${problems.join("; ")}` : "", "error");
       const chosen = select.value;
@@ -462,11 +468,10 @@
 
   function keys() {
     const table = document.querySelector("#keys-table tbody");
-    const listError = document.getElementById("keys-error");
-    const form = document.getElementById("create-form");
-    const createError = document.getElementById("create-error");
-    const secretBox = document.getElementById("new-key");
-    const secretValue = document.getElementById("new-key-value");
+    const { listError, form, createError, secretBox, secretValue } = elements({
+      listError: "keys-error", form: "create-form", createError: "create-error",
+      secretBox: "new-key", secretValue: "new-key-value",
+    });
 
     function limitsText(policy) {
       const limits = policy.limits || {};
@@ -495,13 +500,8 @@
     }
 
     async function load() {
-      let data;
-      try {
-        data = await api("/ui/api/keys");
-      } catch (e) {
-        show(listError, e.message, "error");
-        return;
-      }
+      const data = await readOrSay("/ui/api/keys", listError);
+      if (!data) return;
       show(listError, "");
       fill(table, data.data.map((k) => {
         const policy = k.policy || {};
@@ -589,12 +589,10 @@
   // -- configuration -----------------------------------------------------------------
 
   function configuration() {
-    const form = document.getElementById("config-form");
-    const text = document.getElementById("config-text");
-    const base = document.getElementById("config-base");
-    const result = document.getElementById("config-result");
-    const validateButton = document.getElementById("validate");
-    const applyButton = document.getElementById("apply");
+    const { form, text, base, result, validateButton, applyButton } = elements({
+      form: "config-form", text: "config-text", base: "config-base", result: "config-result",
+      validateButton: "validate", applyButton: "apply",
+    });
     const writable = form.dataset.writable === "true";
     text.readOnly = !writable;
     applyButton.disabled = !writable;

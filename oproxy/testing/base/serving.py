@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
@@ -150,6 +150,12 @@ def serve_forever(reactor: Any, resource: IResource, port: int, interface: str, 
 # One kind of server as a process, in a few lines
 
 
+class _Main(Protocol):
+    """A ``main``: the command line's arguments, or ``sys.argv``'s."""
+
+    def __call__(self, argv: Sequence[str] | None = None) -> None: ...
+
+
 #: How a kind's fake is built from the command line: the clock, the bearer
 #: key (or ``None``) and the token delay.
 KindBuilder = Callable[[IReactorTime, "str | None", float], FakeServer[Any]]
@@ -202,3 +208,16 @@ class KindProcess:
             add_arguments=arguments,
             build=lambda clock, args: self.build(clock, args.api_key, args.token_delay),
         )
+
+    def entry_points(
+        self,
+    ) -> tuple[
+        type[usage.Options],
+        Callable[[usage.Options], IService],
+        _Main,
+    ]:
+        """
+        What a kind's ``tap`` module publishes: ``twistd``'s ``Options`` and
+        ``makeService``, and the ``main`` of ``python -m``.
+        """
+        return self.Options, self.makeService, self.main

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -68,6 +68,9 @@ class RouterModel(FakeOpenAIModel):
     inputs: tuple[str, ...] = ("text",)
 
 
+#: The Hugging Face token it accepts unless told another.
+DEFAULT_TOKEN: Final = "hf_fake_token_0123456789"
+
 DEFAULT_ROUTER_MODELS: Final = (
     RouterModel(
         "meta-llama/Llama-3.1-8B-Instruct",
@@ -96,7 +99,7 @@ class FakeHuggingFaceRouter(FakeOpenAI):
         self,
         clock: IReactorTime,
         *,
-        token: str = "hf_fake_token_0123456789",
+        token: str = DEFAULT_TOKEN,
         models: Sequence[RouterModel] = DEFAULT_ROUTER_MODELS,
         token_delay: float = 0.0,
     ) -> None:
@@ -104,6 +107,13 @@ class FakeHuggingFaceRouter(FakeOpenAI):
             clock, models=models, api_key=token, token_delay=token_delay, health_status=None
         )
         self.catalogue = {model.id: model for model in models}
+
+    @classmethod
+    def from_command_line(
+        cls, clock: IReactorTime, api_key: str | None, token_delay: float
+    ) -> Self:
+        """Its defaults; the command line's key is the token it accepts."""
+        return cls(clock, token=api_key or DEFAULT_TOKEN, token_delay=token_delay)
 
     def routes(self) -> list[Route]:
         keep = ("/v1/models", "/v1/chat/completions", "/_fake/fail")

@@ -6,12 +6,6 @@ fake llama.cpp's server as a process (see :class:`~oproxy.testing.base.serving.K
 from oproxy.testing.base.serving import KindProcess
 from oproxy.testing.llamacpp.server import FakeLlamaCpp
 
-process = KindProcess(
-    "fake llama.cpp",
-    "oproxy.testing.llamacpp",
-    8080,
-    lambda clock, api_key, delay: FakeLlamaCpp(clock, api_key=api_key, token_delay=delay),
-)
-Options = process.Options
-makeService = process.makeService
-main = process.main
+Options, makeService, main = KindProcess(
+    "fake llama.cpp", "oproxy.testing.llamacpp", 8080, FakeLlamaCpp.from_command_line
+).entry_points()

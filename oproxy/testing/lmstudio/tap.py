@@ -6,12 +6,6 @@ the fake LM Studio as a process (see :class:`~oproxy.testing.base.serving.KindPr
 from oproxy.testing.base.serving import KindProcess
 from oproxy.testing.lmstudio.server import FakeLMStudio
 
-process = KindProcess(
-    "fake lmstudio",
-    "oproxy.testing.lmstudio",
-    1234,
-    lambda clock, api_key, delay: FakeLMStudio(clock, api_key=api_key, token_delay=delay),
-)
-Options = process.Options
-makeService = process.makeService
-main = process.main
+Options, makeService, main = KindProcess(
+    "fake lmstudio", "oproxy.testing.lmstudio", 1234, FakeLMStudio.from_command_line
+).entry_points()

@@ -209,26 +209,24 @@ SHOW_REQUEST: Final = struct(
     options=OPTIONS,
     name=STRING,
 )
-PULL_REQUEST: Final = struct(
-    "PullRequest",
-    "api.PullRequest",
-    model=STRING,
-    insecure=BOOL,
-    username=STRING,
-    password=STRING,
-    stream=BOOL,
-    name=STRING,
-)
-PUSH_REQUEST: Final = struct(
-    "PushRequest",
-    "api.PushRequest",
-    model=STRING,
-    insecure=BOOL,
-    username=STRING,
-    password=STRING,
-    stream=BOOL,
-    name=STRING,
-)
+
+
+def _registry_request(struct_name: str) -> GoType:
+    """Pull and push: two structs in Ollama, with the same fields."""
+    return struct(
+        struct_name,
+        f"api.{struct_name}",
+        model=STRING,
+        insecure=BOOL,
+        username=STRING,
+        password=STRING,
+        stream=BOOL,
+        name=STRING,
+    )
+
+
+PULL_REQUEST: Final = _registry_request("PullRequest")
+PUSH_REQUEST: Final = _registry_request("PushRequest")
 _FILES: Final = GoType("map", "map[string]string")
 CREATE_REQUEST: Final = struct(
     "CreateRequest",

@@ -33,7 +33,7 @@ through :mod:`oproxy.testing.openai.tap`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred
@@ -124,6 +124,16 @@ class FakeOpenAI(FakeServer[APIError]):
         self.models = {model.id: model for model in self._initial}
         self._answers = 0
         self._request_ids = 0
+
+    @classmethod
+    def from_command_line(
+        cls, clock: IReactorTime, api_key: str | None, token_delay: float
+    ) -> Self:
+        """
+        The fake as ``twistd oproxy-fake-<kind>`` and ``python -m`` start it:
+        its defaults, with the command line's key and token delay.
+        """
+        return cls(clock, api_key=api_key, token_delay=token_delay)
 
     # ------------------------------------------------------------------
     # Public helpers

@@ -24,7 +24,7 @@ Its quirks, kept:
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
@@ -77,6 +77,13 @@ class FakeTEI(FakeOpenAI):
         self.healthy = True
         #: The batch sizes ``/v1/embeddings`` was given, in order.
         self.batches: list[int] = []
+
+    @classmethod
+    def from_command_line(
+        cls, clock: IReactorTime, api_key: str | None, token_delay: float
+    ) -> Self:
+        """Its defaults and the command line's key: embeddings do not stream."""
+        return cls(clock, api_key=api_key)
 
     def reset(self) -> None:
         super().reset()

@@ -6,12 +6,6 @@ fake text-embeddings-inference as a process (see :class:`~oproxy.testing.base.se
 from oproxy.testing.base.serving import KindProcess
 from oproxy.testing.tei.server import FakeTEI
 
-process = KindProcess(
-    "fake tei",
-    "oproxy.testing.tei",
-    3000,
-    lambda clock, api_key, delay: FakeTEI(clock, api_key=api_key),
-)
-Options = process.Options
-makeService = process.makeService
-main = process.main
+Options, makeService, main = KindProcess(
+    "fake tei", "oproxy.testing.tei", 3000, FakeTEI.from_command_line
+).entry_points()

@@ -6,12 +6,6 @@ fake vLLM as a process (see :class:`~oproxy.testing.base.serving.KindProcess`).
 from oproxy.testing.base.serving import KindProcess
 from oproxy.testing.vllm.server import FakeVLLM
 
-process = KindProcess(
-    "fake vllm",
-    "oproxy.testing.vllm",
-    8000,
-    lambda clock, api_key, delay: FakeVLLM(clock, api_key=api_key, token_delay=delay),
-)
-Options = process.Options
-makeService = process.makeService
-main = process.main
+Options, makeService, main = KindProcess(
+    "fake vllm", "oproxy.testing.vllm", 8000, FakeVLLM.from_command_line
+).entry_points()
