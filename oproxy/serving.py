@@ -86,6 +86,13 @@ async def drain(
 class SignalService(service.Service):
     """
     Run ``handler`` in the reactor thread when ``signum`` arrives.
+
+    The handler is in place from ``privilegedStartService``, just after the
+    listeners are bound: from then on the port accepts connections and a
+    supervisor may send the signal (``systemctl reload`` as soon as the
+    port answers), and ``SIGHUP``'s default action would end the process
+    while the rest of the tree (the state store, the caches) is still
+    starting.  Before the reactor runs, the handler's call waits for it.
     """
 
     def __init__(self, reactor: Any, signum: int, handler: Callable[[], object]) -> None:
@@ -94,9 +101,17 @@ class SignalService(service.Service):
         self._handler = handler
         self._previous: Any = None
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self._install()
+
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._previous = signal.signal(self._signum, self._received)
+        self._install()
+
+    def _install(self) -> None:
+        if signal.getsignal(self._signum) != self._received:
+            self._previous = signal.signal(self._signum, self._received)
 
     def _received(self, signum: int, frame: object) -> None:
         self._reactor.callFromThread(self._handler)

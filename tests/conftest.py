@@ -38,6 +38,31 @@ def listen(site: Site) -> Running:
     return Running(url=f"http://127.0.0.1:{port.getHost().port}", port=port)
 
 
+#: A ``sitecustomize`` that saves coverage data in daemons that end by
+#: signalling themselves (``twistd`` on SIGTERM); see its docstring.
+COVERAGE_HOOK = os.path.join(os.path.dirname(__file__), "coverage_hook")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def measure_the_daemons_too() -> Iterator[None]:
+    """
+    Under coverage (``coverage run -m pytest``), the processes the tests
+    start are measured as well: coverage hands them its settings through
+    the environment, and the hook on ``PYTHONPATH`` saves their data when
+    ``twistd`` ends them with the signal that stopped it.
+    """
+    if not os.environ.get("COVERAGE_PROCESS_CONFIG"):
+        yield
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [COVERAGE_HOOK, saved]))
+    yield
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """

@@ -32,3 +32,46 @@ def test_startup_objects_leave_the_collector_and_later_garbage_does_not() -> Non
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+class _Reactor:
+    """Records what a signal handler hands to the reactor thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def callFromThread(self, f: object) -> None:
+        self.calls.append(f)
+
+
+def test_a_signal_right_after_binding_is_handled_not_fatal() -> None:
+    """
+    From ``privilegedStartService`` (the listeners just bound, the rest of
+    the tree not yet started) the signal is the service's: ``SIGHUP`` sent
+    as soon as the port answers used to end the daemon by its default
+    action.
+    """
+    import os
+    import signal
+
+    from oproxy.serving import SignalService
+
+    reactor = _Reactor()
+    fatal: list[int] = []
+
+    def default_action(signum: int, frame: object) -> None:
+        fatal.append(signum)  # SIGHUP's default would have ended the process here
+
+    before = signal.signal(signal.SIGUSR2, default_action)
+    try:
+        signals = SignalService(reactor, signal.SIGUSR2, lambda: None)
+        signals.privilegedStartService()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert (fatal, len(reactor.calls)) == ([], 1)
+        signals.startService()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert (fatal, len(reactor.calls)) == ([], 2)
+        signals.stopService()
+        assert signal.getsignal(signal.SIGUSR2) == default_action
+    finally:
+        signal.signal(signal.SIGUSR2, before)
