@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from oproxy.certs.files import certificate_pem, write_certificate
 from oproxy.certs.local import CertificateAuthority, new_authority, new_leaf
@@ -96,3 +100,38 @@ def unverified(
     context.minimum_version = minimum
     context.maximum_version = maximum
     return context
+
+
+def self_signed(cert_path: Path, key_path: Path, common_name: str) -> None:
+    """
+    A self-signed certificate for ``localhost`` and ``127.0.0.1``, valid a
+    day, written with its key (PKCS #8): a server's own, with no CA behind it.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    moment = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(moment - datetime.timedelta(minutes=5))
+        .not_valid_after(moment + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
